@@ -1,0 +1,58 @@
+"""The `instructrec` command: one parser, subcommands registered by each layer.
+
+Each layer owns a `cli.py` with `register(subparsers)`; the dispatcher imports them so that a
+layer's heavy imports (torch, onnxruntime) happen only inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (module, attribute) of each layer's register function, in the order shown by --help.
+_LAYERS = (
+    "instructrec.training.data.cli",
+    "instructrec.training.cli",
+    "instructrec.export.cli",
+    "instructrec.engine.cli",
+    "instructrec.demo",
+    "instructrec.bench.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instructrec",
+        description="Recommendation as instruction following: data, instructions, tuning, export, reranking.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in _LAYERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # A layer that has not landed yet simply adds no commands; any other missing
+            # module (a broken install) must surface.
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
