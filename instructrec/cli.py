@@ -11,14 +11,14 @@ import importlib
 import logging
 import sys
 
-# (module, attribute) of each layer's register function, in the order shown by --help.
+# Modules with a register(subparsers) function, in the order shown by --help.
 _LAYERS = (
-    "instructrec.training.data.cli",
-    "instructrec.training.cli",
-    "instructrec.export.cli",
-    "instructrec.engine.cli",
-    "instructrec.demo",
-    "instructrec.bench.cli",
+    "instructrec.training.data.cli",  # data prepare | synth | stats
+    "instructrec.training.instructions_cli",  # instructions templates | build
+    "instructrec.training.tune_cli",  # train
+    "instructrec.export.cli",  # export
+    "instructrec.engine.cli",  # rerank
+    "instructrec.demo",  # demo
 )
 
 
