@@ -1,0 +1,143 @@
+"""lm_head_log_softmax_gather: log_softmax(hidden @ weight.T)[i, targets[i]] without the [N x V] tensor.
+
+Candidate scoring needs one log-probability per decoder token. With V = 32128 the full fp32
+log-prob tensor of 2,000 candidates x 25 tokens is 6.4 GB; here the head matmul runs over
+`chunk_tokens` rows at a time, so only a [chunk_tokens x V] logits tile exists (it is reused
+from chunk to chunk), and each tile is reduced to one number per row before the next.
+
+- CUDA tensors (or use_triton=True): matmul per chunk, then the Triton log_softmax_gather kernel
+  reads the tile once (online logsumexp + the target's logit).
+- CPU tensors: matmul per chunk in the input dtype (bf16 runs on AMX where the CPU has it), then
+  a gather of the target logits and an fp32 logsumexp computed in place on the tile; the
+  log-softmax itself is never written out.
+
+Tied embeddings: T5 checkpoints with tie_word_embeddings=True scale the decoder output by
+d_model ** -0.5 before the head. This function applies no rescale: the caller passes the hidden
+states exactly as they enter the head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import KernelInputError
+from .errors import KernelUnavailableError
+from .log_softmax_gather import check_targets_tensor, log_softmax_gather, triton_available
+
+__all__ = ["DEFAULT_CHUNK_TOKENS", "lm_head_log_softmax_gather"]
+
+# Rows per head-matmul chunk, measured on this CPU (2 cores, Xeon with AMX; D=512, V=32128,
+# N=2048; `python -m instructrec.bench.log_softmax_gather --sweep --sizes 2048`: chunk sizes
+# interleaved, best of 3; the machine was shared with other jobs (load ~12-20), so CPU time, which
+# such load disturbs far less than wall time, is the figure that decided):
+#   chunk                 64    128    256    512   1024   2048
+#   fp32 CPU ms/call   2,316  1,554  1,148  1,067  1,068  1,110
+#   bf16 CPU ms/call   1,461    905    641    501    598    610
+# Small chunks lose matmul efficiency (the whole weight is streamed once per chunk); past 512 rows
+# the [chunk, V] tile (63 MiB fp32; 94 MiB bf16 with its fp32 copy) falls out of the 105 MiB L3
+# between the matmul and the reduction. 512 is the best of both dtypes. On CUDA the same default
+# is used; it was not tuned on a GPU (none was at hand).
+DEFAULT_CHUNK_TOKENS = 512
+
+
+def lm_head_log_softmax_gather(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ignore_index: int = -100,
+    use_triton: bool | None = None,
+    *,
+    check_targets: bool = True,
+) -> torch.Tensor:
+    """out[i] = log_softmax(hidden[i] @ weight.T, fp32)[targets[i]]; 0.0 where targets[i] == ignore_index.
+
+    hidden: [N, D] and weight: [V, D], same dtype (fp32 or bf16; fp16 is accepted but T5 overflows
+    in it) and device. targets: [N] int64/int32. chunk_tokens: rows per head matmul; the extra
+    memory is one [chunk_tokens, V] tile in the input dtype, plus an fp32 copy when the torch
+    path reduces bf16 (512 x 32128: 63 MiB fp32, 94 MiB bf16).
+    use_triton: None picks the Triton kernel for CUDA tensors and the torch path otherwise; True
+    forces the kernel (on CPU only under TRITON_INTERPRET=1), False forces the torch path.
+    check_targets: validate the target range (one host sync on CUDA).
+    Inference only: no autograd graph is built through the chunks. Returns [N] fp32.
+    """
+    _check_head_inputs(hidden, weight, chunk_tokens)
+    N, V = hidden.shape[0], weight.shape[0]
+    # Validate targets once for the whole batch, not per chunk (the range check syncs on CUDA).
+    check_targets_tensor(targets, N, V, ignore_index, hidden.device, check_targets)
+    if use_triton is None:
+        use_triton = hidden.is_cuda
+    if use_triton and not triton_available(hidden.device):
+        raise KernelUnavailableError(
+            f"use_triton=True but the Triton kernel cannot run on {hidden.device} tensors here "
+            "(needs CUDA, or TRITON_INTERPRET=1 set before importing instructrec.kernels); "
+            "pass use_triton=None to pick the torch path on CPU")
+
+    out = torch.empty(N, dtype=torch.float32, device=hidden.device)  # [N]
+    if N == 0:
+        return out
+    chunk = min(chunk_tokens, N)
+    # One logits tile reused by every chunk: a fresh [chunk, V] allocation per chunk would be
+    # returned to the OS and page-faulted back in each time on CPU.
+    tile = torch.empty((chunk, V), dtype=hidden.dtype, device=hidden.device)  # [chunk, V]
+    tile32 = (torch.empty((chunk, V), dtype=torch.float32, device=hidden.device)
+              if hidden.dtype != torch.float32 and not use_triton else None)
+    with torch.no_grad():
+        for start in range(0, N, chunk):
+            stop = min(start + chunk, N)
+            rows = stop - start
+            logits = torch.mm(hidden[start:stop], weight.t(), out=tile[:rows])  # [rows, V]
+            if use_triton:
+                log_softmax_gather(logits, targets[start:stop], ignore_index,
+                                   out=out[start:stop], check_targets=False)
+            else:
+                _torch_chunk(logits, targets[start:stop], ignore_index, out[start:stop],
+                             None if tile32 is None else tile32[:rows])
+    return out
+
+
+def _torch_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                 out: torch.Tensor, logits32: torch.Tensor | None) -> None:
+    """out = z[i, t_i] - logsumexp(z[i]) in fp32, z = logits (upcast into logits32 for bf16);
+    0.0 where t_i == ignore_index. Overwrites the tile it works on (it is scratch).
+
+    In place on the [rows, V] tile: gather the targets first, then amax, sub_, exp_, sum. No
+    [rows, V] temporary is allocated: torch.logsumexp allocates two (x - max and its exp), and
+    on this CPU (1 thread, CPU time, rows=512, V=32128) it took 74 ms against 34 ms in place;
+    a fused torch.log_softmax + gather took 63 ms and allocates the whole log-prob tile."""
+    if logits32 is not None:
+        logits = logits32.copy_(logits)  # [rows, V] fp32
+    ignored = targets == ignore_index  # [rows]
+    safe = torch.where(ignored, torch.zeros_like(targets), targets).long()
+    picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)  # [rows]
+    row_max = logits.amax(dim=1, keepdim=True)  # [rows, 1]
+    # A row of all -inf has max -inf; shift by 0 there so exp gives 0, not NaN (lse = -inf).
+    shift = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
+    sum_exp = logits.sub_(shift).exp_().sum(dim=1)  # [rows]
+    lse = shift.squeeze(1) + torch.log(sum_exp)  # [rows]
+    torch.where(ignored, torch.zeros_like(lse), picked - lse, out=out)
+
+
+def _check_head_inputs(hidden, weight, chunk_tokens) -> None:
+    problems = []
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        problems.append("hidden must be a 2-D tensor [N, D] (flatten leading dims: hidden.reshape(-1, D))")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        problems.append("weight must be a 2-D tensor [V, D] (the LM head's weight, as nn.Linear stores it)")
+    if not problems:
+        if hidden.shape[1] != weight.shape[1]:
+            problems.append(
+                f"hidden has D={hidden.shape[1]} but weight is [V={weight.shape[0]}, D={weight.shape[1]}]; "
+                "pass the head weight as [V, D], not transposed")
+        if hidden.dtype != weight.dtype:
+            problems.append(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to the other")
+        if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            problems.append(f"hidden dtype must be float32, bfloat16 or float16, got {hidden.dtype}")
+        if hidden.device != weight.device:
+            problems.append(f"hidden is on {hidden.device} but weight is on {weight.device}")
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            problems.append("inference only: call under torch.inference_mode() or torch.no_grad()")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        problems.append(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if problems:
+        raise KernelInputError("; ".join(problems))
