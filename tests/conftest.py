@@ -94,3 +94,14 @@ def require_shared_data(path: Path):
     if not path.exists():
         pytest.skip(f"{path} is absent: real-data test needs ../shared/data (see its README)")
     return path
+
+
+# Triton kernels (tests/kernels, and the engine when it forces use_triton) run in Triton's
+# interpreter on machines without CUDA. triton.jit reads the flag when instructrec.kernels is
+# imported, so it is set here, before any test module imports it; on a CUDA machine the compiled
+# kernel is tested instead, unless the caller set TRITON_INTERPRET themselves.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
