@@ -1,0 +1,344 @@
+"""A compact T5 encoder-decoder for scoring (gpt-fast style), loading Hugging Face T5 weights.
+
+Only what candidate scoring needs: encode an instruction once, compute each decoder layer's
+cross-attention keys/values once from it, then run the decoder over *packed* rows of candidates.
+
+Decoder layout: tokens are [B, R, T] = B encoder items (instructions) x R rows x T tokens. Each
+row holds several candidates back to back, each `[decoder_start, y_1 .. y_{n-1}]`. Self-attention
+runs per row ([B*R, H, T, T]) with a block-diagonal causal mask (a token sees only earlier tokens
+of its own candidate). Cross-attention runs per encoder item over all its R*T tokens
+([B, H, R*T, S]), so the encoder's keys/values are shared by every row and candidate of that item
+without a copy.
+
+T5's self-attention bias depends only on (key position - query position). Inside one candidate
+that difference equals the difference of the row indices, so the row-level bias is exactly the
+bias a candidate would get decoded alone with positions starting at 0; across candidates the mask
+removes everything. Packing is therefore exact, not an approximation.
+
+T5 attention has no 1/sqrt(d) scaling (it is folded into the initialisation), hence scale=1.0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["T5Config", "T5", "PRESETS", "convert_hf_state_dict", "relative_position_bucket"]
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_decoder_layers: int = 8
+    num_heads: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    layer_norm_epsilon: float = 1e-6
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        act = self.feed_forward_proj.split("-")[-1]
+        # Hugging Face maps "gated-gelu" to the tanh approximation ("gelu_new"); keep that.
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
+
+    @classmethod
+    def from_name(cls, name: str) -> "T5Config":
+        if name not in PRESETS:
+            raise KeyError(f"unknown T5 preset {name!r}; known: {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    @classmethod
+    def from_hf(cls, config: Any) -> "T5Config":
+        """From a Hugging Face T5Config or the dict of its config.json."""
+        if isinstance(config, dict):
+            # config.json omits values equal to Hugging Face's defaults (e.g. tie_word_embeddings
+            # true, feed_forward_proj "relu"): let transformers fill them in.
+            from transformers import T5Config as HFT5Config
+
+            config = HFT5Config.from_dict(config)
+        d = config.to_dict()
+        known = {f.name for f in fields(cls)}
+        kw = {k: d[k] for k in known if k in d and d[k] is not None}
+        if "decoder_start_token_id" not in kw:  # T5 starts decoding with the pad token
+            kw["decoder_start_token_id"] = kw.get("pad_token_id", 0)
+        cfg = cls(**kw)
+        if cfg.activation not in _ACTIVATIONS:
+            raise ValueError(f"feed_forward_proj {cfg.feed_forward_proj!r} is not supported; "
+                             f"supported: relu, gelu, gelu_new, silu, optionally 'gated-'")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, T5Config] = {
+    "flan-t5-small": T5Config(d_model=512, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
+    "flan-t5-base": T5Config(d_model=768, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
+    "flan-t5-large": T5Config(d_model=1024, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
+    "flan-t5-xl": T5Config(d_model=2048, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32),
+    # For fast tests: builds and runs in milliseconds.
+    "tiny": T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4),
+}
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """Bucket of each relative position rel = key_pos - query_pos (T5's scheme): half the buckets
+    are exact small distances, the other half logarithmic bins up to max_distance."""
+    bucket = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0).long() * num_buckets
+        dist = rel.abs()
+    else:
+        dist = (-rel).clamp(min=0)  # future keys (rel > 0) all fall in bucket 0 (and are masked)
+    exact = num_buckets // 2
+    log_bin = exact + (torch.log(dist.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                       * (num_buckets - exact)).long()
+    log_bin = log_bin.clamp(max=num_buckets - 1)
+    return bucket + torch.where(dist < exact, dist, log_bin)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: no mean, no bias; the variance is accumulated in fp32 for bf16 inputs."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.gated = cfg.is_gated
+        # Gated: wi_0 and wi_1 fused into one [2*d_ff, D] matmul (one GEMM instead of two).
+        self.wi = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.act = _ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.wi(x)
+        if self.gated:
+            gate, lin = h.chunk(2, dim=-1)
+            h = self.act(gate) * lin
+        else:
+            h = self.act(h)
+        return self.wo(h)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.h, self.dk = cfg.num_heads, cfg.d_kv
+        inner = cfg.num_heads * cfg.d_kv
+        self.norm1 = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape  # x: [B, S, D]; mask: [B, H, S, S] additive (position bias + padding)
+        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [B, H, S, dk]
+        x = x + self.o(a.transpose(1, 2).reshape(B, S, self.h * self.dk))
+        return x + self.ffn(self.norm2(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.h, self.dk = cfg.num_heads, cfg.d_kv
+        inner = cfg.num_heads * cfg.d_kv
+        eps = cfg.layer_norm_epsilon
+        self.norm1 = RMSNorm(cfg.d_model, eps)
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.norm2 = RMSNorm(cfg.d_model, eps)
+        self.cross_q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.cross_kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
+        self.cross_o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.norm3 = RMSNorm(cfg.d_model, eps)
+        self.ffn = FeedForward(cfg)
+
+    def encoder_kv(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = enc.shape  # enc: [B, S, D] -> k, v: [B, H, S, dk], computed once per instruction
+        k, v = self.cross_kv(enc).view(B, S, 2, self.h, self.dk).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                cross_mask: torch.Tensor) -> torch.Tensor:
+        B, R, T, D = x.shape  # x: [B, R, T, D]; self_mask: [B*R, H, T, T]; cross_mask: [B, 1, 1, S]
+        HD = self.h * self.dk
+        q, k, v = self.qkv(self.norm1(x)).view(B * R, T, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, scale=1.0)  # [B*R, H, T, dk]
+        x = x + self.o(a.transpose(1, 2).reshape(B, R, T, HD))
+        q = self.cross_q(self.norm2(x)).view(B, R * T, self.h, self.dk).transpose(1, 2)  # [B, H, R*T, dk]
+        a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=cross_mask, scale=1.0)
+        x = x + self.cross_o(a.transpose(1, 2).reshape(B, R, T, HD))
+        return x + self.ffn(self.norm3(x))
+
+
+class T5(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.enc_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.dec_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.enc_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
+        self.dec_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.d_model))
+
+    @property
+    def lm_weight(self) -> torch.Tensor:  # [V, D]
+        return self.shared.weight if self.lm_head is None else self.lm_head
+
+    def _bias(self, table: nn.Embedding, q_len: int, k_len: int, bidirectional: bool) -> torch.Tensor:
+        dev = table.weight.device
+        rel = torch.arange(k_len, device=dev)[None, :] - torch.arange(q_len, device=dev)[:, None]
+        b = relative_position_bucket(rel, bidirectional, self.cfg.relative_attention_num_buckets,
+                                     self.cfg.relative_attention_max_distance)
+        return table(b).permute(2, 0, 1).unsqueeze(0)  # [1, H, q_len, k_len]
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor, collect: list | None = None) -> torch.Tensor:
+        """ids, mask (bool, True = token): [B, S] -> encoder output [B, S, D] (final norm applied)."""
+        x = self.shared(ids)  # [B, S, D]
+        neg = torch.finfo(x.dtype).min
+        pad = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, neg)
+        attn = self._bias(self.enc_bias, ids.shape[1], ids.shape[1], True) + pad[:, None, None, :]
+        for layer in self.encoder:  # attn: [B, H, S, S]
+            x = layer(x, attn)
+            if collect is not None:
+                collect.append(x)
+        return self.enc_norm(x)
+
+    def encoder_kv(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.encoder_kv(enc) for layer in self.decoder]
+
+    def decode(self, ids: torch.Tensor, segments: torch.Tensor, kv: list, src_mask: torch.Tensor,
+               collect: list | None = None) -> torch.Tensor:
+        """ids, segments: [B, R, T] (segments: candidate number within the row, equal numbers attend
+        to each other causally; padding gets its own number); kv: encoder_kv() of the B items;
+        src_mask: [B, S] bool. Returns the final hidden states [B, R, T, D], ready for the LM head
+        (tied heads already rescaled by d_model**-0.5)."""
+        B, R, T = ids.shape
+        x = self.shared(ids)  # [B, R, T, D]
+        neg = torch.finfo(x.dtype).min
+        seg = segments.view(B * R, T)
+        idx = torch.arange(T, device=ids.device)
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :] <= idx[:, None])  # [B*R, T, T]
+        block = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, neg)
+        self_mask = self._bias(self.dec_bias, T, T, False) + block[:, None]  # [B*R, H, T, T]
+        cross_mask = torch.zeros(src_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~src_mask, neg)[:, None, None, :]  # [B, 1, 1, S]
+        for layer, layer_kv in zip(self.decoder, kv):
+            x = layer(x, self_mask, layer_kv, cross_mask)
+            if collect is not None:
+                collect.append(x)
+        x = self.dec_norm(x)
+        if self.lm_head is None:
+            x = x * (self.cfg.d_model ** -0.5)
+        return x
+
+
+def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: T5Config) -> dict[str, torch.Tensor]:
+    """Hugging Face T5ForConditionalGeneration parameter names -> this module's names.
+
+    Raises KeyError listing every missing Hugging Face name (the loader turns it into a
+    ModelLoadError naming the weights file)."""
+    missing: list[str] = []
+
+    def get(name: str) -> torch.Tensor:
+        if name not in sd:
+            missing.append(name)
+            return torch.empty(0)
+        return sd[name]
+
+    def ffn(prefix: str, out: str) -> dict:
+        if cfg.is_gated:
+            wi = torch.cat([get(f"{prefix}.DenseReluDense.wi_0.weight"),
+                            get(f"{prefix}.DenseReluDense.wi_1.weight")])
+        else:
+            wi = get(f"{prefix}.DenseReluDense.wi.weight")
+        return {f"{out}.wi.weight": wi, f"{out}.wo.weight": get(f"{prefix}.DenseReluDense.wo.weight")}
+
+    shared = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    if shared is None:
+        missing.append("shared.weight")
+    out: dict[str, torch.Tensor] = {
+        "shared.weight": shared,
+        "enc_bias.weight": get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+        "dec_bias.weight": get("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+        "enc_norm.weight": get("encoder.final_layer_norm.weight"),
+        "dec_norm.weight": get("decoder.final_layer_norm.weight"),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = get("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"encoder.block.{i}.layer"
+        att = f"{p}.0.SelfAttention"
+        out[f"encoder.{i}.norm1.weight"] = get(f"{p}.0.layer_norm.weight")
+        out[f"encoder.{i}.qkv.weight"] = torch.cat([get(f"{att}.{n}.weight") for n in "qkv"])
+        out[f"encoder.{i}.o.weight"] = get(f"{att}.o.weight")
+        out[f"encoder.{i}.norm2.weight"] = get(f"{p}.1.layer_norm.weight")
+        out.update(ffn(f"{p}.1", f"encoder.{i}.ffn"))
+    for i in range(cfg.num_decoder_layers):
+        p = f"decoder.block.{i}.layer"
+        att, cross = f"{p}.0.SelfAttention", f"{p}.1.EncDecAttention"
+        out[f"decoder.{i}.norm1.weight"] = get(f"{p}.0.layer_norm.weight")
+        out[f"decoder.{i}.qkv.weight"] = torch.cat([get(f"{att}.{n}.weight") for n in "qkv"])
+        out[f"decoder.{i}.o.weight"] = get(f"{att}.o.weight")
+        out[f"decoder.{i}.norm2.weight"] = get(f"{p}.1.layer_norm.weight")
+        out[f"decoder.{i}.cross_q.weight"] = get(f"{cross}.q.weight")
+        out[f"decoder.{i}.cross_kv.weight"] = torch.cat([get(f"{cross}.k.weight"), get(f"{cross}.v.weight")])
+        out[f"decoder.{i}.cross_o.weight"] = get(f"{cross}.o.weight")
+        out[f"decoder.{i}.norm3.weight"] = get(f"{p}.2.layer_norm.weight")
+        out.update(ffn(f"{p}.2", f"decoder.{i}.ffn"))
+    if missing:
+        raise KeyError(", ".join(missing))
+    return out
+
+
+def build_model(cfg: T5Config, hf_state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device) -> T5:
+    """A ready-to-run model (eval mode, no grads) from Hugging Face weights."""
+    with torch.device("meta"):
+        model = T5(cfg)
+    state = convert_hf_state_dict(hf_state_dict, cfg)
+    state = {k: v.detach().to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,498 @@
+"""Reranker: score candidate titles by log P(title | instruction) with a T5 checkpoint.
+
+Work done per instruction (per tournament group): one encoder pass and one cross-attention K/V
+computation per decoder layer, shared by all its candidates; the candidates are packed into
+decoder rows (see model.py / packing.py); the LM head and log-softmax-gather run in token chunks
+through `instructrec.kernels.lm_head_log_softmax_gather`, so [tokens x vocab] never exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .formatting import build_instruction, lists_candidates
+from .errors import BudgetExceededError, InputError, ModelLoadError
+from .model import T5, T5Config, build_model
+from .packing import IGNORE, Unit, decoder_arrays, pack_unit, plan_batches, rows_per_pass
+from .tournament import Tournament, check_tournament_options
+from .types import EngineStats, RankedResult, Request
+
+__all__ = ["Reranker"]
+
+log = logging.getLogger(__name__)
+
+_NORMALIZE = ("sum", "mean")
+_ERRORS = ("raise", "return")
+# Decoder row cap in tokens. Rerank-10 candidates (10 titles of ~10-25 tokens) fit one row; for
+# 2,000 candidates, rows of 256 keep the per-row [H, T, T] bias+mask at 1.5 MiB (fp32) while the
+# self-attention waste (T/2 keys per token on average) stays small next to the FFN and head.
+# Not yet swept on a quiet machine: `python -m instructrec.bench.rerank_memory --row-tokens 128 256 512`.
+DEFAULT_ROW_TOKENS = 256
+DEFAULT_BATCH_TOKENS = 8192
+DEFAULT_READ_WINDOW = 4096  # units sorted by length together (a window's scores sync once)
+DEFAULT_CHUNK_TOKENS = 256  # LM-head rows per matmul chunk (kernels' measured default on this CPU)
+
+
+def _instruction_text(request: Request, titles: Sequence[str] | None, tokenizer: Any,
+                      max_source_tokens: int) -> str:
+    """The one place a request (and, for listed-candidate instructions, the titles of the group
+    being scored) becomes instruction text: engine/formatting.py's build_instruction (raises
+    UnknownTemplateError / BudgetExceededError / InputError)."""
+    return build_instruction(
+        instruction=request.instruction, history=request.history, preference=request.preference,
+        intention=request.intention, intention_kind=request.intention_kind, context=request.context,
+        template=request.template, candidates=None if titles is None else list(titles),
+        tokenizer=tokenizer, max_source_tokens=max_source_tokens)
+
+
+def _lists_candidates(request: Request) -> bool:
+    return lists_candidates(
+        instruction=request.instruction, history=request.history, preference=request.preference,
+        intention=request.intention, intention_kind=request.intention_kind, context=request.context,
+        template=request.template)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 (bf16 matmul about 7x fp32 on this project's AMX CPU)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype in ("float16", "fp16", "half", torch.float16):
+        raise InputError("dtype", "float16 is refused: T5 activations overflow in fp16",
+                         "use dtype='bfloat16' or 'float32'")
+    if dtype == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and _cpu_has_fast_bf16())
+        return torch.bfloat16 if fast else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, torch.float32: torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, torch.bfloat16: torch.bfloat16}
+    if dtype not in table:
+        raise InputError("dtype", f"unknown dtype {dtype!r}", "use 'float32', 'bfloat16' or 'auto'")
+    return table[dtype]
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device", f"{device!r} requested but CUDA is not available", "use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError("device", f"unsupported device {device!r}", "use 'cpu' or 'cuda'")
+    return dev
+
+
+def _load_hf_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    pt = path / "pytorch_model.bin"
+    if single.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(single)), single
+        except Exception as e:  # safetensors raises several types for truncated/corrupt files
+            raise ModelLoadError(f"{single}: cannot read weights ({e})") from e
+    if index.exists():
+        from safetensors.torch import load_file
+
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index}: not a valid shard index ({e})") from e
+        sd: dict[str, torch.Tensor] = {}
+        for name in shards:
+            shard = path / name
+            if not shard.exists():
+                raise ModelLoadError(f"{shard}: shard listed in {index.name} is missing")
+            try:
+                sd.update(load_file(str(shard)))
+            except Exception as e:
+                raise ModelLoadError(f"{shard}: cannot read weights ({e})") from e
+        return sd, index
+    if pt.exists():
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True), pt
+        except Exception as e:
+            raise ModelLoadError(f"{pt}: cannot read weights ({e})") from e
+    raise ModelLoadError(f"{single}: missing (no model.safetensors, model.safetensors.index.json "
+                         f"or pytorch_model.bin in {path})")
+
+
+@dataclass
+class _Prepared:
+    index: int
+    request: Request
+    ids: list[str]
+    titles: list[str]
+    targets: list[np.ndarray]
+    lists: bool
+
+
+class Reranker:
+    """Scores and ranks candidate titles under instructions with a T5 / Flan-T5 model."""
+
+    def __init__(self, model: T5, tokenizer: Any, *, device: torch.device, max_source_tokens: int = 512,
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, group_size: int = 10, advance: int = 1,
+                 seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
+                 read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+        check_tournament_options(group_size, advance)
+        for name, value in (("max_source_tokens", max_source_tokens), ("batch_tokens", batch_tokens),
+                            ("row_tokens", row_tokens), ("read_window", read_window),
+                            ("chunk_tokens", chunk_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(name, f"must be a positive int, got {value!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = model.shared.weight.dtype
+        self.max_source_tokens = max_source_tokens
+        self.batch_tokens = batch_tokens
+        self.group_size, self.advance, self.seed = group_size, advance, seed
+        self.row_tokens, self.read_window, self.chunk_tokens = row_tokens, read_window, chunk_tokens
+        self.stats = EngineStats()
+        self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
+        self._start_id = model.cfg.decoder_start_token_id
+        self._pad_id = model.cfg.pad_token_id
+        # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
+        # zero-width or control-character title tokenizes to just ["▁", "</s>"]).
+        blank = {model.cfg.eos_token_id, model.cfg.pad_token_id}
+        word_start = tokenizer.convert_tokens_to_ids("▁")
+        if isinstance(word_start, int) and word_start != tokenizer.unk_token_id:
+            blank.add(word_start)
+        self._blank_ids = np.array(sorted(blank), dtype=np.int64)
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "torch", device: str = "cpu",
+                        dtype: str = "float32", **options: Any) -> "Reranker":
+        """Load a Hugging Face T5 checkpoint directory (save_pretrained layout, tokenizer beside it).
+        options: max_source_tokens, batch_tokens, group_size, advance, seed, row_tokens,
+        read_window, chunk_tokens."""
+        _check_backend(backend)
+        dev = _resolve_device(device)
+        tdtype = _resolve_dtype(dtype, dev)
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: model directory not found")
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise ModelLoadError(f"{cfg_file}: missing (a save_pretrained directory has config.json)")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{cfg_file}: not valid JSON ({e})") from e
+        if raw.get("model_type") != "t5":
+            raise ModelLoadError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 't5'")
+        try:
+            cfg = T5Config.from_hf(raw)
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{cfg_file}: unsupported configuration ({e})") from e
+        tokenizer = _load_tokenizer(path)
+        sd, weights_file = _load_hf_state_dict(path)
+        model = _build(cfg, sd, tdtype, dev, weights_file)
+        return cls(model, tokenizer, device=dev, **options)
+
+    @classmethod
+    def from_model(cls, hf_model: Any, tokenizer: Any, backend: str = "torch", device: str = "cpu",
+                   dtype: str = "float32", **options: Any) -> "Reranker":
+        """From an in-memory transformers T5ForConditionalGeneration (weights are copied, so later
+        training steps do not change this reranker: build a new one to validate new weights)."""
+        _check_backend(backend)
+        dev = _resolve_device(device)
+        cfg = T5Config.from_hf(hf_model.config)
+        model = _build(cfg, hf_model.state_dict(), _resolve_dtype(dtype, dev), dev, "hf_model.state_dict()")
+        return cls(model, tokenizer, device=dev, **options)
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+        self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
+
+    # ---------------------------------------------------------------------------------- public
+    def score(self, instruction: str, candidates: Sequence[str], normalize: str = "sum") -> np.ndarray:
+        """log P(title | instruction) of every candidate, teacher-forced, all under one encoding
+        (no tournament; `{candidates}` in the instruction lists all of them). [K] float64."""
+        _check_choice("normalize", normalize, _NORMALIZE)
+        request = Request(instruction=instruction, candidates=candidates)
+        prepared = self._prepare([request], errors="raise")[0]
+        assert isinstance(prepared, _Prepared)
+        unit = self._unit(prepared, np.arange(len(prepared.titles)), direct=True)
+        self.stats.requests += 1
+        self._run_units([unit])
+        return self._normalized(unit, normalize)
+
+    def rank(self, requests: Sequence[Request], errors: str = "raise",
+             normalize: str = "sum") -> list[RankedResult]:
+        """Rank the candidates of every request, batched together; results in input order.
+        errors="return": a bad request gets a result with `error`/`error_kind` set and empty
+        lists, and never disturbs the others; errors="raise": the first InputError is raised."""
+        _check_choice("errors", errors, _ERRORS)
+        _check_choice("normalize", normalize, _NORMALIZE)
+        results: list[RankedResult | None] = [None] * len(requests)
+        self.stats.requests += len(requests)
+
+        def fail(i: int, e: InputError) -> None:
+            if errors == "raise":
+                raise e
+            results[i] = RankedResult(request_id=requests[i].request_id, n_candidates=_n(requests[i]),
+                                      error=str(e), error_kind=e.kind)
+
+        prepared = self._prepare(requests, errors)
+        for i, p in enumerate(prepared):
+            if isinstance(p, InputError):
+                fail(i, p)
+        live = [p for p in prepared if isinstance(p, _Prepared)]
+
+        # Round 1 of everything: direct requests and the first round of each tournament.
+        tournaments: dict[int, Tournament] = {}
+        units: list[Unit] = []
+        for p in live:
+            if p.lists and len(p.titles) > self.group_size:
+                tournaments[p.index] = Tournament(len(p.titles), self.group_size, self.advance, self.seed)
+            new = self._units_or_error(p, tournaments.get(p.index))
+            if isinstance(new, InputError):
+                tournaments.pop(p.index, None)
+                fail(p.index, new)
+            else:
+                units += new
+        by_index = {p.index: p for p in live}
+        while units:
+            self._run_units(units)
+            next_units: list[Unit] = []
+            for i, group_units in _by_owner(units).items():
+                p = by_index[i]
+                t = tournaments.get(i)
+                if t is None:  # scored directly: rank by score
+                    u = group_units[0]
+                    s = self._normalized(u, normalize)
+                    order = np.argsort(-s, kind="stable")
+                    results[i] = _result(p, order, s[order])
+                    continue
+                t.record([self._normalized(u, normalize) for u in group_units])
+                if t.done:
+                    order, s = t.result()
+                    results[i] = _result(p, order, s)
+                    continue
+                new = self._units_or_error(p, t)
+                if isinstance(new, InputError):
+                    fail(i, new)
+                else:
+                    next_units += new
+            units = next_units
+        return results  # type: ignore[return-value]
+
+    # --------------------------------------------------------------------------- preparation
+    def _prepare(self, requests: Sequence[Request], errors: str) -> list["_Prepared | InputError"]:
+        """Validate every request and tokenize all titles in one tokenizer call."""
+        out: list[_Prepared | InputError] = []
+        for i, r in enumerate(requests):
+            try:
+                out.append(self._validate(i, r))
+            except InputError as e:
+                if errors == "raise":
+                    raise
+                out.append(e)
+        live = [p for p in out if isinstance(p, _Prepared)]
+        titles = [t for p in live for t in p.titles]
+        t0 = time.perf_counter()
+        ids = self.tokenizer(text_target=titles, add_special_tokens=True)["input_ids"] if titles else []
+        self.timings["tokenize_s"] += time.perf_counter() - t0
+        k = 0
+        position = {id(p): n for n, p in enumerate(out)}
+        for p in live:
+            p.targets = [np.asarray(x, dtype=np.int64) for x in ids[k:k + len(p.titles)]]
+            k += len(p.titles)
+            for c, y in enumerate(p.targets):
+                if np.isin(y, self._blank_ids).all():
+                    e = InputError(f"candidates[{c}]", f"title {p.titles[c]!r} tokenizes to nothing "
+                                   "(no token besides the closing </s>)", "drop or fix this candidate")
+                    if errors == "raise":
+                        raise e
+                    out[position[id(p)]] = e
+                    break
+        return out
+
+    def _validate(self, i: int, r: Request) -> _Prepared:
+        if not isinstance(r, Request):
+            raise InputError("request", f"expected instructrec.engine.Request, got {type(r).__name__}")
+        cands = r.candidates
+        if cands is None or isinstance(cands, (str, bytes)):
+            raise InputError("candidates", "must be a list of titles", "pass e.g. ['Title A', 'Title B']")
+        titles = list(cands)
+        if not titles:
+            raise InputError("candidates", "empty candidate list", "give at least one candidate title")
+        for c, t in enumerate(titles):
+            if t is None or not isinstance(t, str) or not t.strip():
+                raise InputError(f"candidates[{c}]", f"null or empty title ({t!r})",
+                                 "every candidate needs a non-empty title")
+        if r.candidate_ids is None:
+            ids = [str(c) for c in range(len(titles))]
+        else:
+            ids = list(r.candidate_ids)
+            if len(ids) != len(titles):
+                raise InputError("candidate_ids", f"{len(ids)} ids for {len(titles)} candidates",
+                                 "give one id per candidate, or none")
+            for c, x in enumerate(ids):
+                if x is None:
+                    raise InputError(f"candidate_ids[{c}]", "null id", "give every candidate an id")
+            ids = [str(x) for x in ids]
+            seen: set[str] = set()
+            for x in ids:
+                if x in seen:
+                    raise InputError("candidate_ids", f"duplicate id {x!r}", "ids must be unique per request")
+                seen.add(x)
+        return _Prepared(i, r, ids, titles, [], _lists_candidates(r))
+
+    def _unit(self, p: _Prepared, members: np.ndarray, direct: bool) -> Unit:
+        """One encoding: the instruction (listing `members` if it lists candidates) tokenized and
+        checked against the source budget. Raises InputError."""
+        titles = [p.titles[c] for c in members] if p.lists else None
+        t0 = time.perf_counter()  # formatting (which counts tokens for the budget) + tokenizing
+        text = _instruction_text(p.request, titles, self.tokenizer, self.max_source_tokens)
+        src = np.asarray(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        self.timings["tokenize_s"] += time.perf_counter() - t0
+        if len(src) > self.max_source_tokens:
+            raise BudgetExceededError(
+                "instruction", f"{len(src)} tokens, over max_source_tokens={self.max_source_tokens}",
+                "shorten the instruction (free text is never truncated) or raise max_source_tokens")
+        return Unit(source=src, targets=[p.targets[c] for c in members], owner=p.index, tag=members)
+
+    def _units_or_error(self, p: _Prepared, t: Tournament | None) -> "list[Unit] | InputError":
+        try:
+            if t is None:
+                return [self._unit(p, np.arange(len(p.titles)), direct=True)]
+            return [self._unit(p, g, direct=False) for g in t.groups()]
+        except InputError as e:
+            return e
+
+    @staticmethod
+    def _normalized(u: Unit, normalize: str) -> np.ndarray:
+        if normalize == "mean":
+            return u.scores / np.array([len(y) for y in u.targets], dtype=np.float64)
+        return u.scores
+
+    # ------------------------------------------------------------------------------- hot loop
+    @torch.inference_mode()
+    def _run_units(self, units: list[Unit]) -> None:
+        """Fill unit.scores (sum of token log-probs per candidate) for every unit."""
+        t0 = time.perf_counter()
+        for w in range(0, len(units), self.read_window):
+            window = [pack_unit(u, self.row_tokens) for u in units[w:w + self.read_window]]
+            slot_base = np.cumsum([0] + [len(u.targets) for u in window])
+            sums = torch.zeros(int(slot_base[-1]), dtype=torch.float64, device=self.device)  # [slots]
+            for batch in plan_batches(window, self.batch_tokens):
+                self._run_batch([window[i] for i in batch], [int(slot_base[i]) for i in batch], sums)
+            host = sums.cpu().numpy()  # the one device->host sync of the window
+            for u, base in zip(window, slot_base[:-1]):
+                u.scores = host[base:base + len(u.targets)].copy()
+        self.timings["model_s"] += time.perf_counter() - t0
+
+    def _run_batch(self, units: list[Unit], slot_base: list[int], sums: torch.Tensor) -> None:
+        model, dev, st = self.model, self.device, self.stats
+        B = len(units)
+        S = max(len(u.source) for u in units)
+        src = np.full((B, S), self._pad_id, dtype=np.int64)
+        for b, u in enumerate(units):
+            src[b, :len(u.source)] = u.source
+        src_t = torch.from_numpy(src).to(dev, non_blocking=True)  # [B, S]
+        lengths = torch.tensor([len(u.source) for u in units]).to(dev, non_blocking=True)
+        src_mask = torch.arange(S, device=dev)[None, :] < lengths[:, None]  # [B, S]
+        enc = model.encode(src_t, src_mask)  # [B, S, D]
+        kv = model.encoder_kv(enc)  # per decoder layer: k, v [B, H, S, dk], shared by all rows
+        st.batches += 1
+        st.encoder_passes += B
+        st.encoder_tokens += sum(len(u.source) for u in units)
+        st.padded_encoder_tokens += B * S
+        st.candidates += sum(len(u.targets) for u in units)
+
+        R = max(len(u.rows) for u in units)
+        T = max(u.row_len for u in units)
+        step = rows_per_pass(B, T, self.batch_tokens)
+        weight = model.lm_weight  # [V, D]
+        for r0 in range(0, R, step):
+            a = decoder_arrays(units, slot_base, self._start_id, self._pad_id, slice(r0, r0 + step))
+            flat = np.flatnonzero(a.targets.reshape(-1) != IGNORE)  # real tokens, [N]
+            ids = torch.from_numpy(a.ids).to(dev, non_blocking=True)  # [B, Rc, T]
+            seg = torch.from_numpy(a.segments).to(dev, non_blocking=True)  # [B, Rc, T]
+            h = model.decode(ids, seg, kv, src_mask)  # [B, Rc, T, D]
+            flat_t = torch.from_numpy(flat).to(dev, non_blocking=True)
+            hidden = h.reshape(-1, h.shape[-1]).index_select(0, flat_t)  # [N, D]
+            tgt = torch.from_numpy(a.targets.reshape(-1)[flat]).to(dev, non_blocking=True)  # [N]
+            slots = torch.from_numpy(a.slots.reshape(-1)[flat]).to(dev, non_blocking=True)  # [N]
+            lp = _lm_head(hidden, weight, tgt, self.chunk_tokens, check=dev.type != "cuda")  # [N] fp32
+            sums.index_add_(0, slots, lp.double())
+            st.decoder_passes += 1
+            st.decoder_tokens += len(flat)
+            st.padded_decoder_tokens += a.ids.size
+
+
+def _lm_head(hidden, weight, targets, chunk_tokens: int, check: bool) -> torch.Tensor:
+    from instructrec.kernels import lm_head_log_softmax_gather
+
+    return lm_head_log_softmax_gather(hidden, weight, targets, chunk_tokens=chunk_tokens,
+                                      ignore_index=IGNORE, check_targets=check)
+
+
+def _build(cfg: T5Config, sd: dict, dtype: torch.dtype, device: torch.device, source: Any) -> T5:
+    try:
+        return build_model(cfg, sd, dtype, device)
+    except KeyError as e:
+        raise ModelLoadError(f"{source}: weights missing from the checkpoint: {e.args[0]}") from e
+    except RuntimeError as e:  # shape mismatch between config.json and the weights
+        raise ModelLoadError(f"{source}: weights do not match config.json ({e})") from e
+
+
+def _load_tokenizer(path: Path) -> Any:
+    if not (path / "tokenizer.json").exists() and not (path / "spiece.model").exists():
+        raise ModelLoadError(f"{path / 'tokenizer.json'}: missing (no tokenizer.json or spiece.model "
+                             "beside the weights; save the tokenizer with save_pretrained)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({e})") from e
+    except Exception as e:  # the tokenizers library raises its own Exception type for bad JSON
+        raise ModelLoadError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({e})") from e
+
+
+def _check_backend(backend: str) -> None:
+    if backend == "onnx":
+        raise InputError("backend", "the onnx backend is not available yet (a later issue adds it)",
+                         "use backend='torch'")
+    if backend != "torch":
+        raise InputError("backend", f"unknown backend {backend!r}", "use backend='torch'")
+
+
+def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InputError(field, f"{value!r} is not one of {allowed}", f"use one of {allowed}")
+
+
+def _n(r: Any) -> int:
+    try:
+        return 0 if r.candidates is None or isinstance(r.candidates, str) else len(r.candidates)
+    except TypeError:
+        return 0
+
+
+def _by_owner(units: list[Unit]) -> dict[int, list[Unit]]:
+    out: dict[int, list[Unit]] = {}
+    for u in units:
+        out.setdefault(u.owner, []).append(u)
+    return out
+
+
+def _result(p: _Prepared, order: np.ndarray, scores: np.ndarray) -> RankedResult:
+    return RankedResult(request_id=p.request.request_id, ranked_ids=[p.ids[c] for c in order],
+                        scores=[float(s) for s in scores], n_candidates=len(p.titles))

@@ -1,0 +1,155 @@
+"""Reranker boundary: typed input errors (raised, or returned per request without disturbing the
+others), loading failures naming the file, dtype/backend choices, stats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from instructrec.engine import (
+    BudgetExceededError, EngineStats, InputError, ModelLoadError, RankedResult, Reranker, Request,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rr(tiny_t5_dir):
+    return Reranker.from_pretrained(tiny_t5_dir, max_source_tokens=64)
+
+
+@pytest.mark.parametrize("candidates, field, match", [
+    ([], "candidates", "empty candidate list"),
+    (["Tetris", ""], "candidates[1]", "empty title"),
+    (["Tetris", None], "candidates[1]", "null or empty"),
+    (["Tetris", "   "], "candidates[1]", "empty title"),
+    (["Tetris", "\u200b"], "candidates[1]", "tokenizes to nothing"),
+    ("Tetris", "candidates", "list of titles"),
+])
+def test_bad_candidates_raise_typed_errors(rr, candidates, field, match):
+    with pytest.raises(InputError, match=match) as e:
+        rr.score("Recommend a game.", candidates)
+    assert e.value.field == field and e.value.kind == "invalid_input"
+
+
+def test_bad_ids_and_normalize(rr):
+    with pytest.raises(InputError, match="duplicate id 'a'"):
+        rr.rank([Request(instruction="x", candidates=["A", "B"], candidate_ids=["a", "a"])])
+    with pytest.raises(InputError, match="1 ids for 2 candidates"):
+        rr.rank([Request(instruction="x", candidates=["A", "B"], candidate_ids=["a"])])
+    with pytest.raises(InputError, match="normalize"):
+        rr.score("x", ["A"], normalize="max")
+    with pytest.raises(InputError, match="errors"):
+        rr.rank([], errors="ignore")
+
+
+def test_instruction_over_budget(rr):
+    with pytest.raises(BudgetExceededError) as e:
+        rr.score("Recommend a game. " * 40, ["Tetris"])
+    assert e.value.kind == "over_budget" and "64" in str(e.value)
+
+
+def test_errors_return_keeps_other_requests_intact(rr):
+    good = [Request(instruction="A game for my son.", candidates=["Tetris", "Halo 3", "FIFA 19"],
+                    candidate_ids=["t", "h", "f"], request_id=f"g{i}") for i in range(2)]
+    bad = [Request(instruction="x", candidates=[], request_id="empty"),
+           Request(instruction="x " * 200, candidates=["A"], request_id="long"),
+           Request(instruction="x", candidates=["A", "A2"], candidate_ids=["1", "1"], request_id="dup"),
+           Request(history=["Tetris"], template="no-such-template", candidates=["A"], request_id="tpl")]
+    mixed = [good[0], bad[0], bad[1], good[1], bad[2], bad[3]]
+    out = rr.rank(mixed, errors="return")
+    assert [r.request_id for r in out] == [r.request_id for r in mixed]
+    clean = rr.rank(good)
+    for r, c in zip([out[0], out[3]], clean):
+        assert r.error is None and r.ranked_ids == c.ranked_ids
+        np.testing.assert_allclose(r.scores, c.scores, rtol=1e-6)
+        assert sorted(r.ranked_ids) == ["f", "h", "t"] and r.n_candidates == 3
+    kinds = {r.request_id: r.error_kind for r in out if r.error}
+    assert kinds == {"empty": "invalid_input", "long": "over_budget", "dup": "invalid_input",
+                     "tpl": "unknown_template"}
+    for r in out:
+        if r.error:
+            assert r.ranked_ids == [] and r.scores == [] and isinstance(r, RankedResult)
+    assert out[1].n_candidates == 0 and out[2].n_candidates == 1
+
+
+def test_structured_request_uses_the_template(rr):
+    res = rr.rank([Request(history=["Tetris", "Halo 3"], candidates=["FIFA 19", "Doom"], request_id="s")])[0]
+    assert res.error is None and sorted(res.ranked_ids) == ["0", "1"]
+
+
+def test_stats_count_one_encoder_pass_per_instruction(rr):
+    rr.reset_stats()
+    assert rr.stats == EngineStats()
+    reqs = [Request(instruction=f"Request {i}", candidates=[f"Title {j}" for j in range(1 + i)]) for i in range(5)]
+    rr.rank(reqs)
+    s = rr.stats
+    assert s.requests == 5 and s.encoder_passes == 5 and s.candidates == 15
+    assert s.decoder_tokens == sum(len(rr.tokenizer(text_target=f"Title {j}").input_ids)
+                                   for i in range(5) for j in range(1 + i))
+    assert s.padded_decoder_tokens >= s.decoder_tokens and s.batches >= 1
+
+
+def test_dtype_and_backend_choices(tiny_t5_dir):
+    with pytest.raises(InputError, match="float16"):
+        Reranker.from_pretrained(tiny_t5_dir, dtype="float16")
+    with pytest.raises(InputError, match="onnx"):
+        Reranker.from_pretrained(tiny_t5_dir, backend="onnx")
+    auto = Reranker.from_pretrained(tiny_t5_dir, dtype="auto")
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    fast = "amx_bf16" in flags or "avx512_bf16" in flags
+    assert auto.dtype == (torch.bfloat16 if fast else torch.float32)
+
+
+def test_from_model_equals_from_pretrained(tiny_t5_dir, rr, tokenizer):
+    from transformers import T5ForConditionalGeneration
+
+    hf = T5ForConditionalGeneration.from_pretrained(tiny_t5_dir)
+    other = Reranker.from_model(hf, tokenizer, max_source_tokens=64)
+    titles = ["Tetris", "Halo 3 - Xbox 360"]
+    np.testing.assert_array_equal(other.score("A game.", titles), rr.score("A game.", titles))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_load_errors_name_the_file(tiny_t5_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        Reranker.from_pretrained(tmp_path / "nowhere")
+    d = _copy(tiny_t5_dir, tmp_path / "no-config")
+    (d / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        Reranker.from_pretrained(d)
+    d = _copy(tiny_t5_dir, tmp_path / "no-weights")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        Reranker.from_pretrained(d)
+    d = _copy(tiny_t5_dir, tmp_path / "truncated")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        Reranker.from_pretrained(d)
+    d = _copy(tiny_t5_dir, tmp_path / "no-tokenizer")
+    for f in ("tokenizer.json", "spiece.model"):
+        if (d / f).exists():
+            (d / f).unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        Reranker.from_pretrained(d)
+    d = _copy(tiny_t5_dir, tmp_path / "wrong-shape")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["d_ff"] = 256
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="do not match config.json"):
+        Reranker.from_pretrained(d)
