@@ -1,0 +1,78 @@
+"""`instructrec rerank`: the nightly Parquet job (in-process, or on Ray Data with --ray).
+
+Exit codes: 0 done (error rows included: they are results), 2 the job could not start (schema,
+output folder, model folder, missing Ray) with the message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+EXIT_INPUT = 2
+
+
+def register(subparsers) -> None:
+    from .batch import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART
+
+    parser = subparsers.add_parser(
+        "rerank", help="rank the candidates of every request in a Parquet file or folder",
+        description="Rank the candidates of every request of a requests Parquet (file or folder) into a "
+                    "folder of result parts, one output row per input row, in input order. "
+                    "See docs/readme/rerank.md for the columns, error kinds and resume semantics.")
+    parser.add_argument("--model", required=True, help="model folder (Hugging Face checkpoint, or ONNX export)")
+    parser.add_argument("--input", required=True, help="requests: a Parquet file, or a folder of *.parquet (sorted by name)")
+    parser.add_argument("--output", required=True, help="result folder (part-NNNNN.parquet, _job.json, _summary.json)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="engine token budget per batch (engine default if unset)")
+    parser.add_argument("--group-size", type=int, default=10, help="tournament group size for long candidate lists")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a previous run into the same --output: finished parts are kept")
+    parser.add_argument("--rows-per-part", type=int, default=DEFAULT_ROWS_PER_PART,
+                        help=f"input rows per output part (default {DEFAULT_ROWS_PER_PART}); the unit of resume")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+                        help=f"requests per engine call (default {DEFAULT_CHUNK_ROWS}); the engine packs inside it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ray = parser.add_argument_group("Ray Data (pip install 'instructrec[ray]')")
+    ray.add_argument("--ray", action="store_true", help="run on Ray Data: read_parquet -> map_batches(actors) -> write_parquet")
+    ray.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
+    ray.add_argument("--actors", type=int, default=1, help="Reranker actors (each holds one model)")
+    ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs reserved per actor (use with --device cuda)")
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
+    parser.set_defaults(func=_rerank)
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    from .errors import InstructRecError
+
+    engine_options = dict(backend=args.backend, device=args.device, dtype=args.dtype,
+                          batch_tokens=args.batch_tokens, group_size=args.group_size)
+    try:
+        if args.ray:
+            from .ray_job import run_ray_job
+
+            if args.resume:
+                log.error("--resume is not available with --ray: Ray Data writes the output in one go. "
+                          "Rerun with --ray into a fresh --output, or run in-process with --resume")
+                return EXIT_INPUT
+            summary = run_ray_job(args.model, args.input, args.output, address=args.ray_address,
+                                  actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                                  cpus_per_actor=args.cpus_per_actor, chunk_rows=args.chunk_rows, **engine_options)
+        else:
+            from .batch import run_job
+
+            summary = run_job(args.model, args.input, args.output, resume=args.resume,
+                              rows_per_part=args.rows_per_part, chunk_rows=args.chunk_rows,
+                              progress=not args.no_progress, **engine_options)
+    except InstructRecError as exc:
+        # Typed, expected failures (schema, output folder, model folder): the message says the fix.
+        log.error("%s", exc)
+        return EXIT_INPUT
+    from .batch import format_summary
+
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,194 @@
+"""The batch job end to end on the real engine with a tiny random T5: bad rows, directory and
+multi-row-group input, empty input, schema errors before any work, output-folder rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from instructrec.engine import Reranker, Request
+from instructrec.engine.batch import (
+    DUPLICATE_REQUEST_ID, MISSING_REQUEST_ID, OUTPUT_SCHEMA, InputSchemaError, JobOutputError, run_job,
+)
+
+INPUT_SCHEMA = pa.schema([
+    ("request_id", pa.string()), ("candidates", pa.list_(pa.string())), ("candidate_ids", pa.list_(pa.string())),
+    ("instruction", pa.string()), ("history", pa.list_(pa.string())), ("preference", pa.string()),
+    ("intention", pa.string()), ("intention_kind", pa.string()), ("context", pa.string()), ("template", pa.string()),
+])
+
+# (request_id, row overrides, expected error kind, expected text in the message); None kind = ranked.
+BAD_ROWS = [
+    ("no-candidates", {"candidates": []}, "invalid_input", "candidates: empty candidate list"),
+    ("null-candidates", {"candidates": None}, "invalid_input", "candidates: empty candidate list"),
+    ("null-title", {"candidates": ["Mario Kart", None]}, "invalid_input", "candidates[1]: null or empty title"),
+    ("empty-title", {"candidates": ["", "Tetris"]}, "invalid_input", "candidates[0]: null or empty title"),
+    ("duplicate-candidate-ids", {"candidates": ["A game", "B game"], "candidate_ids": ["x", "x"]},
+     "invalid_input", "candidate_ids: duplicate id 'x'"),
+    ("ids-length-mismatch", {"candidates": ["A game", "B game"], "candidate_ids": ["x"]},
+     "invalid_input", "candidate_ids: 1 ids for 2 candidates"),
+    ("unknown-template", {"instruction": None, "history": ["Halo"], "template": "no-such-template"},
+     "unknown_template", "no-such-template"),
+    ("over-budget", {"instruction": "tell me about racing games " * 200}, "over_budget", "over the budget of 512"),
+    (None, {}, MISSING_REQUEST_ID, "request_id: is null"),
+    ("", {}, MISSING_REQUEST_ID, "request_id: is empty"),
+]
+
+
+def good_row(i: int) -> dict:
+    row = {name: None for name in INPUT_SCHEMA.names}
+    n = 2 + i % 4
+    row.update(request_id=f"good-{i}", candidates=[f"racing game {i} edition {j}" for j in range(n)])
+    if i % 3 == 0:
+        row.update(history=[f"old game {i}", "Forza"], intention="a gift for my son", intention_kind="vague",
+                   template="pers-search-01" if i % 2 else None)
+    else:
+        row.update(instruction=f"Recommend a game to a fan of puzzle number {i}. Candidates: {{candidates}}",
+                   candidate_ids=[f"item-{i}-{j}" for j in range(n)] if i % 2 else None)
+    return row
+
+
+def mixed_rows() -> tuple[list[dict], dict[int, tuple]]:
+    """Good rows with every bad kind spread among them, and two rows sharing an id.
+    Returns the rows and {position: (error kind, text in the message)} of the bad ones."""
+    rows, expected_errors = [], {}
+    bad = iter(BAD_ROWS)
+    for i in range(30):
+        rows.append(good_row(i))
+        if i % 3 == 1 and (spec := next(bad, None)) is not None:
+            request_id, overrides, kind, text = spec
+            expected_errors[len(rows)] = (kind, text)
+            rows.append({**good_row(100 + i), "request_id": request_id, **overrides})
+    for position in (5, 20):  # the same id twice: both occurrences are rejected
+        expected_errors = {(p + 1 if p >= position else p): e for p, e in expected_errors.items()}
+        expected_errors[position] = (DUPLICATE_REQUEST_ID, "'shared-id' occurs 2 times in the input")
+        rows.insert(position, {**good_row(200 + position), "request_id": "shared-id"})
+    return rows, expected_errors
+
+
+def write_rows(path, rows, row_group_size=None):
+    pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), path, row_group_size=row_group_size)
+
+
+def request_of(row: dict) -> Request:
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in row.items()}
+    fields["candidates"] = fields["candidates"] or ()
+    return Request(**fields)
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_t5_dir):
+    return Reranker.from_pretrained(tiny_t5_dir)
+
+
+def test_every_bad_row_becomes_an_error_row_in_order_and_scores_equal_rank(tiny_t5_dir, reranker, tmp_path):
+    rows, expected_errors = mixed_rows()
+    assert {kind for kind, _ in expected_errors.values()} == {
+        "invalid_input", "unknown_template", "over_budget", MISSING_REQUEST_ID, DUPLICATE_REQUEST_ID}
+    folder = tmp_path / "requests"
+    folder.mkdir()
+    # A folder of two files, several row groups each; parts and chunks cut across both.
+    write_rows(folder / "b.parquet", rows[17:], row_group_size=6)
+    write_rows(folder / "a.parquet", rows[:17], row_group_size=5)
+
+    summary = run_job(tiny_t5_dir, folder, tmp_path / "out", rows_per_part=7, chunk_rows=4, progress=False)
+
+    out = pq.read_table(tmp_path / "out")
+    assert out.schema == OUTPUT_SCHEMA
+    assert out.column("request_id").to_pylist() == [r["request_id"] for r in rows]
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == [f"part-{i:05d}.parquet" for i in range(6)]
+
+    # The reference: Reranker.rank on the same requests in one call (ids unique for it).
+    eligible = [i for i, r in enumerate(rows) if r["request_id"] and r["request_id"] != "shared-id"]
+    reference = dict(zip(eligible, reranker.rank([request_of(rows[i]) for i in eligible], errors="return")))
+    for position, got in enumerate(out.to_pylist()):
+        assert got["n_candidates"] == len(rows[position]["candidates"] or [])
+        if position in expected_errors:
+            kind, text = expected_errors[position]
+            assert got["error_kind"] == kind and text in got["error"], (position, got)
+            assert got["ranked_ids"] == [] and got["scores"] == []
+            if position in reference:  # engine-rejected rows carry the engine's own message
+                assert got["error"] == reference[position].error
+            continue
+        want = reference[position]
+        assert got["error"] is None and got["error_kind"] is None, (position, got)
+        assert got["ranked_ids"] == want.ranked_ids
+        # Chunks of 4 vs one call make different batch shapes, so float32 matmuls sum in another
+        # order: measured differences ~1e-7 relative. Same requests, same function.
+        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-6)
+
+    ok_rows = len(rows) - len(expected_errors)
+    assert summary["rows"] == len(rows) and summary["ok"] == ok_rows
+    assert summary["errors_by_kind"] == {
+        "duplicate_request_id": 2, "invalid_input": 6, "missing_request_id": 2, "over_budget": 1,
+        "unknown_template": 1}
+    assert summary["candidates"] == sum(len(r["candidates"] or []) for r in rows)
+    assert summary["parts_written"] == 6 and summary["parts_skipped"] == 0
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text()) == summary
+
+
+def test_empty_input_gives_an_empty_valid_output(tiny_t5_dir, tmp_path):
+    write_rows(tmp_path / "empty.parquet", [])
+    summary = run_job(tiny_t5_dir, tmp_path / "empty.parquet", tmp_path / "out", progress=False)
+    out = pq.read_table(tmp_path / "out")
+    assert out.num_rows == 0 and out.schema == OUTPUT_SCHEMA
+    assert [p.name for p in (tmp_path / "out").glob("part-*")] == ["part-00000.parquet"]
+    assert summary["rows"] == 0 and summary["parts_written"] == 1 and summary["errors_by_kind"] == {}
+
+
+def test_schema_error_stops_the_cli_before_any_work(tiny_t5_dir, tmp_path):
+    pq.write_table(pa.table({"request_id": ["a"], "candidates": ["not a list"]}), tmp_path / "in.parquet")
+    with pytest.raises(InputSchemaError, match="column 'candidates' must be list<string> but is string"):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "api-out")
+    assert not (tmp_path / "api-out").exists()
+
+    done = subprocess.run(
+        [sys.executable, "-m", "instructrec", "rerank", "--model", str(tiny_t5_dir), "--input",
+         str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cli-out")],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "column 'candidates' must be list<string> but is string in in.parquet" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "cli-out").exists()
+
+
+def test_existing_output_is_never_overwritten_and_resume_refuses_another_run(tiny_t5_dir, tmp_path):
+    rows = [good_row(i) for i in range(6)]
+    write_rows(tmp_path / "in.parquet", rows)
+    run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, progress=False)
+    first = pq.read_table(tmp_path / "out")
+
+    with pytest.raises(JobOutputError, match="is not empty .* Pass --resume .* or choose a new --output"):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, progress=False)
+    with pytest.raises(JobOutputError, match="incompatible run; it differs in rows_per_part: was 4, now 3"):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=3, resume=True, progress=False)
+    with pytest.raises(JobOutputError, match="options.group_size: was 10, now 5"):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, group_size=5,
+                resume=True, progress=False)
+    write_rows(tmp_path / "in.parquet", rows[:5])  # the input changed since
+    with pytest.raises(JobOutputError, match="input.files"):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, resume=True, progress=False)
+    assert pq.read_table(tmp_path / "out").equals(first)  # nothing was touched
+
+    # A finished run resumed again with the same input: nothing to do, same output.
+    write_rows(tmp_path / "in2.parquet", rows)
+    run_job(tiny_t5_dir, tmp_path / "in2.parquet", tmp_path / "out2", rows_per_part=4, progress=False)
+    summary = run_job(tiny_t5_dir, tmp_path / "in2.parquet", tmp_path / "out2", rows_per_part=4, resume=True,
+                      progress=False)
+    assert summary["parts_skipped"] == 2 and summary["parts_written"] == 0 and summary["rows"] == 6
+    assert pq.read_table(tmp_path / "out2").equals(first)
+
+
+def test_output_folder_not_written_by_the_job_is_refused_on_resume(tiny_t5_dir, tmp_path):
+    write_rows(tmp_path / "in.parquet", [good_row(0)])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(JobOutputError, match="has no _job.json but holds \\['notes.txt'\\]"):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", resume=True, progress=False)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
