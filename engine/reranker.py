@@ -152,21 +152,26 @@ class Reranker:
                             ("chunk_tokens", chunk_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(name, f"must be a positive int, got {value!r}")
+        # The batch runner calls encode / encoder_kv / decode / head on a backend: the torch
+        # model (wrapped here) or an OnnxBackend (engine/onnx_backend.py). Planning, packing,
+        # counters and results are this class's, shared by both.
+        self.backend = _TorchBackend(model, device) if isinstance(model, T5) else model
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.dtype = model.shared.weight.dtype
+        self.dtype = self.backend.dtype
         self.max_source_tokens = max_source_tokens
         self.batch_tokens = batch_tokens
         self.group_size, self.advance, self.seed = group_size, advance, seed
         self.row_tokens, self.read_window, self.chunk_tokens = row_tokens, read_window, chunk_tokens
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
-        self._start_id = model.cfg.decoder_start_token_id
-        self._pad_id = model.cfg.pad_token_id
+        cfg = self.backend.cfg
+        self._start_id = cfg.decoder_start_token_id
+        self._pad_id = cfg.pad_token_id
         # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
         # zero-width or control-character title tokenizes to just ["▁", "</s>"]).
-        blank = {model.cfg.eos_token_id, model.cfg.pad_token_id}
+        blank = {cfg.eos_token_id, cfg.pad_token_id}
         word_start = tokenizer.convert_tokens_to_ids("▁")
         if isinstance(word_start, int) and word_start != tokenizer.unk_token_id:
             blank.add(word_start)
@@ -176,13 +181,17 @@ class Reranker:
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "torch", device: str = "cpu",
                         dtype: str = "float32", **options: Any) -> "Reranker":
-        """Load a Hugging Face T5 checkpoint directory (save_pretrained layout, tokenizer beside it).
+        """Load a Hugging Face T5 checkpoint directory (save_pretrained layout, tokenizer beside it),
+        or with backend="onnx" an `instructrec export` directory (dtype: the export's, or "auto").
         options: max_source_tokens, batch_tokens, group_size, advance, seed, row_tokens,
-        read_window, chunk_tokens."""
+        read_window, chunk_tokens; onnx only: threads (onnxruntime intra-op threads),
+        verify_checksums (default True: sha256 of every graph before loading)."""
         _check_backend(backend)
         dev = _resolve_device(device)
-        tdtype = _resolve_dtype(dtype, dev)
         path = Path(path)
+        if backend == "onnx":
+            return cls._from_onnx(path, dev, dtype, options)
+        tdtype = _resolve_dtype(dtype, dev)
         if not path.is_dir():
             raise ModelLoadError(f"{path}: model directory not found")
         cfg_file = path / "config.json"
@@ -204,11 +213,29 @@ class Reranker:
         return cls(model, tokenizer, device=dev, **options)
 
     @classmethod
+    def _from_onnx(cls, path: Path, dev: torch.device, dtype: Any, options: dict) -> "Reranker":
+        from .onnx_backend import MANIFEST_NAME, OnnxBackend
+
+        if not (path / MANIFEST_NAME).exists() and (path / "config.json").exists() and any(
+                (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
+                                              "pytorch_model.bin")):
+            raise InputError("backend", f"{path} is a Hugging Face checkpoint, not an ONNX export "
+                             f"(no {MANIFEST_NAME})", "run `instructrec export --model DIR --out ONNX_DIR` "
+                             "and load ONNX_DIR, or use backend='torch'")
+        backend = OnnxBackend.load(path, dev, dtype, checksums=options.pop("verify_checksums", True),
+                                   threads=options.pop("threads", None))
+        return cls(backend, _load_tokenizer(path), device=dev, **options)
+
+    @classmethod
     def from_model(cls, hf_model: Any, tokenizer: Any, backend: str = "torch", device: str = "cpu",
                    dtype: str = "float32", **options: Any) -> "Reranker":
         """From an in-memory transformers T5ForConditionalGeneration (weights are copied, so later
         training steps do not change this reranker: build a new one to validate new weights)."""
         _check_backend(backend)
+        if backend == "onnx":
+            raise InputError("backend", "from_model builds a torch model; the onnx backend loads an export "
+                             "directory", "export with `instructrec export`, then use "
+                             "Reranker.from_pretrained(ONNX_DIR, backend='onnx')")
         dev = _resolve_device(device)
         cfg = T5Config.from_hf(hf_model.config)
         model = _build(cfg, hf_model.state_dict(), _resolve_dtype(dtype, dev), dev, "hf_model.state_dict()")
@@ -398,7 +425,7 @@ class Reranker:
         self.timings["model_s"] += time.perf_counter() - t0
 
     def _run_batch(self, units: list[Unit], slot_base: list[int], sums: torch.Tensor) -> None:
-        model, dev, st = self.model, self.device, self.stats
+        backend, dev, st = self.backend, self.device, self.stats
         B = len(units)
         S = max(len(u.source) for u in units)
         src = np.full((B, S), self._pad_id, dtype=np.int64)
@@ -407,8 +434,8 @@ class Reranker:
         src_t = torch.from_numpy(src).to(dev, non_blocking=True)  # [B, S]
         lengths = torch.tensor([len(u.source) for u in units]).to(dev, non_blocking=True)
         src_mask = torch.arange(S, device=dev)[None, :] < lengths[:, None]  # [B, S]
-        enc = model.encode(src_t, src_mask)  # [B, S, D]
-        kv = model.encoder_kv(enc)  # per decoder layer: k, v [B, H, S, dk], shared by all rows
+        enc = backend.encode(src_t, src_mask)  # [B, S, D]
+        kv = backend.encoder_kv(enc)  # per decoder layer k, v [B, H, S, dk] (onnx: stacked), shared by all rows
         st.batches += 1
         st.encoder_passes += B
         st.encoder_tokens += sum(len(u.source) for u in units)
@@ -418,22 +445,41 @@ class Reranker:
         R = max(len(u.rows) for u in units)
         T = max(u.row_len for u in units)
         step = rows_per_pass(B, T, self.batch_tokens)
-        weight = model.lm_weight  # [V, D]
         for r0 in range(0, R, step):
             a = decoder_arrays(units, slot_base, self._start_id, self._pad_id, slice(r0, r0 + step))
             flat = np.flatnonzero(a.targets.reshape(-1) != IGNORE)  # real tokens, [N]
             ids = torch.from_numpy(a.ids).to(dev, non_blocking=True)  # [B, Rc, T]
             seg = torch.from_numpy(a.segments).to(dev, non_blocking=True)  # [B, Rc, T]
-            h = model.decode(ids, seg, kv, src_mask)  # [B, Rc, T, D]
+            h = backend.decode(ids, seg, kv, src_mask)  # [B, Rc, T, D]
             flat_t = torch.from_numpy(flat).to(dev, non_blocking=True)
             hidden = h.reshape(-1, h.shape[-1]).index_select(0, flat_t)  # [N, D]
             tgt = torch.from_numpy(a.targets.reshape(-1)[flat]).to(dev, non_blocking=True)  # [N]
             slots = torch.from_numpy(a.slots.reshape(-1)[flat]).to(dev, non_blocking=True)  # [N]
-            lp = _lm_head(hidden, weight, tgt, self.chunk_tokens, check=dev.type != "cuda")  # [N] fp32
+            lp = backend.head(hidden, tgt, self.chunk_tokens)  # [N] fp32, in token chunks
             sums.index_add_(0, slots, lp.double())
             st.decoder_passes += 1
             st.decoder_tokens += len(flat)
             st.padded_decoder_tokens += a.ids.size
+
+
+class _TorchBackend:
+    """The torch model behind the batch runner's four calls (OnnxBackend answers the same ones)."""
+
+    def __init__(self, model: T5, device: torch.device):
+        self.model, self.cfg, self.device = model, model.cfg, device
+        self.dtype = model.shared.weight.dtype
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(ids, mask)
+
+    def encoder_kv(self, enc: torch.Tensor) -> list:
+        return self.model.encoder_kv(enc)
+
+    def decode(self, ids, segments, kv, src_mask) -> torch.Tensor:
+        return self.model.decode(ids, segments, kv, src_mask)
+
+    def head(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        return _lm_head(hidden, self.model.lm_weight, targets, chunk_tokens, check=self.device.type != "cuda")
 
 
 def _lm_head(hidden, weight, targets, chunk_tokens: int, check: bool) -> torch.Tensor:
@@ -467,11 +513,8 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _check_backend(backend: str) -> None:
-    if backend == "onnx":
-        raise InputError("backend", "the onnx backend is not available yet (a later issue adds it)",
-                         "use backend='torch'")
-    if backend != "torch":
-        raise InputError("backend", f"unknown backend {backend!r}", "use backend='torch'")
+    if backend not in ("torch", "onnx"):
+        raise InputError("backend", f"unknown backend {backend!r}", "use backend='torch' or 'onnx'")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
