@@ -1,0 +1,60 @@
+"""HR@k / NDCG@k against hand-computed cases, ties and NaN included (pessimistic ranking)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from instructrec.training.metrics import (
+    hit_rate_at, ndcg_at, pessimistic_rank, rank_in_result, summarize_ranks)
+
+
+def test_rank_of_a_clear_winner_and_a_clear_loser():
+    scores = [-1.0, -3.0, -7.5]
+    assert pessimistic_rank(scores, 0) == 1
+    assert pessimistic_rank(scores, 1) == 2
+    assert pessimistic_rank(scores, 2) == 3
+
+
+def test_ties_place_the_positive_after_every_tied_negative():
+    # Positive at index 0 tied with two negatives, one negative below: 2 ahead -> rank 3.
+    assert pessimistic_rank([-2.0, -2.0, -2.0, -9.0], 0) == 3
+    # A constant scorer over 10 candidates ranks the positive last, whatever its index.
+    assert pessimistic_rank([0.0] * 10, 0) == 10
+    assert pessimistic_rank([0.0] * 10, 9) == 10
+
+
+def test_nan_is_read_pessimistically():
+    assert pessimistic_rank([math.nan, -1.0, -2.0], 0) == 3  # NaN positive: last
+    assert pessimistic_rank([-1.0, math.nan, -2.0], 0) == 2  # NaN negative: counted ahead
+
+
+def test_hit_rate_and_ndcg_by_hand():
+    assert hit_rate_at(1, 1) == 1.0 and hit_rate_at(2, 1) == 0.0 and hit_rate_at(5, 5) == 1.0
+    assert ndcg_at(1, 5) == 1.0
+    assert ndcg_at(2, 5) == pytest.approx(0.6309297535714575)  # 1 / log2(3)
+    assert ndcg_at(3, 5) == pytest.approx(0.5)  # 1 / log2(4)
+    assert ndcg_at(6, 5) == 0.0
+
+
+def test_summary_over_instances_by_hand():
+    summary = summarize_ranks([1, 2, 6])
+    assert summary["n"] == 3
+    assert summary["hr@1"] == pytest.approx(1 / 3)
+    assert summary["hr@3"] == pytest.approx(2 / 3)
+    assert summary["hr@5"] == pytest.approx(2 / 3)
+    assert summary["ndcg@3"] == pytest.approx((1 + 0.6309297535714575) / 3)
+    assert summary["ndcg@5"] == pytest.approx((1 + 0.6309297535714575) / 3)
+
+
+def test_rank_in_an_engine_result_recomputes_ties_from_scores():
+    ranked_ids, scores = ["b", "a", "c"], [-2.0, -2.0, -5.0]
+    # The engine listed "b" first, but "a" ties it: both get the pessimistic rank 2.
+    assert rank_in_result(ranked_ids, scores, "b") == 2
+    assert rank_in_result(ranked_ids, scores, "a") == 2
+    assert rank_in_result(ranked_ids, scores, "c") == 3
+    with pytest.raises(KeyError):
+        rank_in_result(ranked_ids, scores, "z")
+    with pytest.raises(IndexError):
+        pessimistic_rank([1.0], 1)
