@@ -1,6 +1,6 @@
 """The `instructrec` command: one parser, subcommands registered by each layer.
 
-Each layer owns a `cli.py` with `register(subparsers)`; the dispatcher imports them so that a
+Each module in _LAYERS has `register(subparsers)`; the dispatcher imports them all, and a
 layer's heavy imports (torch, onnxruntime) happen only inside the command functions.
 """
 
@@ -30,15 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _LAYERS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # A layer that has not landed yet simply adds no commands; any other missing
-            # module (a broken install) must surface.
-            if exc.name != module_name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
