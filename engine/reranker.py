@@ -421,7 +421,7 @@ class Reranker:
                 self._run_batch([window[i] for i in batch], [int(slot_base[i]) for i in batch], sums)
             host = sums.cpu().numpy()  # the one device->host sync of the window
             for u, base in zip(window, slot_base[:-1]):
-                u.scores = host[base:base + len(u.targets)].copy()
+                u.scores = _tie_identical_targets(u.targets, host[base:base + len(u.targets)].copy())
         self.timings["model_s"] += time.perf_counter() - t0
 
     def _run_batch(self, units: list[Unit], slot_base: list[int], sums: torch.Tensor) -> None:
@@ -534,6 +534,21 @@ def _by_owner(units: list[Unit]) -> dict[int, list[Unit]]:
     for u in units:
         out.setdefault(u.owner, []).append(u)
     return out
+
+
+def _tie_identical_targets(targets: list[np.ndarray], scores: np.ndarray) -> np.ndarray:
+    """Give candidates whose titles tokenize to the same ids (titles that differ only in characters
+    the tokenizer drops or maps to <unk>: "Game 東方" / "Game 游戏" with Flan-T5, doubled spaces) the
+    score of the first of them. Their exact scores are equal, but each was computed at its own place
+    in a packed row, and fp32 rounding there differs by ~1e-7 relative: without this the order among
+    them came from the packing, so the same request ranked differently alone, in another batch or
+    in another batch job chunk. Tied, the stable sort keeps their input order everywhere."""
+    first: dict[bytes, int] = {}
+    for c, y in enumerate(targets):
+        k = first.setdefault(y.tobytes(), c)
+        if k != c:
+            scores[c] = scores[k]
+    return scores
 
 
 def _result(p: _Prepared, order: np.ndarray, scores: np.ndarray) -> RankedResult:

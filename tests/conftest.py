@@ -29,23 +29,148 @@ TINY_T5 = dict(
 )
 
 
+# Common English (function words, shopping and review vocabulary) so that ordinary words are one
+# or two pieces, as in the real Flan-T5 vocabulary (trained on C4).
+_ENGLISH = """the of and to a in is it you that he was for on are with as his they be at one have this
+from or had by not word but what some we can out other were all there when up use your how said an
+each she which do their time if will way about many then them write would like so these her long
+make thing see him two has look more day could go come did number sound no most people my over know
+water than call first who may down side been now find any new work part take get place made live
+where after back little only round man year came show every good me give our under name very through
+just form sentence great think say help low line differ turn cause much mean before move right boy
+old too same tell does set three want air well also play small end put home read hand port large
+spell add even land here must big high such follow act why ask men change went light kind off need
+house picture try us again animal point mother world near build self earth father head stand own
+page should country found answer school grow study still learn plant cover food sun four between
+state keep eye never last let thought city tree cross farm hard start might story saw far sea draw
+left late run while press close night real life few north open seem together next white children
+begin got walk example ease paper group always music those both mark often letter until mile river
+car feet care second book carry took science eat room friend began idea fish mountain stop once base
+hear horse cut sure watch color face wood main enough plain girl usual young ready above ever red
+list though feel talk bird soon body dog family direct pose leave song measure door product black
+short numeral class wind question happen complete ship area half rock order fire south problem piece
+told knew pass since top whole king space heard best hour better true during hundred five remember
+step early hold west ground interest reach fast verb sing listen six table travel less morning ten
+simple several vowel toward war lay against pattern slow center love person money serve appear road
+map rain rule govern pull cold notice voice unit power town fine certain fly fall lead cry dark
+machine note wait plan figure star box noun field rest correct able pound done beauty drive stood
+contain front teach week final gave green quick develop ocean warm free minute strong special mind
+behind clear tail produce fact street inch multiply nothing course stay wheel full force blue object
+decide surface deep moon island foot system busy test record boat common gold possible plane stead
+dry wonder laugh thousand ago ran check game shape equate hot miss brought heat snow tire bring yes
+distant fill east paint language among buy buyer bought shop shopper shopping purchase purchases
+purchased item items recommend recommended recommendation choose chose choice candidate candidates
+title titles history prefer preference preferences taste tastes intention looking search query
+user users customer customers review reviews rating gift gifts present kids son daughter friends
+likely next following based sequence welcome answer brief browsing category categories situation
+which whose would could should likes enjoys enjoy enjoyed fun cozy relaxing story driven quests
+co-op online multiplayer player players edition deluxe bundle collector extended pack series
+console controller wireless wired keyboard mouse headset charger cable battery adventure racing
+puzzle strategy shooter sports fighting action role playing simulation arcade classic retro new
+feature compatible length standard colour describe descriptive legend gaming include box case screen
+support quality price value design model version original official memory storage speed button
+zombie survival horror delete manifest carriage return separator target entry entries vocabulary
+execution provider cannot run file files error errors row rows column columns data table job batch
+score scores rank ranking token tokens text texts field fields value values empty missing invalid
+request requests response result results output input line lines count limit size group budget
+instruction instructions template templates train training model models test tests check hold
+expect expected match matches user users write read load save path directory config setting
+update create remove keep drop split join sort filter select order first last newest oldest
+character characters letter word words sentence sentences space spaces tab break unicode string
+""".split()
+
+_TEST_WORDS = """Tetris Halo Doom FIFA Mario Zelda Wild Breath Smash Bros Wii PlayStation Xbox Nintendo
+Switch PC Stardew Valley Last Us Super Sky Pirates Deep Sea Quest Farm Days Galaxy Miner Command
+Fleet Admiral Harbor Fishing Sim Neon Drift Turbo Kart Racer Rally Pro Street Night Space Zombie
+Alpha Beta Gamma Delta Title Candidate Saga Request Answer Situation Choose Pick Recommend
+""".split()
+
+_UNICODE = ("Ünïcødé Édition: 東方 ゲーム 游戏 — Ωmega «Special» ✓ Café Über Straße Pokémon Ōkami "
+            "Zoë Très bien naïve Plüsch Héros José Amélie Chloé Björn Árbol Niño – ’ “ ” … ° 🎮")
+
+
+def _tokenizer_corpus(synth_dir: Path) -> list[str]:
+    """What the tests feed a tokenizer: every registry template's text, the synth catalog's titles,
+    category paths and review texts, English filler, digits, punctuation and the non-ASCII
+    characters the tests use. Deterministic (fixed seeds)."""
+    import gzip
+    import json
+    import random
+    import re
+
+    from instructrec.engine.templates import REGISTRY
+    from instructrec.training.data.synth import synth
+
+    rng = random.Random(0)
+    lines: list[str] = []
+    # The template words recur in every instruction, so they weigh as much as in real use.
+    for template in REGISTRY.values():
+        for pattern in (template.source, template.resolved_target_pattern):
+            lines += [re.sub(r"\{[a-z_]+\}", "", pattern)] * 20
+    reviews, meta = synth(synth_dir, users=150, items=200, seed=0)
+    for line in gzip.open(meta, "rt", encoding="utf-8"):
+        record = json.loads(line)
+        title = record.get("title", "")
+        if title and "<" not in title and "&" not in title:  # skip the raw-HTML variants
+            lines += [title] * 3
+        lines.append(", ".join(record.get("category", [])))
+    for line in gzip.open(reviews, "rt", encoding="utf-8"):
+        record = json.loads(line)
+        lines += [record.get("reviewText", ""), record.get("summary", "")]
+    # Filler sentences: some words inflected (plurals, -ing, -ed), some title-cased as in product
+    # titles, so that both forms of a common word are whole pieces.
+    def filler_word(word: str) -> str:
+        roll = rng.random()
+        if word in _ENGLISH and roll < 0.3:
+            word += ("s", "ing", "ed", "er")[int(roll * 13) % 4]
+        return word.capitalize() if rng.random() < 0.3 else word
+
+    words = _ENGLISH + _TEST_WORDS
+    lines += [" ".join(filler_word(w) for w in rng.choices(words, k=12)) + "." for _ in range(4000)]
+    lines += [" ".join(str(rng.randrange(10 ** rng.randint(1, 4))) for _ in range(10)) for _ in range(300)]
+    lines += [_UNICODE] * 5
+    lines += ["0 1 2 3 4 5 6 7 8 9 . , ; : ! ? ' \" ( ) [ ] - _ / & % $ # @ + = * < > |"] * 20
+    return lines
+
+
 def _generated_tokenizer(out_dir: Path):
-    """A T5-style unigram tokenizer trained on a few generated sentences (ids fit a 32128 vocab),
-    for machines without shared/assets. Same special tokens and ids as T5: pad 0, eos 1, unk 2."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """A T5-style SentencePiece-like unigram tokenizer for machines without shared/assets: trained
+    (under a second, deterministically) on `_tokenizer_corpus` to ~3,300 pieces, so word-level
+    token counts stay close to the real Flan-T5 tokenizer's (template renderings within ~0.9-1.2x)
+    and budgets tuned on it mean the same here. Same special tokens and ids as T5 (pad 0, eos 1,
+    unk 2), all ids below the test models' 32128 vocabulary, and like T5 it appends </s>."""
+    import json
+    import tempfile
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import T5TokenizerFast
 
-    words = ("game controller wireless mouse keyboard edition deluxe console racing puzzle "
-             "strategy adventure headset charger cable remote fantasy quest legend battle "
-             "space station zombie soccer music dance kids family party gift").split()
-    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(400)]
+    with tempfile.TemporaryDirectory() as synth_dir:
+        corpus = _tokenizer_corpus(Path(synth_dir))
     tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
+    # T5's precompiled normaliser (nmt_nfkc) turns control, no-break and zero-width characters
+    # into spaces and collapses runs of spaces; "\u200b" then encodes to just ["▁", "</s>"].
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Replace(Regex("[\u0000-\u001f\u007f\u00a0\u200b-\u200d\u2060\ufeff]"), " "),
+        normalizers.NFKC(),
+        normalizers.Replace(Regex(" {2,}"), " "),
+    ])
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(
-        vocab_size=600, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+        vocab_size=4000, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", shrinking_factor=0.75)
     tok.train_from_iterator(corpus, trainer)
+    # The trainer's parallel sums differ between runs in the last bits of the scores, and with
+    # them the order of near-tied pieces: round the scores and order the pieces by (score, text)
+    # so that the ids are the same on every run.
+    trained = json.loads(tok.to_str())["model"]["vocab"]
+    specials, pieces = trained[:3], sorted(((p, round(s, 6)) for p, s in trained[3:]), key=lambda x: (-x[1], x[0]))
+    tok.model = models.Unigram([tuple(x) for x in specials] + pieces, unk_id=2, byte_fallback=False)
+    # T5TokenizerFast(tokenizer_object=...) keeps the object's post-processor: without this one
+    # no </s> would close the texts and targets as it does with the real tokenizer.
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    assert tok.get_vocab_size() < TINY_T5["vocab_size"]
     fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
                            unk_token="<unk>", extra_ids=0)
     fast.save_pretrained(out_dir)

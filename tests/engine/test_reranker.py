@@ -83,6 +83,35 @@ def test_errors_return_keeps_other_requests_intact(rr):
     assert out[1].n_candidates == 0 and out[2].n_candidates == 1
 
 
+
+# Whitespace variants the T5 normaliser folds into one text (tab, newline, no-break space and runs
+# of spaces become one space), among titles of other lengths so that the variants land at
+# different places in the packed decoder rows.
+SAME_TOKENS_TITLES = ["Halo 3", "Forza Horizon 4 - Standard Edition - Xbox One", "Halo  3", "Tetris",
+                      "Halo\t3", "Halo\n3", "Mario Kart 8 Deluxe", "Halo \u00a0 3", "Halo   3", "Doom",
+                      "Game 東方", "Game 游戏", "Halo\t\t3"]
+
+
+def test_titles_with_the_same_tokens_tie_and_keep_their_input_order(rr, tokenizer):
+    groups: dict[tuple, list[int]] = {}  # token ids -> candidate numbers, from the tokenizer itself
+    for c, title in enumerate(SAME_TOKENS_TITLES):
+        groups.setdefault(tuple(tokenizer(text_target=title).input_ids), []).append(c)
+    tied = [g for g in groups.values() if len(g) > 1]
+    assert any(len(g) >= 6 for g in tied)  # the Halo variants, whatever the tokenizer's vocabulary
+    alone = rr.rank([Request(instruction="Pick a shooter.", candidates=SAME_TOKENS_TITLES)])[0]
+    # The same request batched behind others: other row shapes, other packing, other rounding.
+    crowd = [Request(instruction="Pick a shooter for my son, please.",
+                     candidates=[f"Filler title {i}.{j}" for j in range(3)] + SAME_TOKENS_TITLES)
+             for i in range(3)]
+    batched = rr.rank(crowd + [Request(instruction="Pick a shooter.", candidates=SAME_TOKENS_TITLES)])[-1]
+    for result in (alone, batched):
+        position = {int(c): n for n, c in enumerate(result.ranked_ids)}
+        for g in tied:
+            # Equal token ids have one exact score, so the tie is exact and the stable ranking
+            # keeps the input order among them, however the candidates were packed.
+            assert len({result.scores[position[c]] for c in g}) == 1
+            assert [position[c] for c in g] == sorted(position[c] for c in g)
+    assert batched.ranked_ids == alone.ranked_ids
 def test_structured_request_uses_the_template(rr):
     res = rr.rank([Request(history=["Tetris", "Halo 3"], candidates=["FIFA 19", "Doom"], request_id="s")])[0]
     assert res.error is None and sorted(res.ranked_ids) == ["0", "1"]
