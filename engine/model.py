@@ -20,15 +20,36 @@ T5 attention has no 1/sqrt(d) scaling (it is folded into the initialisation), he
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["T5Config", "T5", "PRESETS", "convert_hf_state_dict", "relative_position_bucket"]
+from .errors import ModelLoadError
+
+__all__ = ["read_checkpoint_config", "T5Config", "T5", "PRESETS", "convert_hf_state_dict", "relative_position_bucket"]
+
+
+def read_checkpoint_config(model_dir: Path) -> dict:
+    """The parsed config.json of a T5 save_pretrained directory; ModelLoadError names what is wrong."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"{model_dir}: model directory not found")
+    cfg_file = model_dir / "config.json"
+    if not cfg_file.exists():
+        raise ModelLoadError(f"{cfg_file}: missing (a save_pretrained directory has config.json)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{cfg_file}: not valid JSON ({e})") from e
+    if raw.get("model_type") != "t5":
+        raise ModelLoadError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 't5'")
+    return raw
 
 
 @dataclass(frozen=True)

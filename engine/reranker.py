@@ -20,7 +20,7 @@ import torch
 
 from .formatting import build_instruction, lists_candidates
 from .errors import BudgetExceededError, InputError, ModelLoadError
-from .model import T5, T5Config, build_model
+from .model import T5, T5Config, build_model, read_checkpoint_config
 from .packing import IGNORE, Unit, decoder_arrays, pack_unit, plan_batches, rows_per_pass
 from .tournament import Tournament, check_tournament_options
 from .types import EngineStats, RankedResult, Request
@@ -192,17 +192,8 @@ class Reranker:
         if backend == "onnx":
             return cls._from_onnx(path, dev, dtype, options)
         tdtype = _resolve_dtype(dtype, dev)
-        if not path.is_dir():
-            raise ModelLoadError(f"{path}: model directory not found")
+        raw = read_checkpoint_config(path)
         cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise ModelLoadError(f"{cfg_file}: missing (a save_pretrained directory has config.json)")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{cfg_file}: not valid JSON ({e})") from e
-        if raw.get("model_type") != "t5":
-            raise ModelLoadError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 't5'")
         try:
             cfg = T5Config.from_hf(raw)
         except (TypeError, ValueError) as e:

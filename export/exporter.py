@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from instructrec.engine.errors import ModelLoadError
-from instructrec.engine.model import T5, T5Config, build_model
+from instructrec.engine.model import T5, T5Config, build_model, read_checkpoint_config
 from instructrec.engine.onnx_backend import (
     DTYPES, FORMAT, FORMAT_VERSION, GRAPH_IO, MANIFEST_NAME, OnnxBackend, sha256_file)
 from instructrec.engine.packing import IGNORE, Unit, decoder_arrays, pack_unit
@@ -68,17 +68,7 @@ def _versions() -> dict[str, str]:
 
 
 def _check_model_dir(model_dir: Path) -> dict:
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"{model_dir}: model directory not found")
-    cfg_file = model_dir / "config.json"
-    if not cfg_file.exists():
-        raise ModelLoadError(f"{cfg_file}: missing (export needs a save_pretrained checkpoint directory)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{cfg_file}: not valid JSON ({e})") from e
-    if raw.get("model_type") != "t5":
-        raise ModelLoadError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 't5'")
+    raw = read_checkpoint_config(model_dir)
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "spiece.model")):
         raise ModelLoadError(f"{model_dir / 'tokenizer.json'}: missing (the export copies the tokenizer; "
                              "save it beside the weights with tokenizer.save_pretrained)")
