@@ -6,16 +6,23 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 STAMP := $(VENV)/.installed
+# What was installed: a change of TORCH_SPEC or EXTRAS on the command line reinstalls too.
+SPEC_FILE := $(VENV)/.install-spec
+SPEC := $(TORCH_SPEC) [$(EXTRAS)]
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test demo clean FORCE
 
 venv: $(STAMP)
 
-# Reinstall only when the dependency list or the torch spec changes.
-$(STAMP): pyproject.toml Makefile
+$(SPEC_FILE): FORCE
+	@mkdir -p $(VENV)
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(SPEC)" ]; then echo "$(SPEC)" > $@; fi
+
+# Reinstall only when the dependency list, the torch spec or the extras change.
+$(STAMP): pyproject.toml Makefile $(SPEC_FILE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
@@ -24,9 +31,6 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/instructrec demo
-
-bench: $(STAMP)
-	$(VENV)/bin/instructrec bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info
