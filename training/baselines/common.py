@@ -187,6 +187,14 @@ class EarlyStopping:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
 
+    def fill(self, report: FitReport, *, validated: bool, max_epochs: int, seconds: float) -> FitReport:
+        """Copy the kept epoch into `report`; without validation the last epoch is kept."""
+        report.train_seconds = seconds
+        report.valid_by_epoch = self.history
+        report.best_epoch = self.best_epoch if validated else max_epochs - 1
+        report.best_valid = self.best if validated else math.nan
+        return report
+
 
 def seed_everything(seed: int) -> tuple[torch.Generator, np.random.Generator]:
     """Seed torch (dropout, init), Python and NumPy; return generators for batching and sampling."""

@@ -220,11 +220,7 @@ class _SequentialBaseline:
                 if stopper.update(epoch, value, self.model):
                     break
             stopper.restore(self.model)
-        report.train_seconds = watch.seconds
-        report.valid_by_epoch = stopper.history
-        report.best_epoch = stopper.best_epoch if valid else cfg.max_epochs - 1
-        report.best_valid = stopper.best if valid else math.nan
-        return report
+        return stopper.fill(report, validated=bool(valid), max_epochs=cfg.max_epochs, seconds=watch.seconds)
 
     @torch.no_grad()
     def score(self, requests: Sequence[RankingRequest], batch_size: int = 512) -> np.ndarray:
