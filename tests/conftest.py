@@ -230,3 +230,15 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """2 cores shared by several test runs: two spinning OpenMP threads each wait on the other
+    (a 10-candidate score took 8.5 s with 2 threads under load vs 0.7 s with 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

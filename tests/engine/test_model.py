@@ -13,14 +13,8 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from instructrec.engine.model import PRESETS, T5Config, build_model, relative_position_bucket
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 cores shared by several test runs: two spinning OpenMP threads each wait on the other
-    (a 10-candidate score took 8.5 s with 2 threads under load vs 0.7 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Model tests run on one torch thread (see the one_torch_thread fixture in conftest).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SHAPES = {

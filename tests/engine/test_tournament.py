@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from instructrec.engine import InputError, Request
 from instructrec.engine.tournament import Tournament, run_tournament
@@ -69,12 +68,8 @@ def test_advance_must_shrink_the_pool():
     assert sorted(order.tolist()) == list(range(23))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Model tests run on one torch thread (see the one_torch_thread fixture in conftest).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_engine_runs_a_tournament_for_listed_candidates(tiny_t5_dir):

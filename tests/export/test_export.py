@@ -34,12 +34,8 @@ def _other_tiny_checkpoint(out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Model tests run on one torch thread (see the one_torch_thread fixture in conftest).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
