@@ -140,3 +140,20 @@ def test_refuses_to_run_under_autograd():
     args = _bad(weight=torch.zeros(1000, D, device=DEVICE, requires_grad=True))
     with pytest.raises(KernelInputError, match="inference only"):
         lm_head_log_softmax_gather(**args)
+
+
+def test_torch_path_exact_with_logits_spread_over_hundreds():
+    """Logits of random or weakly trained models span hundreds of units: most exp(z - max) fall
+    below fp32's normal range. The torch path floors z - max at -80 before exp (for speed); the
+    result must still equal the fp64 log-softmax, including targets far below the max."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(40, D, generator=g)  # [40, D]
+    weight = _head(4096) * 60  # logits of std ~240
+    targets = torch.randint(0, 4096, (40,), generator=g)
+    logits = (hidden.double() @ weight.double().T)  # [40, 4096]
+    targets[0] = int(logits[0].argmin())  # a target ~1,000 below its row's max
+    want = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    assert (logits.amax(1) - logits.amin(1)).min() > 500  # the regime the floor is for
+    with torch.inference_mode():
+        got = lm_head_log_softmax_gather(hidden, weight, targets, chunk_tokens=16, use_triton=False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=2e-3)
