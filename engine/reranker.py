@@ -244,7 +244,7 @@ class Reranker:
         request = Request(instruction=instruction, candidates=candidates)
         prepared = self._prepare([request], errors="raise")[0]
         assert isinstance(prepared, _Prepared)
-        unit = self._unit(prepared, np.arange(len(prepared.titles)), direct=True)
+        unit = self._unit(prepared, np.arange(len(prepared.titles)))
         self.stats.requests += 1
         self._run_units([unit])
         return self._normalized(unit, normalize)
@@ -277,7 +277,7 @@ class Reranker:
         for p in live:
             if p.lists and len(p.titles) > self.group_size:
                 tournaments[p.index] = Tournament(len(p.titles), self.group_size, self.advance, self.seed)
-            new = self._units_or_error(p, tournaments.get(p.index))
+        for p, new in zip(live, self._units_for([(p, tournaments.get(p.index)) for p in live])):
             if isinstance(new, InputError):
                 tournaments.pop(p.index, None)
                 fail(p.index, new)
@@ -287,6 +287,7 @@ class Reranker:
         while units:
             self._run_units(units)
             next_units: list[Unit] = []
+            advancing: list[tuple[_Prepared, Tournament]] = []
             for i, group_units in _by_owner(units).items():
                 p = by_index[i]
                 t = tournaments.get(i)
@@ -301,9 +302,10 @@ class Reranker:
                     order, s = t.result()
                     results[i] = _result(p, order, s)
                     continue
-                new = self._units_or_error(p, t)
+                advancing.append((p, t))
+            for (p, _), new in zip(advancing, self._units_for(advancing)):
                 if isinstance(new, InputError):
-                    fail(i, new)
+                    fail(p.index, new)
                 else:
                     next_units += new
             units = next_units
@@ -327,18 +329,29 @@ class Reranker:
         self.timings["tokenize_s"] += time.perf_counter() - t0
         k = 0
         position = {id(p): n for n, p in enumerate(out)}
+        blank = self._blank_titles(ids)
         for p in live:
-            p.targets = [np.asarray(x, dtype=np.int64) for x in ids[k:k + len(p.titles)]]
-            k += len(p.titles)
-            for c, y in enumerate(p.targets):
-                if np.isin(y, self._blank_ids).all():
-                    e = InputError(f"candidates[{c}]", f"title {p.titles[c]!r} tokenizes to nothing "
-                                   "(no token besides the closing </s>)", "drop or fix this candidate")
-                    if errors == "raise":
-                        raise e
-                    out[position[id(p)]] = e
-                    break
+            n = len(p.titles)
+            p.targets = [np.asarray(x, dtype=np.int64) for x in ids[k:k + n]]
+            bad = np.flatnonzero(blank[k:k + n])
+            k += n
+            if len(bad):
+                c = int(bad[0])
+                e = InputError(f"candidates[{c}]", f"title {p.titles[c]!r} tokenizes to nothing "
+                               "(no token besides the closing </s>)", "drop or fix this candidate")
+                if errors == "raise":
+                    raise e
+                out[position[id(p)]] = e
         return out
+
+    def _blank_titles(self, ids: list[list[int]]) -> np.ndarray:
+        """[titles] bool: the title has no token besides </s>, padding or a bare word start.
+        One vectorised pass over all titles (a per-title np.isin cost ~40 us each)."""
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
+        text_so_far = np.concatenate([[0], np.cumsum(~np.isin(flat, self._blank_ids))])
+        ends = np.cumsum(lengths)
+        return text_so_far[ends] - text_so_far[ends - lengths] == 0
 
     def _validate(self, i: int, r: Request) -> _Prepared:
         if not isinstance(r, Request):
@@ -371,27 +384,74 @@ class Reranker:
                 seen.add(x)
         return _Prepared(i, r, ids, titles, [], _lists_candidates(r))
 
-    def _unit(self, p: _Prepared, members: np.ndarray, direct: bool) -> Unit:
+    def _unit(self, p: _Prepared, members: np.ndarray) -> Unit:
         """One encoding: the instruction (listing `members` if it lists candidates) tokenized and
         checked against the source budget. Raises InputError."""
-        titles = [p.titles[c] for c in members] if p.lists else None
-        t0 = time.perf_counter()  # formatting (which counts tokens for the budget) + tokenizing
-        text = _instruction_text(p.request, titles, self.tokenizer, self.max_source_tokens)
-        src = np.asarray(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
-        self.timings["tokenize_s"] += time.perf_counter() - t0
-        if len(src) > self.max_source_tokens:
-            raise BudgetExceededError(
-                "instruction", f"{len(src)} tokens, over max_source_tokens={self.max_source_tokens}",
-                "shorten the instruction (free text is never truncated) or raise max_source_tokens")
-        return Unit(source=src, targets=[p.targets[c] for c in members], owner=p.index, tag=members)
+        unit = self._make_units([(p, members)])[0]
+        if isinstance(unit, InputError):
+            raise unit
+        return unit
 
-    def _units_or_error(self, p: _Prepared, t: Tournament | None) -> "list[Unit] | InputError":
-        try:
-            if t is None:
-                return [self._unit(p, np.arange(len(p.titles)), direct=True)]
-            return [self._unit(p, g, direct=False) for g in t.groups()]
-        except InputError as e:
-            return e
+    def _make_units(self, work: list[tuple[_Prepared, np.ndarray]]) -> "list[Unit | InputError]":
+        """Units for many (request, members) at once, with one tokenizer call for all of them.
+
+        Texts are rendered without the tokenizer first (no budget check, all of the history), then
+        tokenized together. A text within max_source_tokens is exactly what budget-aware rendering
+        gives (it only ever drops history when the whole text is over budget). Only the rare text
+        over budget is rendered again with the tokenizer, which drops the oldest history items to
+        fit or raises BudgetExceededError. Per request this saves two tokenizer calls (the budget
+        count and the encoding) and their Python overhead: ~0.2 ms, the engine's largest host cost
+        on small requests."""
+        t0 = time.perf_counter()
+        out: list[Unit | InputError | None] = [None] * len(work)
+        texts: list[str] = []
+        rendered: list[int] = []
+        for n, (p, members) in enumerate(work):
+            titles = [p.titles[c] for c in members] if p.lists else None
+            try:
+                texts.append(_instruction_text(p.request, titles, None, self.max_source_tokens))
+                rendered.append(n)
+            except InputError as e:
+                out[n] = e
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        for n, src_ids in zip(rendered, ids):
+            p, members = work[n]
+            try:
+                if len(src_ids) > self.max_source_tokens:
+                    src_ids = self._fit_to_budget(p, members)
+                out[n] = Unit(source=np.asarray(src_ids, dtype=np.int64), owner=p.index, tag=members,
+                              targets=[p.targets[c] for c in members])
+            except InputError as e:
+                out[n] = e
+        self.timings["tokenize_s"] += time.perf_counter() - t0
+        return out  # type: ignore[return-value]
+
+    def _fit_to_budget(self, p: _Prepared, members: np.ndarray) -> list[int]:
+        titles = [p.titles[c] for c in members] if p.lists else None
+        text = _instruction_text(p.request, titles, self.tokenizer, self.max_source_tokens)
+        src_ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(src_ids) > self.max_source_tokens:  # formatting's count and this one agree; kept as a guard
+            raise BudgetExceededError(
+                "instruction", f"{len(src_ids)} tokens, over max_source_tokens={self.max_source_tokens}",
+                "shorten the instruction (free text is never truncated) or raise max_source_tokens")
+        return src_ids
+
+    def _units_for(self, work: list[tuple[_Prepared, Tournament | None]]) -> "list[list[Unit] | InputError]":
+        """The units of each request's next step (the whole request, or the groups of its
+        tournament's next round), or the first InputError among them."""
+        flat: list[tuple[_Prepared, np.ndarray]] = []
+        spans: list[tuple[int, int]] = []
+        for p, t in work:
+            groups = [np.arange(len(p.titles))] if t is None else t.groups()
+            spans.append((len(flat), len(flat) + len(groups)))
+            flat += [(p, g) for g in groups]
+        units = self._make_units(flat)
+        out: list[list[Unit] | InputError] = []
+        for a, b in spans:
+            mine = units[a:b]
+            error = next((u for u in mine if isinstance(u, InputError)), None)
+            out.append(error if error is not None else mine)  # type: ignore[arg-type]
+        return out
 
     @staticmethod
     def _normalized(u: Unit, normalize: str) -> np.ndarray:
