@@ -108,6 +108,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     stop_after: int | None = None  # save a checkpoint and stop at this step count (job splits)
+    # Wall-clock cap in minutes (from the start of `train`): after the step that crosses it, save
+    # a resumable checkpoint, validate, and write the current weights to OUT as the final model,
+    # so a run on a shared machine ends on time with a model the engine loads.
+    max_minutes: float | None = None
     seed: int = 0
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
@@ -132,10 +136,11 @@ class TrainResult:
     out: Path
     steps_done: int  # optimiser steps completed in total (resumed ones included)
     total_steps: int
-    stopped_early: bool  # stop_after or an interrupt: a checkpoint was saved, no final model
+    stopped_early: bool  # stop_after, an interrupt or max_minutes: a checkpoint was saved
     step_losses: dict[int, float] = field(default_factory=dict)  # steps run by this call (1-based)
     evaluations: list[dict] = field(default_factory=list)
     checkpoint: Path | None = None  # the newest checkpoint written by this call
+    time_capped: bool = False  # max_minutes ended the run (OUT still holds the model, validated)
     wall_s: float = 0.0
     examples_per_s: float = 0.0
     precision: str = "fp32"
@@ -176,6 +181,11 @@ def validate_config(cfg: TrainConfig) -> None:
         if cfg.max_steps is not None and cfg.stop_after >= cfg.max_steps:
             raise InputError("stop_after", f"{cfg.stop_after} >= max_steps {cfg.max_steps}: it would never stop early",
                              "drop --stop-after or lower it")
+    if cfg.max_minutes is not None and not (
+            isinstance(cfg.max_minutes, (int, float)) and math.isfinite(cfg.max_minutes)
+            and cfg.max_minutes > 0):
+        raise InputError("max_minutes", f"must be a positive number of minutes, got {cfg.max_minutes!r}",
+                         "drop it to train for the full step budget")
     if cfg.optimizer not in OPTIMIZERS:
         raise InputError("optimizer", f"unknown optimiser {cfg.optimizer!r}",
                          f"use one of: {', '.join(OPTIMIZERS)}")
@@ -994,18 +1004,26 @@ def _train(cfg: TrainConfig) -> TrainResult:
             bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 evaluate(step)
-            stopping = stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after)
+            out_of_time = (cfg.max_minutes is not None
+                           and time.perf_counter() - started >= cfg.max_minutes * 60.0)
+            stopping = stop.requested or out_of_time or \
+                (cfg.stop_after is not None and step >= cfg.stop_after)
             if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or \
                     (stopping and step < total_steps):
                 result.checkpoint = save_checkpoint(cfg.out, step, model, tokenizer, optimizer,
                                                     scheduler, stream, cfg, examples_seen)
             if stopping and step < total_steps:
                 result.stopped_early = True
+                result.time_capped = out_of_time and not stop.requested
                 break
     bar.close()
     result.steps_done = step
     result.examples_per_s = loop_examples / train_s if train_s > 0 else 0.0
-    if not result.stopped_early:
+    if not result.stopped_early or result.time_capped:
+        if result.time_capped:
+            log.warning("max_minutes %.1f reached at step %d of %d: the current weights become the "
+                        "final model (checkpoint %s resumes the run)", cfg.max_minutes, step,
+                        total_steps, result.checkpoint)
         evaluate(step)
         save_model(model, tokenizer, cfg.out, merge_lora=True)
         log.info("final model saved to %s", cfg.out)

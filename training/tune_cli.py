@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                     help="continue from the newest checkpoint under OUT/checkpoints")
     io.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                     help="save a checkpoint and stop after this many steps (split a run into jobs)")
+    io.add_argument("--max-minutes", type=float, default=None, metavar="MINUTES",
+                    help="wall-clock cap: after the step that crosses it, save a checkpoint, validate "
+                         "and write the current weights to --out as the final model")
     io.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     io.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: one per core). On a machine shared with other "
@@ -105,10 +108,12 @@ def run(args) -> int:
         eval_max_rows=args.eval_max_rows, eval_max_instances=args.eval_max_instances,
         rank_eval=args.rank_eval, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
+        max_minutes=args.max_minutes,
         seed=args.seed, device=args.device, threads=args.threads, progress=args.progress)
     result = train(config)
     summary = {"out": str(result.out), "steps_done": result.steps_done,
                "total_steps": result.total_steps, "stopped_early": result.stopped_early,
+               "time_capped": result.time_capped,
                "precision": result.precision, "wall_s": round(result.wall_s, 1),
                "examples_per_s": round(result.examples_per_s, 2),
                "final_train_loss": result.step_losses[max(result.step_losses)] if result.step_losses else None,

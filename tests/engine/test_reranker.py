@@ -113,6 +113,23 @@ def test_structured_request_uses_the_template(rr):
     assert res.error is None and sorted(res.ranked_ids) == ["0", "1"]
 
 
+def test_history_over_budget_is_trimmed_as_formatting_trims_it(rr):
+    """Instructions are tokenized in one batch without a budget check first; a text over budget
+    must then come out exactly as budget-aware formatting makes it (oldest history dropped)."""
+    from instructrec.engine.formatting import build_instruction
+
+    history = [f"Legendary Adventure Saga Part {i} - Collector's Edition" for i in range(20)]
+    fitted = build_instruction(history=history, tokenizer=rr.tokenizer, max_source_tokens=64)
+    assert not fitted.count("Part 0 ") and "Part 19" in fitted  # formatting did drop old items
+    candidates = ["FIFA 19", "Doom", "Halo 3"]
+    short = Request(history=["Tetris"], candidates=candidates, request_id="short")
+    long = Request(history=history, candidates=candidates, request_id="long")
+    free = Request(instruction=fitted, candidates=candidates, request_id="free")
+    got_short, got_long, want = rr.rank([short, long, free])
+    assert got_long.ranked_ids == want.ranked_ids and got_long.scores == want.scores
+    assert got_short.scores != want.scores  # a different instruction scores differently
+
+
 def test_stats_count_one_encoder_pass_per_instruction(rr):
     rr.reset_stats()
     assert rr.stats == EngineStats()
