@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "rerank", help="rank the candidates of every request in a Parquet file or folder",
         description="Rank the candidates of every request of a requests Parquet (file or folder) into a "
                     "folder of result parts, one output row per input row, in input order. "
-                    "See the README, "The nightly job", for the columns, error kinds and resume semantics.")
+                    "See the README, 'The nightly job', for the columns, error kinds and resume semantics.")
     parser.add_argument("--model", required=True, help="model folder (Hugging Face checkpoint, or ONNX export)")
     parser.add_argument("--input", required=True, help="requests: a Parquet file, or a folder of *.parquet (sorted by name)")
     parser.add_argument("--output", required=True, help="result folder (part-NNNNN.parquet, _job.json, _summary.json)")

@@ -2,7 +2,7 @@
 write_parquet, in input order. Same input contract, same output rows and columns as
 `engine.batch.run_job`; the per-batch work is the very same function (`rank_record_batch`).
 
-Differences from the in-process job (documented in the README, "Past one machine: Ray Data"):
+Differences from the in-process job (documented in the README, 'Past one machine: Ray Data'):
 - No --resume: Ray Data writes the whole output in one go; rerun into a fresh folder.
 - Part files are named by Ray (`<uuid>_<task>...parquet`); reading the folder in name order gives
   input order, which is checked after the write (one pass over the request_id column) so a
