@@ -154,8 +154,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+        """x: [..., D] in fp32 or the weight's dtype -> [..., D] in the weight's dtype (the next
+        matmul's input). Same arithmetic as Hugging Face's T5LayerNorm; on CPU, x * x and an
+        fp32 * fp32 product avoid pow and torch's mixed bf16 * fp32 path (22 -> 11 ms per
+        [16, 231, 768] bf16 tensor, one thread)."""
+        xf = x.float()
+        var = (xf * xf).mean(-1, keepdim=True)
+        return self.weight * (xf * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+
+
+def _residual_add(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + update, in x's dtype: the residual stream stays fp32 when the weights are bf16."""
+    return x + (update if update.dtype == x.dtype else update.to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -192,8 +202,8 @@ class EncoderLayer(nn.Module):
         B, S, D = x.shape  # x: [B, S, D]; mask: [B, H, S, S] additive (position bias + padding)
         q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [B, H, S, dk]
-        x = x + self.o(a.transpose(1, 2).reshape(B, S, self.h * self.dk))
-        return x + self.ffn(self.norm2(x))
+        x = _residual_add(x, self.o(a.transpose(1, 2).reshape(B, S, self.h * self.dk)))
+        return _residual_add(x, self.ffn(self.norm2(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -223,11 +233,11 @@ class DecoderLayer(nn.Module):
         HD = self.h * self.dk
         q, k, v = self.qkv(self.norm1(x)).view(B * R, T, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, scale=1.0)  # [B*R, H, T, dk]
-        x = x + self.o(a.transpose(1, 2).reshape(B, R, T, HD))
+        x = _residual_add(x, self.o(a.transpose(1, 2).reshape(B, R, T, HD)))
         q = self.cross_q(self.norm2(x)).view(B, R * T, self.h, self.dk).transpose(1, 2)  # [B, H, R*T, dk]
         a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=cross_mask, scale=1.0)
-        x = x + self.cross_o(a.transpose(1, 2).reshape(B, R, T, HD))
-        return x + self.ffn(self.norm3(x))
+        x = _residual_add(x, self.cross_o(a.transpose(1, 2).reshape(B, R, T, HD)))
+        return _residual_add(x, self.ffn(self.norm3(x)))
 
 
 class T5(nn.Module):
@@ -245,6 +255,16 @@ class T5(nn.Module):
             torch.empty(cfg.vocab_size, cfg.d_model))
 
     @property
+    def residual_dtype(self) -> torch.dtype:
+        """The residual stream's dtype: fp32 also when the weights are bf16. Each layer's output
+        is added to a stream that keeps 24 bits instead of 8, so bf16 rounding does not compound
+        over the layers, for one fp32 add per sublayer; matmuls, attention and norm outputs stay
+        bf16. Measured on a random flan-t5-base shape, 150 rerank-10 requests against fp32: top-1
+        agreement 150/150 (149/150 with a bf16 stream), max score error 5.5 (8.3) on scores near
+        -700."""
+        return torch.float32 if self.shared.weight.dtype == torch.bfloat16 else self.shared.weight.dtype
+
+    @property
     def lm_weight(self) -> torch.Tensor:  # [V, D]
         return self.shared.weight if self.lm_head is None else self.lm_head
 
@@ -260,7 +280,10 @@ class T5(nn.Module):
         x = self.shared(ids)  # [B, S, D]
         neg = torch.finfo(x.dtype).min
         pad = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, neg)
-        attn = self._bias(self.enc_bias, ids.shape[1], ids.shape[1], True) + pad[:, None, None, :]
+        x = x.to(self.residual_dtype)
+        # contiguous(): the sum takes the permuted strides of the bias table, and SDPA would copy
+        # a non-contiguous mask in every layer (12 copies of [B, H, S, S] on flan-t5-base).
+        attn = (self._bias(self.enc_bias, ids.shape[1], ids.shape[1], True) + pad[:, None, None, :]).contiguous()
         for layer in self.encoder:  # attn: [B, H, S, S]
             x = layer(x, attn)
             if collect is not None:
@@ -283,14 +306,15 @@ class T5(nn.Module):
         idx = torch.arange(T, device=ids.device)
         allowed = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :] <= idx[:, None])  # [B*R, T, T]
         block = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, neg)
-        self_mask = self._bias(self.dec_bias, T, T, False) + block[:, None]  # [B*R, H, T, T]
+        self_mask = (self._bias(self.dec_bias, T, T, False) + block[:, None]).contiguous()  # [B*R, H, T, T]
         cross_mask = torch.zeros(src_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
             ~src_mask, neg)[:, None, None, :]  # [B, 1, 1, S]
+        x = x.to(self.residual_dtype)
         for layer, layer_kv in zip(self.decoder, kv):
             x = layer(x, self_mask, layer_kv, cross_mask)
             if collect is not None:
                 collect.append(x)
-        x = self.dec_norm(x)
+        x = self.dec_norm(x)  # in the weights' dtype
         if self.lm_head is None:
             x = x * (self.cfg.d_model ** -0.5)
         return x
