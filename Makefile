@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SPEC_FILE := $(VENV)/.install-spec
 SPEC := $(TORCH_SPEC) [$(EXTRAS)]
 
-.PHONY: venv test demo clean FORCE
+.PHONY: venv test demo bench clean FORCE
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/instructrec demo
+
+# The documented full run (docs/benchmarks.md): flan-t5-small and flan-t5-base shapes, all
+# workloads, every installed provider, 2 threads; figures in bench-results/.
+BENCH_ARGS ?= --models flan-t5-small,flan-t5-base --requests 64 --peer-requests 6 --threads 2 --out bench-results
+bench: $(STAMP)
+	$(VENV)/bin/instructrec bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,53 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .workloads import MODEL_SHAPES, make_requests, make_title  # noqa: F401  (make_title: rerank_memory.py)
+from .workloads import build_checkpoint as _build_checkpoint
+
 log = logging.getLogger(__name__)
 
-SHARED_TOKENIZER = Path(os.environ.get("INSTRUCTREC_SHARED", Path(__file__).resolve().parents[2] / "shared")) \
-    / "assets" / "flan-t5-tokenizer"
-FLAN_T5_SMALL = dict(d_model=512, d_ff=1024, d_kv=64, num_layers=8, num_decoder_layers=8, num_heads=6,
-                     feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=32128)
-
-_SERIES = ["Super Mario", "The Legend of Zelda", "Halo", "Forza Horizon", "Call of Duty", "FIFA", "Resident Evil",
-           "Final Fantasy", "Minecraft", "Sonic", "Gran Turismo", "Assassin's Creed", "Pokemon", "Tetris",
-           "Street Fighter", "Dark Souls", "Animal Crossing", "Metroid", "Grand Theft Auto", "The Sims"]
-_SUFFIX = ["", " 2", " 3", " 4", " Deluxe", " Remastered", " - Game of the Year Edition", " Collection",
-           ": Origins", " Online"]
-_PLATFORM = ["PlayStation 4", "Xbox One", "Nintendo Switch", "PC", "Nintendo 3DS", "Xbox 360",
-             "PlayStation 3"]
-_ACCESSORY = ["Wireless Controller", "Gaming Headset with Microphone", "Charging Dock", "Carrying Case",
-              "Gaming Mouse", "Mechanical Keyboard", "HDMI Cable 6ft", "Steering Wheel"]
-
-
-def make_title(rng: np.random.Generator) -> str:
-    if rng.random() < 0.25:
-        return f"{rng.choice(_ACCESSORY)} for {rng.choice(_PLATFORM)}"
-    return f"{rng.choice(_SERIES)}{rng.choice(_SUFFIX)} - {rng.choice(_PLATFORM)}"
-
-
-def make_requests(n: int, history: int, candidates: int, seed: int = 0):
-    from instructrec.engine import Request
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        titles = list(dict.fromkeys(make_title(rng) for _ in range(candidates * 3)))[:candidates]
-        out.append(Request(history=[make_title(rng) for _ in range(history)], candidates=titles,
-                           request_id=str(i)))
-    return out
+# The inputs and the checkpoint are the harness's (bench/workloads.py); this script stays as the
+# quick engine-vs-HF check, `instructrec bench` is the full comparison.
+FLAN_T5_SMALL = MODEL_SHAPES["flan-t5-small"]
 
 
 def build_checkpoint(out_dir: Path, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-
-    if (out_dir / "model.safetensors").exists():
-        return out_dir
-    torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(T5Config(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                                                **FLAN_T5_SMALL)).eval()
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(SHARED_TOKENIZER).save_pretrained(out_dir)
-    return out_dir
+    """flan-t5-small shape, random weights, the real tokenizer (see workloads.build_checkpoint)."""
+    return _build_checkpoint(out_dir, FLAN_T5_SMALL, seed)
 
 
 def bench_engine(path: Path, requests, dtype: str, warmup: int, **options):

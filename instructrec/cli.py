@@ -19,6 +19,7 @@ _LAYERS = (
     "instructrec.export.cli",  # export
     "instructrec.engine.cli",  # rerank
     "instructrec.demo",  # demo
+    "instructrec.bench.cli",  # bench
 )
 
 

@@ -1,0 +1,207 @@
+"""Matmul FLOPs of T5 work counted from shapes and real token counts, and the measured matmul
+peak of this device: utilisation = FLOPs / wall time / peak.
+
+Only matrix products are counted (2*m*n*k each), as torch.utils.flop_counter does: projections,
+attention scores and mixing, feed-forward, LM head. Norms, softmax, the relative position bias
+and embedding lookups are left out (well under 1% of the total at these shapes).
+
+Two conventions:
+- model FLOPs: what the work needs. Each instruction encoded once, cross-attention K/V once per
+  instruction, each candidate decoded over its own tokens with causal self-attention counted
+  exactly (position i attends i keys), the head on real target tokens only.
+- executed FLOPs: what a provider's algorithm computes, e.g. the encoder again for every
+  (instruction, candidate) pair, padding, dense n x n self-attention, the head on padding.
+
+    python -m instructrec.bench.flops --model flan-t5-base --dtype bfloat16 --threads 2   # the peak
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .workloads import MODEL_SHAPES, Encoding
+
+PEAK_DTYPES = ("float32", "bfloat16", "int8")
+PEAK_TOKENS = 2048  # GEMM rows: a batch of decoder tokens or instruction tokens
+
+
+@dataclass(frozen=True)
+class T5Shape:
+    d_model: int
+    d_ff: int
+    heads: int
+    d_kv: int
+    encoder_layers: int
+    decoder_layers: int
+    vocab: int
+    gated: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "T5Shape":
+        """From a T5 config.json dict (or a MODEL_SHAPES entry)."""
+        return cls(d_model=config["d_model"], d_ff=config["d_ff"], heads=config["num_heads"], d_kv=config["d_kv"],
+                   encoder_layers=config["num_layers"],
+                   decoder_layers=config.get("num_decoder_layers") or config["num_layers"],
+                   vocab=config["vocab_size"],
+                   gated=str(config.get("feed_forward_proj", "relu")).startswith("gated"))
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.d_kv
+
+    @property
+    def ffn_per_token(self) -> int:
+        return 2 * self.d_model * self.d_ff * (3 if self.gated else 2)  # wi_0, wi_1, wo (gated) or wi, wo
+
+
+@dataclass
+class FlopCount:
+    """Matmul FLOPs by part (their sum is `total`)."""
+
+    encoder: float = 0.0
+    cross_kv: float = 0.0
+    decoder: float = 0.0
+    head: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.encoder + self.cross_kv + self.decoder + self.head
+
+    def __add__(self, other: "FlopCount") -> "FlopCount":
+        return FlopCount(self.encoder + other.encoder, self.cross_kv + other.cross_kv,
+                         self.decoder + other.decoder, self.head + other.head)
+
+    def as_dict(self) -> dict:
+        return {"encoder": self.encoder, "cross_kv": self.cross_kv, "decoder": self.decoder, "head": self.head,
+                "total": self.total}
+
+
+def encoding_flops(shape: T5Shape, source_len: int, target_lens: Iterable[int], *, causal: bool = True,
+                   head_tokens: int | None = None) -> FlopCount:
+    """One encoder pass over `source_len` tokens, its cross-attention K/V, and each target decoded
+    on its own (`causal`: position i attends i keys; else all n, as a dense masked product does).
+    `head_tokens`: rows through the LM head (default: every target token)."""
+    d, inner, s = shape.d_model, shape.inner, source_len
+    projections = 4 * 2 * d * inner  # q, k, v, o
+    encoder = shape.encoder_layers * (s * (projections + shape.ffn_per_token) + 2 * 2 * s * s * inner)
+    cross_kv = shape.decoder_layers * 2 * 2 * s * d * inner
+    decoder = 0.0
+    tokens = 0
+    for n in target_lens:
+        tokens += n
+        keys = n * (n + 1) / 2 if causal else n * n  # self-attention (query, key) pairs
+        per_layer = (n * (projections + 2 * 2 * d * inner + shape.ffn_per_token)  # self q,k,v,o; cross q,o; FFN
+                     + 2 * 2 * keys * inner + 2 * 2 * n * s * inner)  # self and cross scores + mixing
+        decoder += shape.decoder_layers * per_layer
+    head = 2 * d * shape.vocab * (tokens if head_tokens is None else head_tokens)
+    return FlopCount(float(encoder), float(cross_kv), float(decoder), float(head))
+
+
+def model_flops(shape: T5Shape, work: Iterable[Encoding]) -> FlopCount:
+    """What the work needs: each encoding once, causal self-attention, the head on real tokens."""
+    total = FlopCount()
+    for e in work:
+        total = total + encoding_flops(shape, len(e.source), [len(t) for t in e.targets])
+    return total
+
+
+def per_pair_flops(shape: T5Shape, pairs: Iterable[tuple[int, int]]) -> FlopCount:
+    """Each (source length, target length) pair run alone: the encoder repeated per pair, dense
+    self-attention (a masked n x n product), the head on every decoder position."""
+    total = FlopCount()
+    for s, n in pairs:
+        total = total + encoding_flops(shape, s, [n], causal=False)
+    return total
+
+
+def padded_batch_flops(shape: T5Shape, batches: Iterable[list[tuple[int, int]]]) -> FlopCount:
+    """Batches of (source length, target length) pairs, each padded to its longest source and
+    target, every row computed in full (as Hugging Face and Optimum run a padded batch)."""
+    total = FlopCount()
+    for batch in batches:
+        if not batch:
+            continue
+        s = max(p[0] for p in batch)
+        n = max(p[1] for p in batch)
+        one = encoding_flops(shape, s, [n], causal=False)
+        total = total + FlopCount(one.encoder * len(batch), one.cross_kv * len(batch), one.decoder * len(batch),
+                                  one.head * len(batch))
+    return total
+
+
+def padding_scaled(needed: FlopCount, encoder_tokens: int, padded_encoder_tokens: int, decoder_tokens: int,
+                   padded_decoder_tokens: int) -> FlopCount:
+    """The engine's executed FLOPs, approximately: the model FLOPs with the encoder scaled by its
+    padding and the decoder by its row padding (the head runs on real tokens only). Attention
+    inside a packed row is dense over the row, which this leaves out (small next to the FFN)."""
+    enc = padded_encoder_tokens / encoder_tokens if encoder_tokens else 1.0
+    dec = padded_decoder_tokens / decoder_tokens if decoder_tokens else 1.0
+    return FlopCount(needed.encoder * enc, needed.cross_kv * enc, needed.decoder * dec, needed.head)
+
+
+# ---- the measured peak -------------------------------------------------------------------------
+
+
+def gemm_shapes(shape: T5Shape, tokens: int = PEAK_TOKENS) -> list[tuple[int, int, int]]:
+    """(m, k, n) products shaped like the model's: attention projection, FFN in and out, an LM-head chunk."""
+    return [(tokens, shape.d_model, shape.inner), (tokens, shape.d_model, shape.d_ff),
+            (tokens, shape.d_ff, shape.d_model), (tokens, shape.d_model, 4096)]
+
+
+def matmul_peak(shape: T5Shape, dtype: str, threads: int, device: str = "cpu", seconds: float = 0.4) -> dict:
+    """Best FLOP/s over `gemm_shapes`, each timed for about `seconds` after a warm-up, at
+    `threads` torch threads. int8: torch._int_mm (int8 x int8 -> int32)."""
+    import torch
+
+    if dtype not in PEAK_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {PEAK_DTYPES}")
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    best: dict = {"flops_per_s": 0.0}
+    for m, k, n in gemm_shapes(shape):
+        g = torch.Generator().manual_seed(0)
+        if dtype == "int8":
+            a = torch.randint(-100, 100, (m, k), dtype=torch.int8, generator=g).to(dev)
+            b = torch.randint(-100, 100, (k, n), dtype=torch.int8, generator=g).to(dev)
+            fn = lambda: torch._int_mm(a, b)  # noqa: E731
+        else:
+            tdtype = getattr(torch, dtype)
+            a = torch.randn(m, k, generator=g).to(dev, tdtype)
+            b = torch.randn(k, n, generator=g).to(dev, tdtype)
+            fn = lambda: a @ b  # noqa: E731
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        with torch.inference_mode():
+            for _ in range(3):
+                fn()
+            sync()
+            times = []
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds or len(times) < 3:
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+        rate = 2 * m * k * n / min(times)
+        if rate > best["flops_per_s"]:
+            best = {"flops_per_s": rate, "m": m, "k": k, "n": n}
+    return {"dtype": dtype, "threads": threads, "device": device, **best}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Measured matmul peak of this device (GEMMs shaped like a model's).")
+    p.add_argument("--model", default="flan-t5-small", choices=sorted(MODEL_SHAPES))
+    p.add_argument("--dtype", default="float32", choices=PEAK_DTYPES)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    result = matmul_peak(T5Shape.from_config(MODEL_SHAPES[args.model]), args.dtype, args.threads, args.device)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""The providers `instructrec bench` compares, all on the same weights, inputs and thread count.
+
+- engine-torch-fp32 / engine-torch-bf16 / engine-onnx-fp32: this engine (`Reranker`), the onnx
+  one on our own export (`instructrec.export.export_model`).
+- hf-per-pair: Hugging Face transformers, one forward per (instruction, candidate).
+- hf-batched: Hugging Face, pairs in padded batches with the encoder run again for every pair,
+  full [pairs, n, vocab] logits, log_softmax + gather. The fp32 reference of the agreement figures.
+- optimum-ort: Optimum's ORTModelForSeq2SeqLM on Optimum's own export, batched like hf-batched.
+- ct2-fp32 / ct2-int8: CTranslate2 `Translator.score_batch` on models converted by its
+  TransformersConverter (float32; int8 weights). CTranslate2's CPU build offers no bfloat16
+  compute type on this machine (get_supported_compute_types("cpu") has none), so there is no ct2-bf16.
+
+A provider's `prepare` (export, conversion) runs once in the parent and is cached; `open` loads it
+in the worker process; `run` scores one workload and returns rankings, timings and FLOP counts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from instructrec.engine.errors import InputError
+
+from .flops import FlopCount, T5Shape, model_flops, padded_batch_flops, padding_scaled, per_pair_flops
+from .workloads import (
+    POINTWISE_TARGET, Encoding, Stopwatch, WorkloadInputs, instruction_text, model_work, run_tournament_scoring,
+    tokenize_source, tokenize_targets,
+)
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "hf-batched"  # fp32: every provider's rankings are compared with this one's
+# Scores like REFERENCE to ~1e-5 (tests/bench) on all --requests, where the peers score fewer:
+# agreement with it is the larger sample for the engine's other precisions.
+ENGINE_FP32 = "engine-torch-fp32"
+
+
+@dataclass
+class WorkloadRun:
+    """What one provider did on one workload."""
+
+    rankings: list[list[int]]  # per request: candidate numbers, best first
+    scores: list[list[float]] | None  # per request, candidate order (None after a tournament)
+    wall_s: float  # timed part, tokenization included
+    tokenize_s: float  # of which tokenization (and instruction formatting)
+    executed: FlopCount
+    latencies_s: list[float] = field(default_factory=list)  # latency workload: per request, end to end
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    name: str
+    family: str  # engine | hf | optimum | ct2
+    dtype: str  # the compute dtype reported in the CSV
+    peak_dtype: str  # the matmul peak its utilisation is measured against
+    repeats_encoder: bool  # runs the encoder per pair: capped by --peer-requests
+    package: str | None = None  # the import a peer needs beyond our own dependencies
+
+    def missing_package(self) -> str | None:
+        if self.package and importlib.util.find_spec(self.package) is None:
+            return self.package
+        return None
+
+
+PROVIDERS: dict[str, ProviderSpec] = {s.name: s for s in (
+    ProviderSpec("engine-torch-fp32", "engine", "float32", "float32", False),
+    ProviderSpec("engine-torch-bf16", "engine", "bfloat16", "bfloat16", False),
+    ProviderSpec("engine-onnx-fp32", "engine", "float32", "float32", False),
+    ProviderSpec("hf-per-pair", "hf", "float32", "float32", True),
+    ProviderSpec("hf-batched", "hf", "float32", "float32", True),
+    ProviderSpec("optimum-ort", "optimum", "float32", "float32", True, "optimum.onnxruntime"),
+    ProviderSpec("ct2-fp32", "ct2", "float32", "float32", True, "ctranslate2"),
+    ProviderSpec("ct2-int8", "ct2", "int8", "int8", True, "ctranslate2"),
+)}
+
+
+def versions(spec: ProviderSpec) -> str:
+    """Package versions that produced a provider's figures, "name=version;..."."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["instructrec", "torch"]
+    names += {"engine": ["onnxruntime"] if spec.name.startswith("engine-onnx") else [],
+              "hf": ["transformers"], "optimum": ["transformers", "optimum-onnx", "onnxruntime"],
+              "ct2": ["ctranslate2"]}[spec.family]
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}={version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name}=absent")
+    return ";".join(out)
+
+
+# ---- preparation (parent process, cached) -----------------------------------------------------
+
+
+def prepare(spec: ProviderSpec, checkpoint: Path, cache: Path) -> Path:
+    """The directory `open` loads for this provider, made once under `cache`."""
+    if spec.name.startswith("engine-torch") or spec.family == "hf":
+        return checkpoint
+    if spec.name == "engine-onnx-fp32":
+        return _cached(cache / "engine-onnx", "instructrec_onnx.json",
+                       lambda out: _export_ours(checkpoint, out))
+    if spec.family == "optimum":
+        return _cached(cache / "optimum-onnx", "encoder_model.onnx", lambda out: _export_optimum(checkpoint, out))
+    if spec.family == "ct2":
+        quantization = {"float32": "float32", "int8": "int8"}[spec.dtype]
+        return _cached(cache / f"ct2-{quantization}", "model.bin",
+                       lambda out: _convert_ct2(checkpoint, out, quantization))
+    raise InputError("--providers", f"no preparation for {spec.name!r}")
+
+
+def _cached(out: Path, marker: str, make: Callable[[Path], None]) -> Path:
+    if (out / marker).exists():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # left by an interrupted run of ours: its own scratch folder
+    t0 = time.perf_counter()
+    make(partial)
+    partial.rename(out)  # complete or absent: a crash never leaves a half export under the real name
+    log.info("prepared %s in %.1f s", out, time.perf_counter() - t0)
+    return out
+
+
+def _export_ours(checkpoint: Path, out: Path) -> None:
+    from instructrec.export import export_model
+
+    export_model(checkpoint, out)
+
+
+def _export_optimum(checkpoint: Path, out: Path) -> None:
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(checkpoint), out, task="text2text-generation", do_validation=False)
+
+
+def _convert_ct2(checkpoint: Path, out: Path, quantization: str) -> None:
+    from ctranslate2.converters import TransformersConverter
+
+    TransformersConverter(str(checkpoint)).convert(str(out), quantization=quantization)
+
+
+# ---- running (worker process) -----------------------------------------------------------------
+
+
+class Provider:
+    """A loaded provider: `run(inputs)` scores a workload."""
+
+    def __init__(self, spec: ProviderSpec, path: Path, checkpoint: Path, threads: int, seed: int,
+                 pairs_per_batch: int):
+        import json
+
+        from transformers import AutoTokenizer
+
+        self.spec, self.path, self.threads, self.seed = spec, path, threads, seed
+        self.pairs_per_batch = pairs_per_batch
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.shape = T5Shape.from_config(json.loads((checkpoint / "config.json").read_text()))
+
+    def run(self, inputs: WorkloadInputs) -> WorkloadRun:
+        raise NotImplementedError
+
+
+def open_provider(spec: ProviderSpec, path: Path, checkpoint: Path, threads: int, seed: int,
+                  pairs_per_batch: int) -> Provider:
+    cls = EngineProvider if spec.family == "engine" else PairProvider
+    return cls(spec, path, checkpoint, threads, seed, pairs_per_batch)
+
+
+def _ranking(scores: np.ndarray) -> list[int]:
+    return np.argsort(-np.asarray(scores), kind="stable").tolist()
+
+
+class EngineProvider(Provider):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        from instructrec.engine import Reranker
+
+        backend = "onnx" if "onnx" in self.spec.name else "torch"
+        options: dict = {"seed": self.seed}
+        if backend == "onnx":
+            options["threads"] = self.threads
+        self.reranker = Reranker.from_pretrained(self.path, backend=backend, dtype=self.spec.dtype, **options)
+
+    def _requests(self, inputs: WorkloadInputs) -> list:
+        from instructrec.engine import Request
+
+        if inputs.name != "pointwise":
+            return inputs.requests
+        return [Request(instruction=source, candidates=[POINTWISE_TARGET], request_id=f"{k}-{c}")
+                for k, sources in enumerate(inputs.pointwise_sources) for c, source in enumerate(sources)]
+
+    def run(self, inputs: WorkloadInputs) -> WorkloadRun:
+        rr = self.reranker
+        requests = self._requests(inputs)
+        rr.reset_stats()
+        latencies: list[float] = []
+        t0 = time.perf_counter()
+        if inputs.name == "latency":
+            results = []
+            for r in requests:
+                start = time.perf_counter()
+                results += rr.rank([r])
+                latencies.append(time.perf_counter() - start)
+        else:
+            results = rr.rank(requests)
+        wall = time.perf_counter() - t0
+        if inputs.name == "pointwise":
+            flat = np.array([res.scores[0] for res in results])
+            sizes = [len(s) for s in inputs.pointwise_sources]
+            per_request = np.split(flat, np.cumsum(sizes)[:-1])
+            scores = [s.tolist() for s in per_request]
+            rankings = [_ranking(s) for s in per_request]
+        else:
+            rankings = [[int(i) for i in res.ranked_ids] for res in results]
+            scores = None
+            if inputs.name != "rerank-100":
+                scores = []
+                for res in results:
+                    s = np.empty(len(res.ranked_ids))
+                    s[np.array(res.ranked_ids, dtype=np.int64)] = res.scores
+                    scores.append(s.tolist())
+        st = rr.stats
+        needed = model_flops(self.shape, model_work(inputs, self.tokenizer, self.seed))
+        executed = padding_scaled(needed, st.encoder_tokens, st.padded_encoder_tokens, st.decoder_tokens,
+                                  st.padded_decoder_tokens)
+        extra = {"encoder_passes": st.encoder_passes, "decoder_padding": st.decoder_padding_fraction,
+                 "encoder_padding": 1 - st.encoder_tokens / st.padded_encoder_tokens if st.padded_encoder_tokens
+                 else 0.0, "candidate_scorings": st.candidates}
+        return WorkloadRun(rankings, scores, wall, rr.timings["tokenize_s"], executed, latencies, extra)
+
+
+class PairProvider(Provider):
+    """The peers: each scores (instruction, candidate) pairs; the encoder runs for every pair."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.executed = FlopCount()
+        self.encoder_passes = 0
+        family, name = self.spec.family, self.spec.name
+        if family == "hf":
+            import torch
+            from transformers import T5ForConditionalGeneration
+
+            self.model = T5ForConditionalGeneration.from_pretrained(self.path, dtype=torch.float32).eval()
+            self._score_pairs = self._hf_pairs
+            self.batch = 1 if name == "hf-per-pair" else self.pairs_per_batch
+        elif family == "optimum":
+            import onnxruntime as ort
+            from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+            self.model = ORTModelForSeq2SeqLM.from_pretrained(self.path, use_cache=False, session_options=so)
+            self._score_pairs = self._hf_pairs
+            self.batch = self.pairs_per_batch
+        else:
+            import ctranslate2
+
+            self.model = ctranslate2.Translator(str(self.path), device="cpu", compute_type=self.spec.dtype,
+                                                inter_threads=1, intra_threads=self.threads)
+            self._score_pairs = self._ct2_pairs
+            self.batch = self.pairs_per_batch
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score(self, encodings: list[Encoding]) -> list[np.ndarray]:
+        """Sum of target-token log-probs of every (encoding, target) pair, per encoding."""
+        pairs = [(e.source, t) for e in encodings for t in e.targets]
+        flat = np.concatenate([self._score_pairs(pairs[i:i + self.batch])
+                               for i in range(0, len(pairs), self.batch)]) if pairs else np.zeros(0)
+        self.encoder_passes += len(pairs)
+        return np.split(flat, np.cumsum([len(e.targets) for e in encodings])[:-1])
+
+    def _hf_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:
+        import torch
+
+        rows, S, n = len(pairs), max(len(p[0]) for p in pairs), max(len(p[1]) for p in pairs)
+        src = torch.zeros(rows, S, dtype=torch.long)  # pad id 0
+        labels = torch.full((rows, n), -100, dtype=torch.long)
+        for i, (s, t) in enumerate(pairs):
+            src[i, :len(s)] = torch.tensor(s)
+            labels[i, :len(t)] = torch.tensor(t)
+        mask = (torch.arange(S)[None, :] < torch.tensor([len(p[0]) for p in pairs])[:, None]).long()
+        # decoder input: the start id (0) then the target shifted right, as T5 does with labels
+        dec_in = torch.cat([torch.zeros(rows, 1, dtype=torch.long), labels[:, :-1].clamp(min=0)], 1)
+        with torch.inference_mode():
+            logits = self.model(input_ids=src, attention_mask=mask, decoder_input_ids=dec_in).logits  # [P, n, V]
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # [P, n]
+            sums = (lp.double() * (labels != -100)).sum(-1)
+        if self.batch == 1:
+            self.executed = self.executed + per_pair_flops(self.shape, [(len(s), len(t)) for s, t in pairs])
+        else:
+            self.executed = self.executed + padded_batch_flops(self.shape, [[(len(s), len(t)) for s, t in pairs]])
+        return sums.numpy()
+
+    def _ct2_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:
+        tok = self.tokenizer
+        sources = [tok.convert_ids_to_tokens(s) for s, _ in pairs]  # closing </s> included, as the engine encodes
+        # CTranslate2 adds the decoder start token and appends </s> itself: the target goes without it.
+        targets = [tok.convert_ids_to_tokens(t[:-1]) for _, t in pairs]
+        results = self.model.score_batch(sources, targets, max_batch_size=self.batch)
+        # CTranslate2 sorts by length and pads inside its batch; counted here unpadded, a lower bound.
+        self.executed = self.executed + per_pair_flops(self.shape, [(len(s), len(t)) for s, t in pairs])
+        return np.array([float(np.sum(r.log_probs, dtype=np.float64)) for r in results])
+
+    # -- workloads -------------------------------------------------------------------------------
+    def run(self, inputs: WorkloadInputs) -> WorkloadRun:
+        tok, watch = self.tokenizer, Stopwatch()
+        self.executed, self.encoder_passes = FlopCount(), 0
+        rankings: list[list[int]] = []
+        scores: list[list[float]] | None = []
+        latencies: list[float] = []
+        t0 = time.perf_counter()
+        if inputs.name == "rerank-100":
+            scores = None
+            for r in inputs.requests:
+                ranking, _ = run_tournament_scoring(r, self.score, tok, self.seed, watch)
+                rankings.append(ranking.tolist())
+        elif inputs.name == "latency":
+            for r in inputs.requests:
+                start = time.perf_counter()
+                with watch.tokenizing():
+                    encoding = Encoding(tokenize_source(tok, instruction_text(r, None, tok)),
+                                        tokenize_targets(tok, list(r.candidates)))
+                s = self.score([encoding])[0]
+                latencies.append(time.perf_counter() - start)
+                scores.append(s.tolist())
+                rankings.append(_ranking(s))
+        else:
+            sizes = [len(r.candidates) for r in inputs.requests]
+            with watch.tokenizing():
+                if inputs.name == "pointwise":
+                    yes = tokenize_targets(tok, [POINTWISE_TARGET])[0]
+                    encodings = [Encoding(tokenize_source(tok, s), [yes]) for ss in inputs.pointwise_sources
+                                 for s in ss]
+                else:
+                    encodings = [Encoding(tokenize_source(tok, instruction_text(r, None, tok)),
+                                          tokenize_targets(tok, list(r.candidates))) for r in inputs.requests]
+            flat = np.concatenate(self.score(encodings))
+            for s in np.split(flat, np.cumsum(sizes)[:-1]):
+                scores.append(s.tolist())
+                rankings.append(_ranking(s))
+        wall = time.perf_counter() - t0
+        return WorkloadRun(rankings, scores, wall, watch.tokenize_s, self.executed, latencies,
+                           {"encoder_passes": self.encoder_passes})

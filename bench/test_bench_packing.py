@@ -1,0 +1,46 @@
+"""pytest-benchmark suite for the engine's host-side planning (engine/packing.py) at realistic
+sizes: rerank-10 batches (64 units of 10 titles), a 2,000-candidate request, and the padded
+decoder arrays of one batch. Peers have no packing step (they pad each pair), so the engine is
+timed alone here; its share of a request's time shows in `instructrec bench`.
+
+    pytest bench/test_bench_packing.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from instructrec.engine.packing import IGNORE, Unit, decoder_arrays, pack_rows, pack_unit, plan_batches
+
+ROW_TOKENS, BATCH_TOKENS = 256, 8192  # the engine's defaults (engine/reranker.py)
+
+
+def _units(n_units: int, n_candidates: int, seed: int = 0) -> list[Unit]:
+    rng = np.random.default_rng(seed)
+    # instruction ~270 tokens (20 titles of history), titles 8-30 tokens: the bench's rerank-10 inputs
+    return [Unit(source=rng.integers(2, 32000, size=int(rng.integers(230, 310))),
+                 targets=[rng.integers(2, 32000, size=int(rng.integers(8, 30))) for _ in range(n_candidates)],
+                 owner=i) for i in range(n_units)]
+
+
+@pytest.mark.parametrize("n_candidates", [10, 2000])
+def test_pack_rows(benchmark, n_candidates):
+    lengths = np.random.default_rng(0).integers(8, 30, size=n_candidates)
+    rows = benchmark(pack_rows, lengths, ROW_TOKENS)
+    assert sorted(c for r in rows for c in r) == list(range(n_candidates))  # every candidate once
+    assert all(sum(lengths[c] for c in r) <= ROW_TOKENS for r in rows)
+
+
+def test_plan_batches_rerank10(benchmark):
+    units = [pack_unit(u, ROW_TOKENS) for u in _units(64, 10)]
+    batches = benchmark(plan_batches, units, BATCH_TOKENS)
+    assert sorted(i for b in batches for i in b) == list(range(64))
+
+
+def test_decoder_arrays_rerank10_batch(benchmark):
+    units = [pack_unit(u, ROW_TOKENS) for u in _units(16, 10)]
+    base = list(np.cumsum([0] + [len(u.targets) for u in units])[:-1])
+    arrays = benchmark(decoder_arrays, units, base, 0, 0)
+    # every real target token is placed exactly once
+    assert int((arrays.targets != IGNORE).sum()) == sum(u.n_decoder_tokens for u in units)

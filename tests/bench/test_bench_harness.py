@@ -1,0 +1,133 @@
+"""`instructrec bench` end to end on a tiny random T5 with every installed provider: the providers
+compute the same function as Hugging Face's fp32 forward, and the reports are written."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from instructrec.bench.harness import BenchConfig, run_bench
+from instructrec.bench.providers import PROVIDERS
+from instructrec.bench.report import CSV_COLUMNS
+from instructrec.bench.workloads import instruction_text, make_requests
+
+OPTIONAL = {"optimum-ort": "optimum.onnxruntime", "ct2-fp32": "ctranslate2", "ct2-int8": "ctranslate2"}
+INSTALLED = [name for name in PROVIDERS if name not in OPTIONAL or importlib.util.find_spec(OPTIONAL[name])]
+FP32 = [name for name in INSTALLED if PROVIDERS[name].dtype == "float32"]
+WORKLOADS = ["rerank-10", "pointwise", "latency"]
+# rerank-100 scores ~120 (instruction, candidate) pairs per request: a few providers cover it
+TOURNAMENT_PROVIDERS = [p for p in ("engine-torch-fp32", "hf-batched", "ct2-fp32") if p in INSTALLED]
+
+
+def _run(tiny_t5_dir, out, workloads, providers):
+    cfg = BenchConfig(workloads=workloads, providers=providers, models=["tiny"], requests=3, peer_requests=2,
+                      threads=1, warmup=1, out=out / "results", cache=out / "cache", peak_seconds=0.02,
+                      in_process=True)
+    summary = run_bench(cfg, model_dirs={"tiny": tiny_t5_dir})
+    return {(r["provider"], r["workload"]): r["figures"] for r in summary["records"]}
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_t5_dir, tmp_path_factory, one_torch_thread):
+    out = tmp_path_factory.mktemp("bench")
+    return out / "results", _run(tiny_t5_dir, out, WORKLOADS, INSTALLED)
+
+
+@pytest.fixture(scope="module")
+def tournament(tiny_t5_dir, tmp_path_factory, one_torch_thread):
+    return _run(tiny_t5_dir, tmp_path_factory.mktemp("bench-tournament"), ["rerank-100"], TOURNAMENT_PROVIDERS)
+
+
+def test_peers_run_the_engine_tournament(tournament):
+    """Same groups, same seed, same scores: the same ranking of all 100 candidates."""
+    for provider in TOURNAMENT_PROVIDERS:
+        f = tournament[(provider, "rerank-100")]
+        assert f["top1_agreement"] == 1.0 and f["kendall_tau"] == 1.0, provider
+        assert f["candidates"] == 100 and f["encoder_passes"] >= 11  # 10 groups and a final at least
+    assert tournament[("hf-batched", "rerank-100")]["encoder_passes"] >= 110  # per (group, candidate)
+
+
+def test_reference_is_hugging_face_own_loss(bench, tiny_t5_dir, tokenizer):
+    """hf-batched's score of request 0, candidate 0 equals -loss x tokens from T5's own forward."""
+    from transformers import T5ForConditionalGeneration
+
+    results, _ = bench
+    raw = json.loads((results / "results.json").read_text())
+    reference = next(r for r in raw["records"] if (r["provider"], r["workload"]) == ("hf-batched", "rerank-10"))
+    assert reference["figures"]["max_abs_score_diff"] == 0.0
+    request = make_requests(1, 20, 10, seed=0)[0]
+    model = T5ForConditionalGeneration.from_pretrained(tiny_t5_dir).eval()
+    source = tokenizer(instruction_text(request, None, tokenizer), return_tensors="pt").input_ids
+    labels = tokenizer(text_target=[request.candidates[0]], return_tensors="pt").input_ids
+    with torch.inference_mode():
+        loss = model(input_ids=source, labels=labels).loss
+    raw_run = json.loads((results / "raw" / "result-tiny-hf-batched.json").read_text())
+    scores = raw_run["workloads"]["rerank-10"]["scores"]
+    assert scores[0][0] == pytest.approx(-loss.item() * labels.shape[1], abs=1e-4)
+
+
+@pytest.mark.parametrize("provider", FP32)
+def test_fp32_providers_compute_the_reference_function(bench, provider):
+    _, figures = bench
+    for workload in ("rerank-10", "pointwise", "latency"):
+        f = figures[(provider, workload)]
+        assert f["max_abs_score_diff"] < 2e-4, (provider, workload)
+        assert f["top1_agreement"] == 1.0 and f["kendall_tau"] == 1.0
+
+
+@pytest.mark.parametrize("provider", sorted(set(OPTIONAL)))
+def test_optional_peers_ran_or_skip(bench, provider):
+    if provider not in INSTALLED:
+        pytest.skip(f"{OPTIONAL[provider]} is not installed")
+    _, figures = bench
+    assert all((provider, w) in figures for w in WORKLOADS)
+
+
+def test_figures_and_work_counts(bench):
+    _, figures = bench
+    engine, peer = figures[("engine-torch-fp32", "rerank-10")], figures[("hf-batched", "rerank-10")]
+    assert engine["requests"] == 3 and peer["requests"] == 2 and engine["agreement_requests"] == 2
+    bf16 = figures[("engine-torch-bf16", "rerank-10")]
+    assert bf16["agreement_requests_vs_engine_fp32"] == 3  # the larger sample: all the engine's requests
+    assert engine["encoder_passes"] == 3 and peer["encoder_passes"] == 20  # once per request vs per pair
+    # the work needed is per request, so it scales with the requests scored
+    assert engine["model_gflop"] / 3 == pytest.approx(peer["model_gflop"] / 2, rel=0.1)
+    # the encoder repeated 10 times (the tiny model's work is mostly its 32k-vocabulary head)
+    assert peer["executed_gflop"] > 2 * peer["model_gflop"]
+    assert figures[("engine-torch-fp32", "latency")]["latency_p95_ms"] >= \
+        figures[("engine-torch-fp32", "latency")]["latency_p50_ms"] > 0
+    for f in figures.values():
+        assert f["candidates_per_s"] > 0 and 0 < f["utilisation_model"] <= f["utilisation_executed"] * 1.01
+
+
+def test_reports_are_written(bench):
+    results, figures = bench
+    with open(results / "results.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == CSV_COLUMNS
+    assert {(r["provider"], r["workload"]) for r in rows} == set(figures)
+    assert all(r["versions"].startswith("instructrec=") and r["time"] for r in rows)
+    throughput = [r for r in rows if (r["provider"], r["workload"], r["figure"]) ==
+                  ("engine-torch-bf16", "rerank-10", "candidates_per_s")]
+    assert float(throughput[0]["value"]) == pytest.approx(figures[("engine-torch-bf16", "rerank-10")]["candidates_per_s"])
+    assert throughput[0]["dtype"] == "bfloat16"
+    table = (results / "results.md").read_text()
+    assert "### pointwise, tiny" in table and "| engine-onnx-fp32 |" in table
+    assert (results / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # three subprocesses, each importing torch: ~12 s on a quiet machine
+def test_subprocess_run_measures_memory(tiny_t5_dir, tmp_path):
+    """The real path: the peaks and the provider each in their own subprocess."""
+    cfg = BenchConfig(workloads=["rerank-10"], providers=["engine-torch-fp32"], models=["tiny"], requests=2,
+                      threads=1, warmup=1, out=tmp_path / "results", cache=tmp_path / "cache", peak_seconds=0.02)
+    summary = run_bench(cfg, model_dirs={"tiny": tiny_t5_dir})
+    f = summary["records"][0]["figures"]
+    assert 50 < f["peak_rss_mib"] <= f["process_peak_rss_mib"] < 4096
+    assert np.isfinite(f["utilisation_model"]) and "top1_agreement" not in f  # no reference was run
