@@ -73,6 +73,8 @@ class ProviderSpec:
 PROVIDERS: dict[str, ProviderSpec] = {s.name: s for s in (
     ProviderSpec("engine-torch-fp32", "engine", "float32", "float32", False),
     ProviderSpec("engine-torch-bf16", "engine", "bfloat16", "bfloat16", False),
+    # compile_model=True: torch.compile of encoder and decoder; its compile time is in the warm-up.
+    ProviderSpec("engine-torch-bf16-compiled", "engine", "bfloat16", "bfloat16", False),
     ProviderSpec("engine-onnx-fp32", "engine", "float32", "float32", False),
     ProviderSpec("hf-per-pair", "hf", "float32", "float32", True),
     ProviderSpec("hf-batched", "hf", "float32", "float32", True),
@@ -189,6 +191,8 @@ class EngineProvider(Provider):
         options: dict = {"seed": self.seed}
         if backend == "onnx":
             options["threads"] = self.threads
+        if self.spec.name.endswith("-compiled"):
+            options["compile_model"] = True
         self.reranker = Reranker.from_pretrained(self.path, backend=backend, dtype=self.spec.dtype, **options)
 
     def _requests(self, inputs: WorkloadInputs) -> list:

@@ -35,6 +35,8 @@ def figures(run: dict, peaks: dict[str, float], reference: dict | None,
         "model_gflop": run["model_flops"]["total"] / 1e9, "executed_gflop": run["executed_flops"]["total"] / 1e9,
         "encoder_passes": run["extra"]["encoder_passes"],
     }
+    if run.get("warmup_s") is not None:  # older records lack it
+        out["warmup_s"] = run["warmup_s"]
     if run["latencies_s"]:
         lat = np.asarray(run["latencies_s"]) * 1e3
         out["latency_p50_ms"] = float(np.percentile(lat, 50))

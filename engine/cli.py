@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32")
     parser.add_argument("--batch-tokens", type=int, default=None, help="engine token budget per batch (engine default if unset)")
     parser.add_argument("--group-size", type=int, default=10, help="tournament group size for long candidate lists")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch backend: torch.compile the encoder and decoder (minutes of compilation "
+                             "first; ~1.6x less CPU time on flan-t5-base bf16): for long jobs")
     parser.add_argument("--resume", action="store_true",
                         help="continue a previous run into the same --output: finished parts are kept")
     parser.add_argument("--rows-per-part", type=int, default=DEFAULT_ROWS_PER_PART,
@@ -50,7 +53,8 @@ def _rerank(args: argparse.Namespace) -> int:
     from .errors import InstructRecError
 
     engine_options = dict(backend=args.backend, device=args.device, dtype=args.dtype,
-                          batch_tokens=args.batch_tokens, group_size=args.group_size)
+                          batch_tokens=args.batch_tokens, group_size=args.group_size,
+                          reranker_options={"compile_model": True} if args.compile else None)
     try:
         if args.ray:
             from .ray_job import run_ray_job

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,8 @@ class Reranker:
     def __init__(self, model: T5, tokenizer: Any, *, device: torch.device, max_source_tokens: int = 512,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, group_size: int = 10, advance: int = 1,
                  seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
-                 read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                 read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 compile_model: bool = False):
         check_tournament_options(group_size, advance)
         for name, value in (("max_source_tokens", max_source_tokens), ("batch_tokens", batch_tokens),
                             ("row_tokens", row_tokens), ("read_window", read_window),
@@ -156,6 +158,13 @@ class Reranker:
         # model (wrapped here) or an OnnxBackend (engine/onnx_backend.py). Planning, packing,
         # counters and results are this class's, shared by both.
         self.backend = _TorchBackend(model, device) if isinstance(model, T5) else model
+        if not isinstance(compile_model, bool):
+            raise InputError("compile_model", f"must be True or False, got {compile_model!r}")
+        if compile_model:
+            if not isinstance(self.backend, _TorchBackend):
+                raise InputError("compile_model", "only the torch backend can be compiled",
+                                 "drop compile_model, or load the checkpoint with backend='torch'")
+            self.backend.compile()
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -184,7 +193,8 @@ class Reranker:
         """Load a Hugging Face T5 checkpoint directory (save_pretrained layout, tokenizer beside it),
         or with backend="onnx" an `instructrec export` directory (dtype: the export's, or "auto").
         options: max_source_tokens, batch_tokens, group_size, advance, seed, row_tokens,
-        read_window, chunk_tokens; onnx only: threads (onnxruntime intra-op threads),
+        read_window, chunk_tokens, compile_model (torch only: torch.compile the encoder and
+        decoder; see _TorchBackend.compile); onnx only: threads (onnxruntime intra-op threads),
         verify_checksums (default True: sha256 of every graph before loading)."""
         _check_backend(backend)
         dev = _resolve_device(device)
@@ -519,15 +529,30 @@ class _TorchBackend:
     def __init__(self, model: T5, device: torch.device):
         self.model, self.cfg, self.device = model, model.cfg, device
         self.dtype = model.shared.weight.dtype
+        self._encode, self._decode = model.encode, model.decode
+
+    def compile(self) -> None:
+        """torch.compile (Inductor, dynamic shapes) of the encoder and the decoder: norms,
+        residual adds, casts, masks and the gated activation fuse into a few generated loops
+        around the matmuls and attention. On a random flan-t5-base shape in bf16 on this
+        project's CPU, rerank-10 took 1.6x less CPU time (24 requests, one thread) at a one-off
+        compile of ~100 CPU seconds, plus shorter recompiles when a batch shape first has a
+        dimension of 1. Worth it for long jobs, not for a handful of requests."""
+        if self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+            raise InputError("compile_model", "torch.compile on CPU needs a C++ compiler (c++, g++ or clang++) "
+                             "on PATH and none was found", "install one (e.g. apt-get install g++) or drop compile_model")
+        log.info("compiling the encoder and decoder with torch.compile: the first batches take minutes on CPU")
+        self._encode = torch.compile(self.model.encode, dynamic=True)
+        self._decode = torch.compile(self.model.decode, dynamic=True)
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(ids, mask)
+        return self._encode(ids, mask)
 
     def encoder_kv(self, enc: torch.Tensor) -> list:
         return self.model.encoder_kv(enc)
 
     def decode(self, ids, segments, kv, src_mask) -> torch.Tensor:
-        return self.model.decode(ids, segments, kv, src_mask)
+        return self._decode(ids, segments, kv, src_mask)
 
     def head(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
         return _lm_head(hidden, self.model.lm_weight, targets, chunk_tokens, check=self.device.type != "cuda")

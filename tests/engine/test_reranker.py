@@ -195,3 +195,20 @@ def test_load_errors_name_the_file(tiny_t5_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="do not match config.json"):
         Reranker.from_pretrained(d)
+
+
+def test_compiled_model_scores_like_eager(tiny_t5_dir, rr):
+    """compile_model=True runs the same model through torch.compile (Inductor): the same scores
+    as the eager model, over batches of several shapes (one row, several rows, a tournament)."""
+    compiled = Reranker.from_pretrained(tiny_t5_dir, max_source_tokens=64, compile_model=True)
+    requests = [Request(instruction="Pick a racing game", candidates=["Forza", "Gran Turismo 7", "Tetris"]),
+                Request(history=["Halo 3", "Doom"], candidates=[f"Shooter {i}" for i in range(7)]),
+                Request(instruction="Choose one of {candidates}", candidates=[f"Game {i}" for i in range(23)])]
+    for want, got in zip(rr.rank(requests), compiled.rank(requests)):
+        assert got.ranked_ids == want.ranked_ids
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-4)
+
+
+def test_compile_is_refused_where_it_cannot_run(rr):
+    with pytest.raises(InputError, match="compile_model"):
+        Reranker(rr.backend.model, rr.tokenizer, device=rr.device, compile_model="yes")
