@@ -58,3 +58,20 @@ def test_rank_in_an_engine_result_recomputes_ties_from_scores():
         rank_in_result(ranked_ids, scores, "z")
     with pytest.raises(IndexError):
         pessimistic_rank([1.0], 1)
+
+
+def test_cutoffs_larger_than_the_list():
+    # 3 candidates: any rank is within 5, so HR@5 is 1 whatever the rank, and NDCG@5 equals
+    # NDCG@3 = 1/log2(rank + 1): ranks 1, 2, 3 -> 1, 0.6309..., 0.5.
+    ranks = [pessimistic_rank([0.9, 0.2, 0.1], 0), pessimistic_rank([0.9, 0.2, 0.1], 1),
+             pessimistic_rank([0.1, 0.1, 0.1], 0)]
+    assert ranks == [1, 2, 3]
+    summary = summarize_ranks(ranks, cutoffs=(1, 3, 5, 10))
+    assert summary["hr@5"] == summary["hr@10"] == 1.0
+    assert summary["hr@1"] == pytest.approx(1 / 3)
+    expected = (1.0 + 1.0 / math.log2(3) + 0.5) / 3
+    assert summary["ndcg@5"] == pytest.approx(expected) and summary["ndcg@10"] == pytest.approx(expected)
+    assert summary["ndcg@3"] == pytest.approx(expected)
+    # A one-candidate list: the positive is first at every cutoff.
+    assert summarize_ranks([pessimistic_rank([-4.2], 0)]) == {
+        "n": 1.0, "hr@1": 1.0, "ndcg@1": 1.0, "hr@3": 1.0, "ndcg@3": 1.0, "hr@5": 1.0, "ndcg@5": 1.0}

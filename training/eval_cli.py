@@ -1,0 +1,110 @@
+"""`instructrec eval`: HR@1/3/5 and NDCG@3/5 per scenario and method (training/evaluate.py), and
+`instructrec eval-train-set`: the evaluated model's training folder (held-out instruction type
+removed, product-search evaluation items never a target). Heavy imports happen in the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from .evaluate import METHODS, SCENARIOS
+
+    p = subparsers.add_parser(
+        "eval", help="evaluate the tuned model, the untuned model and the baselines per scenario",
+        description="Rank the same candidate lists with every method and report HR@1/3/5 and NDCG@3/5 "
+                    "per scenario as OUT/metrics.json and OUT/results.md. Scenarios: "
+                    + "; ".join(f"{s.name} {s.notation} {s.title}" for s in SCENARIOS.values()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="prepared data directory (instructrec data prepare)")
+    p.add_argument("--instructions", type=Path, required=True,
+                   help="instruction folder built from --data whose valid/test rows hold the scenarios' T3 "
+                        "templates (instructrec instructions build --eval-templates ...)")
+    p.add_argument("--model", type=Path, default=None, help="tuned checkpoint directory (instructrec train)")
+    p.add_argument("--scenario", action="append", default=None, metavar="NAME",
+                   help=f"repeatable: {', '.join(SCENARIOS)}, or all (default: all)")
+    p.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)}, or all")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--train-instructions", type=Path, default=None,
+                   help="the folder the model was trained on (default: read from MODEL/training_config.json); "
+                        "product-search instances whose target is one of its training targets are dropped")
+    p.add_argument("--cross-data", type=Path, default=None, help="prepared data of another domain (cross-domain)")
+    p.add_argument("--cross-instructions", type=Path, default=None, help="its instruction folder")
+    p.add_argument("--max-instances", type=int, default=1000, help="seeded test instances per scenario; 0: all")
+    p.add_argument("--max-instances-100", type=int, default=300, help="the same for candidates-100")
+    p.add_argument("--valid-instances", type=int, default=200,
+                   help="validation instances per template for the best-template choice")
+    p.add_argument("--baseline-valid", type=int, default=3000,
+                   help="validation lists for the baselines' early stopping; 0: all")
+    p.add_argument("--baseline-max-epochs", type=int, default=0, help="cap on baseline epochs; 0: their defaults")
+    p.add_argument("--baseline-set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="repeatable: one baseline config field, e.g. tem.pairs_per_user=2 (fields: "
+                        "training/baselines configs)")
+    p.add_argument("--tune", action="store_true", help="grid-search every baseline (training/baselines/README.md)")
+    p.add_argument("--dtype", default="auto", help="engine dtype: auto (bf16 on AMX CPUs), float32, bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--add-to", type=Path, default=None, metavar="DIR",
+                   help="a previous run's --out: rank exactly its instances and add this run's methods to its "
+                        "metrics (e.g. baselines first, the model once trained)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (use 1 on a machine shared with other jobs)")
+    p.set_defaults(func=run)
+
+    h = subparsers.add_parser(
+        "eval-train-set", help="the evaluated model's training folder: hold out an instruction type",
+        description="Copy train.parquet without the rows of --hold-out (every task form of that "
+                    "preference+intention) and without rows whose target is a product-search valid/test "
+                    "item; valid/test are linked. Writes OUT/restrict.json with the counts.")
+    h.add_argument("--instructions", type=Path, required=True, help="instruction folder (instructions build)")
+    h.add_argument("--data", type=Path, required=True, help="the prepared directory it was built from")
+    h.add_argument("--hold-out", default=None, metavar="P+I", help="e.g. P2+I1; none: hold nothing out")
+    h.add_argument("--out", type=Path, required=True)
+    h.set_defaults(func=run_train_set)
+
+
+def run(args) -> int:
+    from .evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        data=args.data, instructions=args.instructions, model=args.model, out=args.out,
+        scenarios=tuple(args.scenario or ["all"]),
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        train_instructions=args.train_instructions, cross_data=args.cross_data,
+        cross_instructions=args.cross_instructions, max_instances=args.max_instances,
+        max_instances_100=args.max_instances_100, valid_instances=args.valid_instances,
+        baseline_valid=args.baseline_valid, baseline_max_epochs=args.baseline_max_epochs, tune=args.tune,
+        dtype=args.dtype, seed=args.seed, threads=args.threads, add_to=args.add_to,
+        baseline_overrides=parse_baseline_settings(args.baseline_set))
+    evaluate(cfg)
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+def parse_baseline_settings(items: list[str]) -> dict:
+    """["tem.pairs_per_user=2"] -> {"tem": {"pairs_per_user": 2}} (numbers parsed as JSON)."""
+    from instructrec.engine.errors import InputError
+
+    from .evaluate import BASELINE_METHODS
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not name or method not in BASELINE_METHODS:
+            raise InputError("baseline_set", f"{item!r} is not METHOD.FIELD=VALUE with METHOD one of "
+                             f"{', '.join(BASELINE_METHODS)}", "write e.g. tem.pairs_per_user=2")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(method, {})[name] = parsed
+    return out
+
+
+def run_train_set(args) -> int:
+    from .evaluate import restrict_training_set
+
+    print(json.dumps(restrict_training_set(args.instructions, args.data, args.out, args.hold_out), indent=2))
+    return 0
