@@ -3,6 +3,7 @@ small random-weight T5 checkpoints in `save_pretrained` layout. Nothing is downl
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -242,3 +243,37 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _hf_log_likelihoods(model_dir: Path, instruction: str, titles: list[str]):
+    """Sum of log P(title tokens | instruction) per title from a plain Hugging Face forward of the
+    checkpoint in model_dir: the independent reference for scores made through the engine."""
+    import torch
+
+    tok, model = _hf_checkpoint(str(model_dir), _weights_mtime(Path(model_dir)))
+    enc = tok([instruction] * len(titles), return_tensors="pt")
+    labels = tok(text_target=titles, return_tensors="pt", padding=True).input_ids
+    labels[labels == tok.pad_token_id] = -100
+    with torch.no_grad():
+        logits = model(**enc, labels=labels).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    gathered = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (gathered * (labels != -100)).sum(-1).numpy()
+
+
+@pytest.fixture(scope="session")
+def hf_log_likelihoods():
+    """The function (model_dir, instruction, titles) -> [len(titles)] HF log-likelihoods."""
+    return _hf_log_likelihoods
+
+
+def _weights_mtime(model_dir: Path) -> int:
+    return max(p.stat().st_mtime_ns for p in model_dir.iterdir())
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_checkpoint(model_dir: str, mtime_ns: int):
+    """Tokenizer and model of a checkpoint, loaded once per (folder, contents' mtime)."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    return AutoTokenizer.from_pretrained(model_dir), T5ForConditionalGeneration.from_pretrained(model_dir).eval()

@@ -46,20 +46,6 @@ def config(world: Path, model: Path, out: Path, **overrides) -> EvalConfig:
     return EvalConfig(**base)
 
 
-def hf_log_likelihoods(tok, model, instruction: str, titles: list[str]) -> np.ndarray:
-    """Independent reference: sum of log P(title | instruction) from a plain HF forward."""
-    import torch
-
-    enc = tok([instruction] * len(titles), return_tensors="pt")
-    labels = tok(text_target=titles, return_tensors="pt", padding=True).input_ids
-    labels[labels == tok.pad_token_id] = -100
-    with torch.no_grad():
-        logits = model(**enc, labels=labels).logits
-    logp = torch.log_softmax(logits.float(), -1)
-    gathered = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (gathered * (labels != -100)).sum(-1).numpy()
-
-
 def without_timings(value):
     if isinstance(value, dict):
         return {k: without_timings(v) for k, v in value.items()
@@ -158,14 +144,10 @@ def test_product_search_never_ranks_a_training_target(run_a, world):
     assert targets and not set(targets) & train_targets
 
 
-def test_model_metrics_match_a_plain_hugging_face_ranking(run_a, world, tiny_t5_dir):
+def test_model_metrics_match_a_plain_hugging_face_ranking(run_a, world, tiny_t5_dir, hf_log_likelihoods):
     """The tuned-model column recomputed from HF forward log-likelihoods of the chosen template."""
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
-
     from instructrec.training.metrics import pessimistic_rank, summarize_ranks
 
-    tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
-    model = T5ForConditionalGeneration.from_pretrained(tiny_t5_dir).eval()
     results, out = run_a
     entry = results["scenarios"]["seq-rec"]["methods"]["instructrec"]
     lists = json.loads((out / "instances.json").read_text())["seq-rec:test"]
@@ -173,7 +155,7 @@ def test_model_metrics_match_a_plain_hugging_face_ranking(run_a, world, tiny_t5_
     ranks = []
     for key, ids in lists:
         inst = by_key[key]
-        scores = hf_log_likelihoods(tok, model, inst.prompts[entry["template"]], inst.titles)
+        scores = hf_log_likelihoods(tiny_t5_dir, inst.prompts[entry["template"]], inst.titles)
         ranks.append(pessimistic_rank(scores, inst.positive))
     reference = summarize_ranks(ranks)
     for k in ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5"):

@@ -79,27 +79,11 @@ def config(dataset: Path, out: Path, tokenizer_dir: Path, **overrides) -> TrainC
     return TrainConfig(**base)
 
 
-def hf_log_likelihoods(model_dir: Path, instruction: str, titles: list[str]) -> np.ndarray:
-    """Independent reference: sum of log P(title tokens | instruction) from a plain HF forward."""
-    import torch
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = T5ForConditionalGeneration.from_pretrained(model_dir).eval()
-    enc = tok([instruction] * len(titles), return_tensors="pt")
-    labels = tok(text_target=titles, return_tensors="pt", padding=True).input_ids
-    labels[labels == tok.pad_token_id] = -100
-    with torch.no_grad():
-        logits = model(**enc, labels=labels).logits
-    logp = torch.log_softmax(logits.float(), -1)
-    gathered = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (gathered * (labels != -100)).sum(-1).numpy()
-
-
 # ---------------------------------------------------------------------------------------------
 
 
-def test_tiny_model_memorises_the_set_and_ranks_each_target_first(dataset, tmp_path, tokenizer_dir):
+def test_tiny_model_memorises_the_set_and_ranks_each_target_first(dataset, tmp_path, tokenizer_dir,
+                                                                    hf_log_likelihoods):
     out = tmp_path / "run"
     result = train(config(dataset, out, tokenizer_dir, max_steps=40, optimizer="adamw", lr=3e-3,
                           schedule="constant", rank_eval=True))
