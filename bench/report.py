@@ -158,7 +158,7 @@ def chart(path: Path, records: list[dict]) -> None:
     keys = sorted({(r["workload"], r["model"]) for r in records}, key=lambda k: (k[1], k[0]))
     providers = list(dict.fromkeys(r["provider"] for r in records))
     width = 0.8 / max(1, len(providers))
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(keys)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(keys)) + 2.5, 4.5))
     for p, provider in enumerate(providers):
         values = []
         for workload, model in keys:
@@ -169,7 +169,7 @@ def chart(path: Path, records: list[dict]) -> None:
     ax.set_xticks(np.arange(len(keys)), [f"{w}\n{m}" for w, m in keys])
     ax.set_yscale("log")
     ax.set_ylabel("candidates/s (log)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
