@@ -222,6 +222,12 @@ def require_shared_data(path: Path):
     return path
 
 
+@pytest.fixture(scope="session")
+def shared_dataset():
+    """name -> the folder ../shared/data/<name>, or a skip naming it when it is absent."""
+    return lambda name: require_shared_data(SHARED_DATA / name)
+
+
 # Triton kernels (tests/kernels, and the engine when it forces use_triton) run in Triton's
 # interpreter on machines without CUDA. triton.jit reads the flag when instructrec.kernels is
 # imported, so it is set here, before any test module imports it; on a CUDA machine the compiled

@@ -15,21 +15,8 @@ from instructrec.engine.templates import REGISTRY
 from instructrec.training.annotation import OfflineAnnotator
 from instructrec.training.build import OUTPUT_COLUMNS, build_instructions, output_schema
 
+import instructrec_test_instruction_fixtures as fixtures  # registered by conftest.py
 
-def _load_fixtures():
-    import importlib.util
-    import sys
-
-    name = "instructrec_test_instruction_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("instruction_fixtures.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fixtures = _load_fixtures()
 ITEMS, SEQUENCES, SEARCH_SPLITS, CANDIDATES = fixtures.ITEMS, fixtures.SEQUENCES, fixtures.SEARCH_SPLITS, fixtures.CANDIDATES
 write_prepared = fixtures.write_prepared
 

@@ -6,7 +6,6 @@ intention must come from the target's own review."""
 from __future__ import annotations
 
 import html
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -18,17 +17,7 @@ from instructrec.engine.templates import REGISTRY
 from instructrec.training.annotation import OfflineAnnotator
 from instructrec.training.build import build_instructions
 
-SHARED = Path(os.environ.get("INSTRUCTREC_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
-VIDEO_GAMES_2018 = SHARED / "data" / "amazon18-video-games"
-REVIEWS_2023_SAMPLE = SHARED / "data" / "amazon23-review-sample"
-
 pytestmark = pytest.mark.shared_data
-
-
-def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent: real-data test needs ../shared/data (see its README)")
-    return path
 
 
 def _read(directory: Path, name: str) -> list[dict]:
@@ -36,8 +25,8 @@ def _read(directory: Path, name: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def video_games(tmp_path_factory, tokenizer):
-    source = _require(VIDEO_GAMES_2018)
+def video_games(tmp_path_factory, tokenizer, shared_dataset):
+    source = shared_dataset("amazon18-video-games")
     from instructrec.training.data import prepare
 
     prepared = tmp_path_factory.mktemp("vg-prepared")
@@ -103,8 +92,8 @@ def _normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)).lower()).strip()
 
 
-def test_reviews_2023_vague_intention_comes_from_the_target_review(tmp_path):
-    source = _require(REVIEWS_2023_SAMPLE)
+def test_reviews_2023_vague_intention_comes_from_the_target_review(tmp_path, shared_dataset):
+    source = shared_dataset("amazon23-review-sample")
     from instructrec.training.data import prepare
 
     reviews = sorted(p for p in source.glob("*.jsonl.gz") if not p.name.startswith("meta_"))

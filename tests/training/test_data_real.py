@@ -4,31 +4,16 @@ Amazon 2023 sample loads with its review texts."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from instructrec.training.data import load_prepared, prepare
 
-# Recomputed here as tests/conftest.py does: conftest is not importable under importlib mode.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("INSTRUCTREC_SHARED", REPO_ROOT.parent / "shared"))
-VIDEO_GAMES_2018 = SHARED / "data" / "amazon18-video-games"
-REVIEWS_2023_SAMPLE = SHARED / "data" / "amazon23-review-sample"
-
 pytestmark = pytest.mark.shared_data
 
 
-def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent: real-data test needs ../shared/data (see its README)")
-    return path
-
-
 @pytest.fixture(scope="module")
-def video_games(tmp_path_factory):
-    root = _require(VIDEO_GAMES_2018)
+def video_games(tmp_path_factory, shared_dataset):
+    root = shared_dataset("amazon18-video-games")
     out = tmp_path_factory.mktemp("video-games-2018")
     stats = prepare(root / "Video_Games_5.json.gz", root / "meta_Video_Games.json.gz", out)
     return stats, load_prepared(out)
@@ -62,8 +47,8 @@ def test_video_games_2018_metadata_is_cleaned(video_games):
     assert sum(d >= 3 for d in depths) / len(depths) > 0.93
 
 
-def test_amazon2023_sample_loads_with_review_texts(tmp_path):
-    root = _require(REVIEWS_2023_SAMPLE)
+def test_amazon2023_sample_loads_with_review_texts(tmp_path, shared_dataset):
+    root = shared_dataset("amazon23-review-sample")
     reviews = sorted(p for p in root.glob("*.jsonl.gz") if not p.name.startswith("meta_"))
     meta = sorted(root.glob("meta_*.jsonl.gz"))
     stats = prepare(reviews, meta, tmp_path, k_core=1)  # ~8 reviews a user: no k-core

@@ -20,20 +20,7 @@ from instructrec.training.annotation.teacher import (
     TeacherRetriesExhausted,
 )
 
-def _load_fixtures():
-    import importlib.util
-    import sys
-
-    name = "instructrec_test_instruction_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("instruction_fixtures.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ScriptedChatServer = _load_fixtures().ScriptedChatServer
+from instructrec_test_instruction_fixtures import ScriptedChatServer  # registered by conftest.py
 
 
 def make_client(server, tmp_path=None, **overrides) -> ChatCompletionsClient:
