@@ -183,6 +183,14 @@ class EarlyStopping:
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return epoch - self.best_epoch >= self.patience
 
+    def validate(self, epoch: int, name: str, score, valid: Sequence[LabeledRequest], metric: str,
+                 model: torch.nn.Module) -> bool:
+        """Score the validation requests with `score` (a model's `score` method), log and record
+        the epoch's `metric`; return True when training should stop."""
+        value = evaluate(score([v.request for v in valid]), valid)[metric]
+        logger.info("%s epoch %d valid %s %.4f", name, epoch, metric, value)
+        return self.update(epoch, value, model)
+
     def restore(self, model: torch.nn.Module) -> None:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)

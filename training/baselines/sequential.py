@@ -22,7 +22,6 @@ zeroed), and padded positions carry no loss.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -35,11 +34,9 @@ from torch import nn
 from instructrec.engine.errors import InputError
 from instructrec.training.baselines.common import (
     PAD_INDEX, EarlyStopping, FitReport, ItemCatalog, LabeledRequest, RankingRequest, Stopwatch,
-    TrainingData, candidate_matrix, check_metric, evaluate, left_padded, seed_everything,
+    TrainingData, candidate_matrix, check_metric, left_padded, seed_everything,
     warn_unknown_candidates,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -213,11 +210,7 @@ class _SequentialBaseline:
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                if not valid:
-                    continue
-                value = evaluate(self.score([v.request for v in valid]), valid)[cfg.metric]
-                logger.info("%s epoch %d loss %.4f valid %s %.4f", self.name, epoch, loss.item(), cfg.metric, value)
-                if stopper.update(epoch, value, self.model):
+                if valid and stopper.validate(epoch, self.name, self.score, valid, cfg.metric, self.model):
                     break
             stopper.restore(self.model)
         return stopper.fill(report, validated=bool(valid), max_epochs=cfg.max_epochs, seconds=watch.seconds)

@@ -16,7 +16,6 @@ shared with SASRec, full softmax instead of sampled negatives (prepared Video Ga
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -29,13 +28,12 @@ from torch import nn
 from instructrec.engine.errors import InputError
 from instructrec.training.baselines.common import (
     PAD_INDEX, EarlyStopping, FitReport, ItemCatalog, LabeledRequest, RankingRequest, Stopwatch,
-    TrainingData, candidate_matrix, check_metric, evaluate, left_padded, seed_everything,
+    TrainingData, candidate_matrix, check_metric, left_padded, seed_everything,
     warn_unknown_candidates,
 )
 from instructrec.training.baselines.sequential import SelfAttentionBlock, attention_allowed
 from instructrec.training.baselines.text import build_text_features
 
-logger = logging.getLogger(__name__)
 TEM_GRID = {"hidden_dim": [32, 64], "num_layers": [1, 2]}
 
 
@@ -146,11 +144,7 @@ class TEM:
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                if not valid:
-                    continue
-                value = evaluate(self.score([v.request for v in valid]), valid)[cfg.metric]
-                logger.info("tem epoch %d valid %s %.4f", epoch, cfg.metric, value)
-                if stopper.update(epoch, value, self.model):
+                if valid and stopper.validate(epoch, self.name, self.score, valid, cfg.metric, self.model):
                     break
             stopper.restore(self.model)
         return stopper.fill(report, validated=bool(valid), max_epochs=cfg.max_epochs, seconds=watch.seconds)

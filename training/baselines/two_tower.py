@@ -15,7 +15,6 @@ of the positive elsewhere in the batch is masked out, not counted as a negative)
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -28,12 +27,11 @@ from torch import nn
 from instructrec.engine.errors import InputError
 from instructrec.training.baselines.common import (
     PAD_INDEX, EarlyStopping, FitReport, ItemCatalog, LabeledRequest, RankingRequest, Stopwatch,
-    TrainingData, candidate_matrix, check_metric, evaluate, left_padded, seed_everything,
+    TrainingData, candidate_matrix, check_metric, left_padded, seed_everything,
     warn_unknown_candidates,
 )
 from instructrec.training.baselines.text import build_text_features
 
-logger = logging.getLogger(__name__)
 TWO_TOWER_KINDS = ("search", "user")
 TWO_TOWER_GRID = {"temperature": [0.05, 0.1], "hidden_dim": [64, 128]}
 
@@ -160,11 +158,7 @@ class TwoTowerRetriever:
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                if not valid:
-                    continue
-                value = evaluate(self.score([v.request for v in valid]), valid)[cfg.metric]
-                logger.info("%s epoch %d valid %s %.4f", self.name, epoch, cfg.metric, value)
-                if stopper.update(epoch, value, self.model):
+                if valid and stopper.validate(epoch, self.name, self.score, valid, cfg.metric, self.model):
                     break
             stopper.restore(self.model)
         return stopper.fill(report, validated=bool(valid), max_epochs=cfg.max_epochs, seconds=watch.seconds)
