@@ -23,11 +23,11 @@ def _child(args) -> None:
     import numpy as np
     import torch
 
-    from instructrec.bench.rerank import build_checkpoint, make_title
+    from instructrec.bench.workloads import MODEL_SHAPES, build_checkpoint, make_title
     from instructrec.engine import Reranker
 
     torch.set_num_threads(args.threads)
-    path = build_checkpoint(args.model_dir)
+    path = build_checkpoint(args.model_dir, MODEL_SHAPES["flan-t5-small"])
     rng = np.random.default_rng(0)
     titles = []
     while len(titles) < args.candidates:  # ~25 target tokens each: two generated titles joined
