@@ -26,13 +26,14 @@ import torch
 
 from .errors import InputError, ModelLoadError
 from .model import T5Config
+from .sources import EXPORT_MANIFEST_NAME
 
 __all__ = ["MANIFEST_NAME", "FORMAT", "FORMAT_VERSION", "GRAPH_IO", "OnnxBackend", "read_manifest",
            "verify_export_dir", "sha256_file", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "instructrec_onnx.json"
+MANIFEST_NAME = EXPORT_MANIFEST_NAME  # engine/sources.py recognises an export folder by it
 FORMAT = "instructrec-onnx"
 FORMAT_VERSION = 1
 # Graph name -> (input names, output names), in the order the exporter writes them.

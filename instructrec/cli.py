@@ -2,6 +2,10 @@
 
 Each module in _LAYERS has `register(subparsers)`; the dispatcher imports them all, and a
 layer's heavy imports (torch, onnxruntime) happen only inside the command functions.
+
+Exit codes, the same for every command: 0 done; 2 the input or setup is wrong (any
+`InstructRecError`: a bad flag value, a missing file, a model that cannot be resolved), reported
+as one line on stderr that names the field and the fix, never a traceback; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("instructrec")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -44,7 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    result = args.func(args)
+    from instructrec.engine.errors import InstructRecError
+
+    try:
+        result = args.func(args)
+    except InstructRecError as exc:
+        # Expected failures of user input or setup: the message names the field and the fix.
+        log.debug("%s failed", args.command, exc_info=True)
+        log.error("%s", exc)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
     return int(result or 0)
 
 

@@ -283,3 +283,45 @@ def _hf_checkpoint(model_dir: str, mtime_ns: int):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     return AutoTokenizer.from_pretrained(model_dir), T5ForConditionalGeneration.from_pretrained(model_dir).eval()
+
+
+def populate_hf_cache(hf_home: Path, repo_id: str, files_from: Path, commit: str,
+                      refs: tuple[str, ...] = ("main",)) -> Path:
+    """Lay `files_from` out as the Hugging Face cache does after a download of `repo_id` at
+    `commit`: hub/models--org--name/{blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs,
+    refs/<ref>}. Returns the snapshot folder."""
+    import hashlib
+
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(files_from.iterdir()):
+        if not file.is_file():
+            continue
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / file.name
+        if not link.exists():
+            link.symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+TINY_HUB_ID = "instructrec-tests/tiny-t5"
+TINY_HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def offline_hf_home(tmp_path, tiny_t5_dir, monkeypatch) -> Path:
+    """A fresh HF_HOME whose hub cache holds `tiny_t5_dir` as TINY_HUB_ID at TINY_HUB_COMMIT (refs
+    main), with HF_HUB_OFFLINE=1: resolving TINY_HUB_ID must not touch the network."""
+    home = tmp_path / "hf-home"
+    populate_hf_cache(home, TINY_HUB_ID, tiny_t5_dir, TINY_HUB_COMMIT)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
