@@ -27,7 +27,7 @@ def write_instructions(directory: Path) -> Path:
 
 
 def config(instructions: Path, out: Path, tokenizer_dir: Path, **overrides) -> TrainConfig:
-    base = dict(instructions=instructions, model="t5-tiny", tokenizer=tokenizer_dir, out=out, precision="fp32",
+    base = dict(instructions=instructions, model="random:t5-tiny", tokenizer=tokenizer_dir, out=out, precision="fp32",
                 device="cpu", progress=False, batch_size=4, max_steps=4, rank_eval=False, dropout=0.0,
                 threads=1, eval_max_rows=4)
     base.update(overrides)
