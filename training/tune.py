@@ -159,6 +159,7 @@ class _Run:
             project_config=ProjectConfiguration(project_dir=str(cfg.out), logging_dir=str(cfg.out / "runs")))
         if cfg.threads is not None:  # accelerate sets its own count on multi-CPU runs
             torch.set_num_threads(cfg.threads)
+        _refuse_dropped_sharding(self.accelerator)
         if not self.accelerator.is_main_process:
             logging.getLogger("instructrec").setLevel(logging.WARNING)
 
@@ -280,6 +281,8 @@ class _Run:
         with _StopRequest() as stop:
             while step < self.schedule.total:
                 t0 = self.clock()
+                if self.budget is not None:
+                    self.budget.iteration_started(t0)
                 rows = next(self.stream)
                 lr_used = self.optimizer.param_groups[0]["lr"]
                 loss, stopping, time_up = self.train_step(rows, step + 1, stop)
@@ -345,8 +348,6 @@ class _Run:
         self.loop_examples += len(rows)
         self.train_s += dt
         self.result.step_losses[step] = loss
-        if self.budget is not None:
-            self.budget.record_step(dt)
         if self.metrics is not None:
             record = {"kind": "train", "step": step, "epoch": round(self.stream.fractional_epoch, 4), "loss": loss,
                       "lr": lr_used, "examples": len(rows), "target_tokens": int(self.train_rows.target_lengths[rows].sum()),
@@ -432,7 +433,12 @@ class _Run:
 
     # ---------------------------------------------------------------- 5. checkpoints
     def checkpoint(self, step: int) -> None:
-        full_weights = not self.cfg.lora_r
+        from accelerate.utils import DistributedType
+
+        # Plain weights under their own names (not LoRA, not FSDP / DeepSpeed shards): the folder
+        # is a save_pretrained checkpoint too.
+        full_weights = not self.cfg.lora_r and self.accelerator.distributed_type not in (
+            DistributedType.FSDP, DistributedType.DEEPSPEED)
         state = {"version": STATE_VERSION, "step": step, "epoch": self.stream.epoch, "position": self.stream.position,
                  "examples_seen": self.examples_seen, "total_steps": self.schedule.total,
                  "world_size": self.accelerator.num_processes, "config": self.cfg.to_json(),
@@ -478,6 +484,18 @@ class _Run:
 
         AcceleratorState._reset_state(reset_partial_state=self.accelerator.num_processes == 1)
         GradientState._reset_state()
+
+
+def _refuse_dropped_sharding(accelerator) -> None:
+    """accelerate (1.15) turns FSDP and DeepSpeed on for GPU processes only: a CPU launch with an
+    FSDP configuration silently runs DDP, whose every process holds the whole model. Say so."""
+    from accelerate.utils import DistributedType
+
+    for env, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(env, "false").lower() == "true" and accelerator.distributed_type != kind:
+            raise InputError("device", f"the launch asks for {kind.value} ({env}=true) but accelerate runs "
+                             f"{accelerator.distributed_type.value} on {accelerator.device.type}: it shards "
+                             "models on GPUs only", f"launch on GPUs, or without {kind.value} (DDP) on CPU")
 
 
 def _require_tracker(name: str) -> None:

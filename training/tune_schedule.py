@@ -46,27 +46,37 @@ ESTIMATE_AFTER_STEPS = 4
 # Step times the estimate reads (the median of the newest ones): recent enough to follow a
 # machine whose load changes, long enough that one slow step does not cut the budget.
 STEP_TIME_WINDOW = 32
+# The estimate plans for steps this much slower than measured: between two refits the median
+# step time of a shared machine drifts by a few percent, and a run that overshoots is cut by the
+# hard stop with its schedule unfinished.
+FIT_MARGIN = 0.05
 
 
 @dataclass
 class TimeBudget:
-    """Fits the step budget into `deadline` (a clock value). Feed it every step's duration and
-    every other interval of the loop (evaluations, checkpoints); ask `fit` for the new total."""
+    """Fits the step budget into `deadline` (a clock value). Tell it when each loop iteration
+    starts and how long the evaluations and checkpoints inside the loop took; ask `fit` for the
+    new total. An iteration's time is everything between two starts but those evaluations and
+    checkpoints (the step, the logging, the progress bar)."""
 
     deadline: float
     step_times: list[float] = field(default_factory=list)
     overhead_s: float = 0.0  # evaluations and checkpoints inside the loop so far
     last_eval_s: float = 0.0  # the final validation and save happen after the last step
-    steps_seen: int = 0  # steps of this process, the first one included
+    iterations: int = 0  # started by this process
+    _started_at: float | None = None
+    _overhead_in_iteration: float = 0.0
 
-    def record_step(self, seconds: float) -> None:
-        self.steps_seen += 1
-        if self.steps_seen > 1:
-            self.step_times.append(seconds)
+    def iteration_started(self, now: float) -> None:
+        if self._started_at is not None and self.iterations > 1:
+            self.step_times.append(now - self._started_at - self._overhead_in_iteration)
             del self.step_times[:-STEP_TIME_WINDOW]
+        self.iterations += 1
+        self._started_at, self._overhead_in_iteration = now, 0.0
 
     def record_overhead(self, seconds: float, evaluation: bool = False) -> None:
         self.overhead_s += seconds
+        self._overhead_in_iteration += seconds
         if evaluation:
             self.last_eval_s = seconds
 
@@ -80,7 +90,7 @@ class TimeBudget:
         if not self.ready:
             return total
         # Evaluations and checkpoints spread over the steps run so far, plus the final one.
-        per_step = statistics.median(self.step_times) + self.overhead_s / max(1, self.steps_seen)
+        per_step = statistics.median(self.step_times) + self.overhead_s / max(1, self.iterations)
         left = self.deadline - now - self.last_eval_s
-        fits = step + int(max(0.0, left) // per_step)
+        fits = step + int(max(0.0, left) // (per_step * (1.0 + FIT_MARGIN)))
         return max(step, min(total, fits))
