@@ -165,11 +165,14 @@ class _Run:
 
     def check_inputs(self) -> None:
         cfg = self.cfg
+        # The model first: a bare shape name is refused before anything is read. The main process
+        # fetches a Hub id into the cache; the others then find it there.
+        with self.accelerator.main_process_first():
+            self.source, self.model_config = resolve_source(cfg)
         folder = Path(cfg.instructions)
         self.train_table = read_split(folder / "train.parquet", TRAIN_COLUMNS, "train")
         self.valid_table = read_split(folder / "valid.parquet",
                                       TRAIN_COLUMNS + (SEQREC_COLUMNS if cfg.rank_eval else ()), "valid")
-        self.source, self.model_config = resolve_source(cfg)
         self.tokenizer = load_tokenizer(cfg, self.source)
         check_vocabulary(self.tokenizer, self.model_config)
         if cfg.lora_r:

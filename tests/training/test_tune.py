@@ -169,8 +169,10 @@ def test_lora_trains_only_adapters_and_saves_a_merged_model(dataset, tmp_path, t
     from instructrec.engine.presets import shape_config
 
     out = tmp_path / "lora"
-    train(config(dataset, out, tokenizer_dir, max_steps=2, lora_r=4, lora_alpha=8.0,
-                 optimizer="adamw", lr=1e-2))
+    result = train(config(dataset, out, tokenizer_dir, max_steps=2, lora_r=4, lora_alpha=8.0,
+                          optimizer="adamw", lr=1e-2, rank_eval=True))
+    # Validation ranked the merged (CPU) weights through the engine.
+    assert result.evaluations[-1]["n"] == 8 and result.evaluations[-1]["errors"] == 0
     merged = T5ForConditionalGeneration.from_pretrained(out).state_dict()
     torch.manual_seed(0)  # the shape's seeded init, as train() builds it (seed 0)
     config_ = T5Config.from_dict(shape_config("t5-tiny"))

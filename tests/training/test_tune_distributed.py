@@ -29,14 +29,26 @@ PLATFORMS = ["Xbox One", "PlayStation 4", "Nintendo Switch", "PC"]
 STEPS = 6
 
 
-def generated_rows(n: int = 41) -> dict[str, list[str]]:
-    """n instructions of varied length (1 to 5 history titles), deterministic."""
-    instructions, targets = [], []
+def generated_rows(n: int = 41) -> dict[str, list]:
+    """n reranking instructions of varied length (1 to 5 history titles, 6 listed candidates),
+    deterministic, with the columns validation ranks by (P1 / I0 / T3 / recommendation)."""
+    titles = [f"{g} - {p}" for g in GAMES for p in PLATFORMS]
+    rows: dict[str, list] = {k: [] for k in ("instruction", "target", "template", "preference", "intention", "task",
+                                             "scenario", "candidates", "candidate_ids", "target_item_id")}
     for i in range(n):
-        history = [f"{GAMES[(i * 3 + j) % len(GAMES)]} - {PLATFORMS[(i + j) % 4]}" for j in range(1 + i % 5)]
-        instructions.append(f"The user played {', '.join(history)}. Which game do they buy next?")
-        targets.append(f"{GAMES[(i * 7 + 2) % len(GAMES)]} - {PLATFORMS[i % 4]}")
-    return {"instruction": instructions, "target": targets, "template": ["P1-I0-T2-gen"] * n}
+        history = [titles[(i * 7 + j * 5) % len(titles)] for j in range(1 + i % 5)]
+        positive = (i * 11 + 3) % len(titles)
+        listed = sorted({positive, *[(positive + 13 * k + i) % len(titles) for k in range(1, 6)]})
+        listing = " ".join(f"({k + 1}) {titles[t]}" for k, t in enumerate(listed))
+        rows["instruction"].append(f"The user played {', '.join(history)}. Pick the next one: {listing}")
+        rows["target"].append(titles[positive])
+        rows["candidates"].append([titles[t] for t in listed])
+        rows["candidate_ids"].append([f"g{t}" for t in listed])
+        rows["target_item_id"].append(f"g{positive}")
+        for column, value in (("template", "P1-I0-T3-gen"), ("preference", "P1"), ("intention", "I0"),
+                              ("task", "T3"), ("scenario", "recommendation")):
+            rows[column].append(value)
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +62,19 @@ def dataset(tmp_path_factory) -> Path:
 def settings(dataset: Path, out: Path, tokenizer_dir: Path, **overrides) -> dict:
     base = dict(instructions=dataset, model="random:t5-tiny", tokenizer=tokenizer_dir, out=out, precision="fp32",
                 device="cpu", progress=False, max_steps=STEPS, batch_size=8, rank_eval=False, dropout=0.0,
-                threads=1, optimizer="adamw", lr=1e-3, eval_max_rows=16)
+                threads=1, optimizer="adamw", lr=1e-3, eval_max_rows=17, eval_max_instances=12)
     base.update(overrides)
     return base
 
 
 def cli_flags(config: dict) -> list[str]:
     """`instructrec train` flags for TrainConfig fields (the two switches used here spelt out)."""
-    switches = {("progress", False): "--no-progress", ("rank_eval", False): "--no-rank-eval", ("resume", True): "--resume"}
+    switches = {("progress", False): "--no-progress", ("rank_eval", False): "--no-rank-eval", ("rank_eval", True): None,
+                ("resume", True): "--resume"}
     flags = []
     for name, value in config.items():
         if isinstance(value, bool):
-            flags.append(switches[name, value])
+            flags += [switches[name, value]] if switches[name, value] else []
         else:
             flags += ["--" + name.replace("_", "-"), str(value)]
     return flags
@@ -90,19 +103,29 @@ def assert_same_curve(got: dict[int, float], want: dict[int, float], steps) -> N
 
 @pytest.fixture(scope="module")
 def one_process(dataset, tokenizer_dir, tmp_path_factory):
-    """The reference: 1 process x 8 rows, 6 steps."""
-    result = train(TrainConfig(**settings(dataset, tmp_path_factory.mktemp("one") / "run", tokenizer_dir)))
+    """The reference: 1 process x 8 rows, 6 steps, validated at step 3 and at the end."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    result = train(TrainConfig(**settings(dataset, out, tokenizer_dir, rank_eval=True, eval_every=3)))
     losses = result.step_losses
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert len({round(v, 3) for v in losses.values()}) == STEPS  # the curve moves
-    return losses
+    assert [e["step"] for e in result.evaluations] == [3, 6] and result.evaluations[-1]["n"] == 12
+    return losses, result.evaluations
 
 
 def test_two_processes_give_the_per_step_losses_of_one_and_resume_in_one(dataset, tokenizer_dir, tmp_path,
                                                                          one_process):
+    reference, evaluations = one_process
     two = tmp_path / "two"
-    torchrun(2, **settings(dataset, two, tokenizer_dir, batch_size=4, save_every=3))
-    assert_same_curve(step_losses(two), one_process, range(1, STEPS + 1))
+    torchrun(2, **settings(dataset, two, tokenizer_dir, batch_size=4, save_every=3, rank_eval=True, eval_every=3))
+    assert_same_curve(step_losses(two), reference, range(1, STEPS + 1))
+    # Validation: the loss over both processes' shares, the ranking on the main process.
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    two_evals = [r for r in records if r["kind"] == "eval"]
+    assert [e["step"] for e in two_evals] == [3, 6]
+    for got, want in zip(two_evals, evaluations):
+        assert got["valid_loss"] == pytest.approx(want["valid_loss"], rel=1e-4)
+        assert got["n"] == want["n"] == 12 and got["hr@1"] == want["hr@1"] and got["ndcg@5"] == pytest.approx(want["ndcg@5"])
     run = json.loads((two / "training_config.json").read_text())
     assert run["world_size"] == 2 and run["global_batch_size"] == 8 and run["distributed_type"] == "MULTI_CPU"
     assert (two / "model.safetensors").is_file()
@@ -113,7 +136,7 @@ def test_two_processes_give_the_per_step_losses_of_one_and_resume_in_one(dataset
     shutil.copy(two / "metrics.jsonl", resumed / "metrics.jsonl")
     result = train(TrainConfig(**settings(dataset, resumed, tokenizer_dir, resume=True)))
     assert sorted(result.step_losses) == [4, 5, 6]
-    assert_same_curve(result.step_losses, one_process, [4, 5, 6])
+    assert_same_curve(result.step_losses, reference, [4, 5, 6])
     assert sorted(step_losses(resumed)) == list(range(1, STEPS + 1))
 
 
@@ -122,7 +145,7 @@ def test_a_one_process_checkpoint_resumes_in_two(dataset, tokenizer_dir, tmp_pat
     first = train(TrainConfig(**settings(dataset, out, tokenizer_dir, stop_after=3)))
     assert first.stopped_early and first.steps_done == 3
     torchrun(2, **settings(dataset, out, tokenizer_dir, batch_size=4, resume=True))
-    assert_same_curve(step_losses(out), one_process, range(1, STEPS + 1))
+    assert_same_curve(step_losses(out), one_process[0], range(1, STEPS + 1))
 
 
 def test_resume_refuses_another_global_batch(dataset, tokenizer_dir, tmp_path):
@@ -160,4 +183,4 @@ def test_fsdp_on_the_gpus_gives_the_per_step_losses_of_one_process(dataset, toke
     assert json.loads((out / "training_config.json").read_text())["distributed_type"] == "FSDP"
     # GPU matmuls (TF32 off in fp32, different reduction order): looser than the CPU comparison.
     for step, loss in step_losses(out).items():
-        assert loss == pytest.approx(one_process[step], rel=1e-3), step
+        assert loss == pytest.approx(one_process[0][step], rel=1e-3), step
