@@ -5,7 +5,8 @@ instruction, on one process or many, through Hugging Face `accelerate`.
 `train(TrainConfig(...))` is the whole pipeline; `instructrec train` (tune_cli.py) builds its flags
 from TrainConfig. Launch it as it is for one process, or under `torchrun --nproc_per_node N -m
 instructrec train ...` / `accelerate launch -m instructrec train ...` for N; DDP, FSDP and DeepSpeed
-come from the launcher's accelerate configuration, not from this code (docs/training.md).
+come from the launcher's accelerate configuration, not from this code
+(docs/training-distributed.md, with the Flan-T5-XL FSDP recipe).
 The stages, in order:
 
 1. Check everything that can be checked before a single step (tune_config, tune_model,
@@ -195,6 +196,8 @@ class _Run:
         elif (cfg.out / "metrics.jsonl").exists() or list_checkpoints(cfg.out):
             raise InputError("out", f"{cfg.out} already holds a training run",
                              "pass --resume to continue it, or choose another --out")
+        # Every process has looked at OUT before the main one writes into it.
+        self.accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- 2. data
     def prepare_data(self) -> None:
