@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError, InstructRecError
+from .job_model import EngineSettings, JobModel, model_differences
+from .sources import ModelSource
 from .types import Request
 
 __all__ = [
@@ -87,7 +89,8 @@ DEFAULT_CHUNK_ROWS = 1024
 MANIFEST_NAME = "_job.json"
 SUMMARY_NAME = "_summary.json"
 LOCK_NAME = "_job.lock"
-MANIFEST_FORMAT = 1
+# 2: the model is recorded as its source's identity (a Hub id's commit) under "model".
+MANIFEST_FORMAT = 2
 _TEMP_PREFIX = ".part-"  # hidden: pyarrow's dataset discovery skips names starting with '.' or '_'
 
 
@@ -464,8 +467,11 @@ class _OutputState:
     resumed: bool
 
 
-def _prepare_output(output: Path, manifest: dict, *, resume: bool) -> _OutputState:
-    """Check the output folder against this run, clean temp files, write the manifest."""
+def _prepare_output(output: Path, manifest_for, *, resume: bool):
+    """Check the output folder against this run, clean temp files, write the manifest.
+
+    `manifest_for(previous_manifest | None) -> (manifest, settled model)`: this run's manifest,
+    knowing the one of the run being resumed (dtype "auto" continues in its precision)."""
     if output.exists() and not output.is_dir():
         raise JobOutputError(f"--output {output} is a file; the job writes a folder of parts there. "
                              "Choose a folder path")
@@ -480,9 +486,21 @@ def _prepare_output(output: Path, manifest: dict, *, resume: bool) -> _OutputSta
                 "the job never overwrites. Pass --resume to continue the run that wrote it, "
                 "or delete the folder, or choose a new --output")
         resumed = False
+        previous = None
         if resume and manifest_path.exists():
             previous = json.loads(manifest_path.read_text())
-            differences = _manifest_differences(previous, manifest)
+        manifest, settled = manifest_for(previous)
+        if previous is not None:
+            if previous.get("format") != manifest["format"]:
+                raise JobOutputError(f"--resume: {output} was written by another version of this job (manifest "
+                                     f"format {previous.get('format')}, this one writes {manifest['format']}); "
+                                     "write to a new --output")
+            model_change = model_differences(previous.get("model"), manifest["model"])
+            if model_change:
+                raise JobOutputError(f"--resume: the model changed since the run that wrote {output}: {model_change}. "
+                                     "Or write to a new --output")
+            differences = _manifest_differences({k: v for k, v in previous.items() if k != "model"},
+                                                {k: v for k, v in manifest.items() if k != "model"})
             if differences:
                 raise JobOutputError(
                     f"--resume: {output} was written by an incompatible run; it differs in "
@@ -510,7 +528,7 @@ def _prepare_output(output: Path, manifest: dict, *, resume: bool) -> _OutputSta
             finished.add(index)
         if not resumed:
             _write_json_atomically(manifest_path, manifest)
-        return _OutputState(finished, lock, resumed)
+        return _OutputState(finished, lock, resumed), manifest, settled
     except BaseException:
         lock.close()
         raise
@@ -596,39 +614,26 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 # The job
 
 
-def _model_fingerprint(model: Path) -> list[dict[str, Any]]:
-    """Top-level files of the model folder (name, size, mtime): a retrained model at the same
-    path makes --resume refuse the old output instead of mixing two models' scores."""
-    if not model.is_dir():
-        return []
-    return [{"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
-            for p in sorted(model.iterdir()) if p.is_file()]
-
-
-def run_job(model: str | os.PathLike, input: str | os.PathLike, output: str | os.PathLike, *,
-            backend: str = "torch", device: str = "cpu", dtype: str = "float32",
+def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, output: str | os.PathLike, *,
+            backend: str = "auto", device: str = "cpu", dtype: str = "auto",
             batch_tokens: int | None = None, group_size: int = 10, resume: bool = False,
             rows_per_part: int = DEFAULT_ROWS_PER_PART, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-            progress: bool = True, reranker_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            progress: bool = True, reranker_options: Mapping[str, Any] | None = None,
+            revision: str | None = None, tokenizer: str | os.PathLike | None = None,
+            threads: int | None = None) -> dict[str, Any]:
     """Rank every request of `input` (a Parquet file or folder) into the parts of `output`.
 
-    The schema is checked before the model loads. Returns the summary (also `output/_summary.json`).
+    `model`: a model folder (checkpoint or ONNX export), a Hub id (at `revision`), or
+    `random:<shape>` (with `tokenizer`). The schema is checked and the model resolved before the
+    output folder is touched; the model loads after the output folder is checked. Returns the
+    summary (also `output/_summary.json`).
     """
     job_input = scan_input(input)  # schema errors before loading anything
-    model_path = Path(model).resolve()
-    engine_options = {"backend": backend, "device": device, "dtype": dtype, "group_size": group_size,
-                      **({"batch_tokens": batch_tokens} if batch_tokens is not None else {}),
-                      **(reranker_options or {})}
-    options = {"model": str(model_path), "model_files": _model_fingerprint(model_path), **engine_options}
-
-    def load_reranker():
-        from .reranker import Reranker
-
-        return Reranker.from_pretrained(model_path, **engine_options)
-
-    # The output folder is checked before the model loads: a refused --resume costs nothing.
-    return _run(load_reranker, job_input, output, resume=resume, rows_per_part=rows_per_part,
-                chunk_rows=chunk_rows, progress=progress, options=options)
+    settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
+                              group_size=group_size, threads=threads, extra=dict(reranker_options or {}))
+    job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer)
+    return _run(job_model, job_input, output, resume=resume, rows_per_part=rows_per_part,
+                chunk_rows=chunk_rows, progress=progress)
 
 
 def run_job_with_reranker(reranker, input: str | os.PathLike | JobInput, output: str | os.PathLike, *,
@@ -637,12 +642,32 @@ def run_job_with_reranker(reranker, input: str | os.PathLike | JobInput, output:
                           options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The job with a reranker the caller built. `options` (JSON-able) must describe everything
     about the reranker that affects scores: it goes into the manifest, and --resume compares it."""
-    return _run(lambda: reranker, input, output, resume=resume, rows_per_part=rows_per_part,
-                chunk_rows=chunk_rows, progress=progress, options=options)
+    return _run(_GivenReranker(reranker, dict(options or {})), input, output, resume=resume,
+                rows_per_part=rows_per_part, chunk_rows=chunk_rows, progress=progress)
 
 
-def _run(get_reranker, input, output, *, resume: bool, rows_per_part: int, chunk_rows: int, progress: bool,
-         options: Mapping[str, Any] | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _GivenReranker:
+    """A caller's Reranker in the place of a JobModel: described by the caller's options."""
+
+    reranker: Any
+    options: dict
+
+    def settle_dtype(self, previous_options=None) -> "_GivenReranker":
+        return self
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"kind": "in-memory"}
+
+    def manifest_options(self) -> dict[str, Any]:
+        return self.options
+
+    def load(self):
+        return self.reranker
+
+
+def _run(job_model, input, output, *, resume: bool, rows_per_part: int, chunk_rows: int,
+         progress: bool) -> dict[str, Any]:
     if rows_per_part < 1 or chunk_rows < 1:
         raise InputError("rows_per_part" if rows_per_part < 1 else "chunk_rows", "must be at least 1")
     started = time.perf_counter()
@@ -650,12 +675,17 @@ def _run(get_reranker, input, output, *, resume: bool, rows_per_part: int, chunk
     output = Path(output).resolve()
     total_rows = job_input.rows
     parts = max(1, -(-total_rows // rows_per_part))  # an empty input still gets one (empty) part
-    manifest = {"format": MANIFEST_FORMAT, "input": job_input.fingerprint(), "rows_per_part": rows_per_part,
-                "chunk_rows": chunk_rows, "parts": parts, "options": dict(options or {}),
-                "output_schema": OUTPUT_SCHEMA.to_string(show_schema_metadata=False)}
-    state = _prepare_output(output, manifest, resume=resume)
+
+    def manifest_for(previous: Mapping | None) -> tuple[dict, Any]:
+        settled = job_model.settle_dtype((previous or {}).get("options"))
+        options = settled.manifest_options() if isinstance(settled, _GivenReranker) else settled.settings.options()
+        return {"format": MANIFEST_FORMAT, "input": job_input.fingerprint(), "rows_per_part": rows_per_part,
+                "chunk_rows": chunk_rows, "parts": parts, "model": settled.manifest_entry(), "options": options,
+                "output_schema": OUTPUT_SCHEMA.to_string(show_schema_metadata=False)}, settled
+
+    state, manifest, settled = _prepare_output(output, manifest_for, resume=resume)
     try:
-        reranker = get_reranker()
+        reranker = settled.load()
         loaded = time.perf_counter()
         stats_before = _jsonable_stats(reranker.stats) if hasattr(reranker, "stats") else None
         duplicate_ids = find_duplicate_request_ids(job_input)

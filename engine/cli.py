@@ -1,7 +1,7 @@
 """`instructrec rerank`: the nightly Parquet job (in-process, or on Ray Data with --ray).
 
 Exit codes: 0 done (error rows included: they are results), 2 the job could not start (schema,
-output folder, model folder, missing Ray) with the message on stderr.
+output folder, model, missing Ray) with the message on stderr.
 """
 
 from __future__ import annotations
@@ -22,12 +22,28 @@ def register(subparsers) -> None:
         description="Rank the candidates of every request of a requests Parquet (file or folder) into a "
                     "folder of result parts, one output row per input row, in input order. "
                     "See the README, 'The nightly job', for the columns, error kinds and resume semantics.")
-    parser.add_argument("--model", required=True, help="model folder (Hugging Face checkpoint, or ONNX export)")
+    parser.add_argument("--model", required=True,
+                        help="the model, one of: a folder (a save_pretrained checkpoint, or an `instructrec export` "
+                             "folder); a Hugging Face Hub id org/name (e.g. google/flan-t5-base, fetched into the "
+                             "Hugging Face cache; see --revision); random:<shape> (e.g. random:flan-t5-base: RANDOM "
+                             "weights, for speed and memory work only; see --tokenizer)")
+    parser.add_argument("--revision", default=None,
+                        help="Hub id only: branch, tag or commit (default: main). The resolved commit is recorded in "
+                             "_job.json, so --resume refuses a model that moved under the same id")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder for random:<shape> models, which carry none")
     parser.add_argument("--input", required=True, help="requests: a Parquet file, or a folder of *.parquet (sorted by name)")
     parser.add_argument("--output", required=True, help="result folder (part-NNNNN.parquet, _job.json, _summary.json)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                        help="auto (default): onnx for an `instructrec export` folder, torch otherwise")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="auto (default): bf16 on CUDA and on CPUs where it is native and measured faster, "
+                             "else float32 (an ONNX export: its own dtype); --resume continues in the precision "
+                             "of the run it resumes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of the engine (torch.set_num_threads, or onnxruntime's for the "
+                             "onnx backend; default: the runtime's, all cores; with --ray: --cpus-per-actor)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="engine token budget per batch (engine default if unset)")
     parser.add_argument("--group-size", type=int, default=10, help="tournament group size for long candidate lists")
     parser.add_argument("--compile", action="store_true",
@@ -53,7 +69,8 @@ def _rerank(args: argparse.Namespace) -> int:
     from .errors import InstructRecError
 
     engine_options = dict(backend=args.backend, device=args.device, dtype=args.dtype,
-                          batch_tokens=args.batch_tokens, group_size=args.group_size,
+                          batch_tokens=args.batch_tokens, group_size=args.group_size, threads=args.threads,
+                          revision=args.revision, tokenizer=args.tokenizer,
                           reranker_options={"compile_model": True} if args.compile else None)
     try:
         if args.ray:

@@ -23,10 +23,12 @@ import pyarrow.parquet as pq
 
 from .batch import (
     DEFAULT_CHUNK_ROWS, MANIFEST_FORMAT, MANIFEST_NAME, OUTPUT_SCHEMA, SUMMARY_NAME, JobOutputError,
-    _acquire_lock, _model_fingerprint, _write_json_atomically, find_duplicate_request_ids, iter_record_batches,
+    _acquire_lock, _write_json_atomically, find_duplicate_request_ids, iter_record_batches,
     part_name, rank_record_batch, scan_input, summarize_output, LOCK_NAME,
 )
 from .errors import InputError, InstructRecError
+from .job_model import EngineSettings, JobModel
+from .sources import ModelSource
 
 __all__ = ["RayNotInstalledError", "RerankActor", "run_ray_job"]
 
@@ -51,22 +53,21 @@ def _import_ray():
 class RerankActor:
     """A Ray Data actor: loads one Reranker at start, then ranks pyarrow batches."""
 
-    def __init__(self, model: str, engine_options: Mapping[str, Any], duplicate_ids: Mapping[str, int]):
-        from .reranker import Reranker
-
-        self.reranker = Reranker.from_pretrained(model, **engine_options)
+    def __init__(self, job_model: JobModel, duplicate_ids: Mapping[str, int]):
+        self.reranker = job_model.load()
         self.duplicate_ids = duplicate_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_batches([rank_record_batch(self.reranker, batch, self.duplicate_ids)], OUTPUT_SCHEMA)
 
 
-def run_ray_job(model: str | os.PathLike, input: str | os.PathLike, output: str | os.PathLike, *,
-                backend: str = "torch", device: str = "cpu", dtype: str = "float32",
+def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, output: str | os.PathLike, *,
+                backend: str = "auto", device: str = "cpu", dtype: str = "auto",
                 batch_tokens: int | None = None, group_size: int = 10, address: str | None = None,
                 actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
                 chunk_rows: int = DEFAULT_CHUNK_ROWS, reranker_options: Mapping[str, Any] | None = None,
-                ) -> dict[str, Any]:
+                revision: str | None = None, tokenizer: str | os.PathLike | None = None,
+                threads: int | None = None) -> dict[str, Any]:
     """Run the job on Ray Data. Uses the Ray instance this process is connected to, or connects
     to `address`, or starts a local one (shut down at the end). Returns the summary."""
     ray = _import_ray()
@@ -79,6 +80,9 @@ def run_ray_job(model: str | os.PathLike, input: str | os.PathLike, output: str 
         raise InputError("input", "the input files have different columns ("
                          + "; ".join(f"{f.path.name}: {', '.join(f.columns)}" for f in job_input.files[:5])
                          + ")", "give every file the same columns (nulls for unused ones), or run without --ray")
+    settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
+                              group_size=group_size, threads=threads, extra=dict(reranker_options or {}))
+    job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer)  # before any work
     output = Path(output).resolve()
     if output.exists() and not output.is_dir():
         raise JobOutputError(f"--output {output} is a file; the job writes a folder of parts there")
@@ -89,20 +93,17 @@ def run_ray_job(model: str | os.PathLike, input: str | os.PathLike, output: str 
         if existing:
             raise JobOutputError(f"--output {output} is not empty ({sorted(existing)[:3]}); the job never "
                                  "overwrites. Delete the folder or choose a new --output (--ray has no --resume)")
-        model_path = Path(model).resolve()
-        engine_options = {"backend": backend, "device": device, "dtype": dtype, "group_size": group_size,
-                          **({"batch_tokens": batch_tokens} if batch_tokens is not None else {}),
-                          **(reranker_options or {})}
+        job_model = job_model.settle_dtype()
         _write_json_atomically(output / MANIFEST_NAME, {
             "format": MANIFEST_FORMAT, "runner": "ray", "input": job_input.fingerprint(), "chunk_rows": chunk_rows,
-            "options": {"model": str(model_path), "model_files": _model_fingerprint(model_path), **engine_options},
+            "model": job_model.manifest_entry(), "options": job_model.settings.options(),
             "ray": {"address": address, "actors": actors, "gpus_per_actor": gpus_per_actor,
                     "cpus_per_actor": cpus_per_actor}})
         duplicate_ids = find_duplicate_request_ids(job_input)
         if job_input.rows == 0:
             pq.ParquetWriter(output / part_name(0), OUTPUT_SCHEMA).close()  # Ray writes no file for 0 rows
         else:
-            _run_on_ray(ray, job_input, output, str(model_path), engine_options, duplicate_ids, address=address,
+            _run_on_ray(ray, job_input, output, job_model, duplicate_ids, address=address,
                         actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                         chunk_rows=chunk_rows)
             _check_output_order(job_input, output)
@@ -122,8 +123,7 @@ def run_ray_job(model: str | os.PathLike, input: str | os.PathLike, output: str 
         lock.close()
 
 
-def _run_on_ray(ray, job_input, output: Path, model: str, engine_options: Mapping[str, Any],
-                duplicate_ids: Mapping[str, int], *, address, actors, gpus_per_actor, cpus_per_actor,
+def _run_on_ray(ray, job_input, output: Path, job_model: JobModel, duplicate_ids: Mapping[str, int], *, address, actors, gpus_per_actor, cpus_per_actor,
                 chunk_rows) -> None:
     started_here = False
     if not ray.is_initialized():
@@ -142,8 +142,7 @@ def _run_on_ray(ray, job_input, output: Path, model: str, engine_options: Mappin
         columns = list(job_input.files[0].columns)
         dataset = ray.data.read_parquet([str(f.path) for f in job_input.files]).select_columns(columns)
         ranked = dataset.map_batches(
-            RerankActor, fn_constructor_kwargs={"model": model, "engine_options": dict(engine_options),
-                                                "duplicate_ids": dict(duplicate_ids)},
+            RerankActor, fn_constructor_kwargs={"job_model": job_model, "duplicate_ids": dict(duplicate_ids)},
             batch_size=chunk_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor)
         ranked.write_parquet(str(output))

@@ -33,7 +33,8 @@ def write_input(path: Path) -> None:
 def start_rerank(model: Path, input_path: Path, output: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "instructrec", "rerank", "--model", str(model), "--input", str(input_path),
-         "--output", str(output), "--rows-per-part", str(ROWS_PER_PART), "--chunk-rows", str(CHUNK_ROWS), *extra],
+         "--output", str(output), "--rows-per-part", str(ROWS_PER_PART), "--chunk-rows", str(CHUNK_ROWS),
+         "--dtype", "float32", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -61,7 +62,7 @@ def test_kill_9_at_several_points_then_resume_equals_an_uninterrupted_run(tiny_t
     input_path = tmp_path / "requests.parquet"
     write_input(input_path)
     reference = run_job(tiny_t5_dir, input_path, tmp_path / "reference", rows_per_part=ROWS_PER_PART,
-                        chunk_rows=CHUNK_ROWS, progress=False)
+                        chunk_rows=CHUNK_ROWS, dtype="float32", progress=False)
     assert reference["errors_by_kind"] == {"duplicate_request_id": 2}
     output = tmp_path / "out"
 

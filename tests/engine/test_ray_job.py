@@ -31,11 +31,12 @@ def test_ray_job_equals_the_in_process_job(tiny_t5_dir, tmp_path):
     from instructrec.engine.ray_job import run_ray_job
 
     write_inputs(tmp_path / "in")
-    expected_summary = run_job(tiny_t5_dir, tmp_path / "in", tmp_path / "local", chunk_rows=8, progress=False)
+    expected_summary = run_job(tiny_t5_dir, tmp_path / "in", tmp_path / "local", chunk_rows=8, dtype="float32",
+                               progress=False)
     ray.init(address="local", num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="warning")
     try:
-        summary = run_ray_job(tiny_t5_dir, tmp_path / "in", tmp_path / "ray", actors=2, chunk_rows=8)
+        summary = run_ray_job(tiny_t5_dir, tmp_path / "in", tmp_path / "ray", actors=2, chunk_rows=8, dtype="float32")
     finally:
         ray.shutdown()
 
