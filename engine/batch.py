@@ -21,7 +21,6 @@ How the job stays restartable and deterministic:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,14 +30,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError, InstructRecError
+from .job_faults import FaultPlan
 from .job_model import EngineSettings, JobModel, model_differences
+from .job_output import (
+    LOCK_NAME, MANIFEST_FORMAT, MANIFEST_NAME, SUMMARY_NAME, JobOutputError, OutputFolder, PartPlan, PartWriter,
+    part_name,
+)
 from .sources import ModelSource
 from .types import Request
 
@@ -86,12 +90,6 @@ JOB_ERROR_KINDS = (MISSING_REQUEST_ID, DUPLICATE_REQUEST_ID)
 DEFAULT_ROWS_PER_PART = 10_000
 # Requests handed to one `Reranker.rank` call: the engine sorts by length and packs inside it.
 DEFAULT_CHUNK_ROWS = 1024
-MANIFEST_NAME = "_job.json"
-SUMMARY_NAME = "_summary.json"
-LOCK_NAME = "_job.lock"
-# 2: the model is recorded as its source's identity (a Hub id's commit) under "model".
-MANIFEST_FORMAT = 2
-_TEMP_PREFIX = ".part-"  # hidden: pyarrow's dataset discovery skips names starting with '.' or '_'
 
 
 class InputSchemaError(InputError):
@@ -108,10 +106,6 @@ class InputSchemaError(InputError):
             "the input must follow the request table of DESIGN.md / the README (Input columns): "
             "request_id string, candidates list<string>, optional candidate_ids list<string>, "
             "instruction or the structured fields")
-
-
-class JobOutputError(InstructRecError):
-    """The output folder cannot be used as asked (not empty, incompatible run, locked)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +134,10 @@ class JobInput:
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
+
+    @property
+    def uri(self) -> str:
+        return str(self.path)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"path": str(self.path), "rows": self.rows, "files": [f.fingerprint() for f in self.files]}
@@ -424,147 +422,13 @@ def rank_record_batch(reranker, batch: pa.RecordBatch | pa.Table, duplicate_ids:
 
 
 # ---------------------------------------------------------------------------------------------
-# Output folder: manifest, lock, parts
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
-def _write_json_atomically(path: Path, payload: Mapping) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
-
-
-def _acquire_lock(output: Path):
-    handle = open(output / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        handle.close()
-        raise JobOutputError(f"{output} is being written by another running job (it holds {LOCK_NAME}); "
-                             "wait for it to finish or choose another --output") from exc
-    return handle  # the lock lives as long as this handle; the kernel drops it if we are killed
-
-
-def _manifest_differences(previous: Mapping, current: Mapping, prefix: str = "") -> list[str]:
-    differences = []
-    for key in sorted(set(previous) | set(current)):
-        old, new = previous.get(key), current.get(key)
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            differences += _manifest_differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            shown_old, shown_new = (json.dumps(v)[:200] for v in (old, new))
-            differences.append(f"{prefix}{key}: was {shown_old}, now {shown_new}")
-    return differences
-
-
-@dataclass
-class _OutputState:
-    finished_parts: set[int]
-    lock: Any
-    resumed: bool
-
-
-def _prepare_output(output: Path, manifest_for, *, resume: bool):
-    """Check the output folder against this run, clean temp files, write the manifest.
-
-    `manifest_for(previous_manifest | None) -> (manifest, settled model)`: this run's manifest,
-    knowing the one of the run being resumed (dtype "auto" continues in its precision)."""
-    if output.exists() and not output.is_dir():
-        raise JobOutputError(f"--output {output} is a file; the job writes a folder of parts there. "
-                             "Choose a folder path")
-    output.mkdir(parents=True, exist_ok=True)
-    lock = _acquire_lock(output)
-    try:
-        entries = [p for p in output.iterdir() if p.name != LOCK_NAME]
-        manifest_path = output / MANIFEST_NAME
-        if entries and not resume:
-            raise JobOutputError(
-                f"--output {output} is not empty ({len(entries)} entries, e.g. {sorted(p.name for p in entries)[0]}); "
-                "the job never overwrites. Pass --resume to continue the run that wrote it, "
-                "or delete the folder, or choose a new --output")
-        resumed = False
-        previous = None
-        if resume and manifest_path.exists():
-            previous = json.loads(manifest_path.read_text())
-        manifest, settled = manifest_for(previous)
-        if previous is not None:
-            if previous.get("format") != manifest["format"]:
-                raise JobOutputError(f"--resume: {output} was written by another version of this job (manifest "
-                                     f"format {previous.get('format')}, this one writes {manifest['format']}); "
-                                     "write to a new --output")
-            model_change = model_differences(previous.get("model"), manifest["model"])
-            if model_change:
-                raise JobOutputError(f"--resume: the model changed since the run that wrote {output}: {model_change}. "
-                                     "Or write to a new --output")
-            differences = _manifest_differences({k: v for k, v in previous.items() if k != "model"},
-                                                {k: v for k, v in manifest.items() if k != "model"})
-            if differences:
-                raise JobOutputError(
-                    f"--resume: {output} was written by an incompatible run; it differs in "
-                    + "; ".join(differences[:8]) + (f" (and {len(differences) - 8} more)" if len(differences) > 8 else "")
-                    + ". Rerun with the same input and options, or write to a new --output")
-            resumed = True
-        elif resume:
-            strangers = [p.name for p in entries if not p.name.startswith(_TEMP_PREFIX)]
-            if strangers:
-                raise JobOutputError(f"--resume: {output} has no {MANIFEST_NAME} but holds {sorted(strangers)[:5]}; "
-                                     "it was not written by this job. Choose a new --output")
-        for temp in output.glob(f"{_TEMP_PREFIX}*"):
-            log.info("removing %s left by an interrupted run", temp.name)
-            temp.unlink()
-        finished = set()
-        for index in range(manifest["parts"]):
-            path = output / part_name(index)
-            if not path.exists():
-                continue
-            expected = _part_rows(manifest, index)
-            actual = pq.read_metadata(path).num_rows
-            if actual != expected:
-                raise JobOutputError(f"--resume: {path} has {actual} rows, expected {expected}; "
-                                     "it was not written by this run. Delete it and rerun with --resume")
-            finished.add(index)
-        if not resumed:
-            _write_json_atomically(manifest_path, manifest)
-        return _OutputState(finished, lock, resumed), manifest, settled
-    except BaseException:
-        lock.close()
-        raise
-
-
-def _part_rows(manifest: Mapping, index: int) -> int:
-    start = index * manifest["rows_per_part"]
-    return max(0, min(manifest["rows_per_part"], manifest["input"]["rows"] - start))
-
-
-class _PartWriter:
-    """Streams one part into a hidden temp file; `commit` fsyncs and renames it into place."""
-
-    def __init__(self, output: Path, index: int):
-        self.path = output / part_name(index)
-        self.temp = output / f"{_TEMP_PREFIX}{index:05d}.parquet.tmp"
-        self._writer = pq.ParquetWriter(self.temp, OUTPUT_SCHEMA)
-        self.rows = 0
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        self._writer.write_batch(batch)
-        self.rows += batch.num_rows
-
-    def commit(self) -> None:
-        self._writer.close()
-        with open(self.temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.temp, self.path)
-
-
-# ---------------------------------------------------------------------------------------------
 # Summary
 
 
 @dataclass
-class _Tally:
+class OutputCounts:
+    """Row counts of output batches; a part's commit record carries its counts."""
+
     rows: int = 0
     ok: int = 0
     candidates: int = 0
@@ -584,10 +448,43 @@ class _Tally:
             else:
                 self.errors_by_kind[kind or "unknown"] += 1
 
+    def counts(self) -> dict[str, Any]:
+        return {"ok": self.ok, "candidates": self.candidates, "ok_candidates": self.ok_candidates,
+                "errors_by_kind": dict(sorted(self.errors_by_kind.items()))}
+
+    def add_counts(self, record: Mapping[str, Any]) -> None:
+        self.rows += record["rows"]
+        self.ok += record["ok"]
+        self.candidates += record["candidates"]
+        self.ok_candidates += record["ok_candidates"]
+        self.errors_by_kind.update(record["errors_by_kind"])
+
+
+def job_summary(folder: OutputFolder, plan: PartPlan, this_run: OutputCounts, *, parts_written: int, wall_s: float,
+                load_s: float, working_s: float, input_uri: str, input_files: int, runner: str,
+                **extra: Any) -> dict[str, Any]:
+    """The summary both runners print and write (`_summary.json`): the whole output's counts, from
+    the parts' commit records (no part is read), and this run's share and rates."""
+    whole = OutputCounts()
+    for record in folder.commit_records().values():
+        whole.add_counts(record)
+    return {
+        "rows": whole.rows, "ok": whole.ok, "errors": whole.rows - whole.ok,
+        "errors_by_kind": dict(sorted(whole.errors_by_kind.items())), "candidates": whole.candidates,
+        "rows_ranked": this_run.rows, "candidates_ranked": this_run.ok_candidates,
+        "wall_s": round(wall_s, 3), "load_s": round(load_s, 3),
+        # Rates leave the model load out: they measure the job, not the disk the model came from.
+        "requests_per_s": round(this_run.rows / working_s, 3) if working_s > 0 else 0.0,
+        "candidates_per_s": round(this_run.ok_candidates / working_s, 3) if working_s > 0 else 0.0,
+        "parts": plan.parts, "parts_written": parts_written, "parts_skipped": len(folder.finished_parts),
+        "resumed": folder.resumed, "input": input_uri, "input_files": input_files,
+        "output": str(folder.location), "runner": runner, **extra,
+    }
+
 
 def summarize_output(output: str | os.PathLike) -> dict[str, Any]:
     """Row counts of a finished output folder (rows, ok, errors, errors_by_kind, candidates)."""
-    tally = _Tally()
+    tally = OutputCounts()
     for path in sorted(Path(output).glob("*.parquet")):
         if path.name.startswith((".", "_")):
             continue
@@ -625,8 +522,8 @@ def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, ou
 
     `model`: a model folder (checkpoint or ONNX export), a Hub id (at `revision`), or
     `random:<shape>` (with `tokenizer`). The schema is checked and the model resolved before the
-    output folder is touched; the model loads after the output folder is checked. Returns the
-    summary (also `output/_summary.json`).
+    output folder is touched; the model loads after the output folder is checked, and the
+    manifest is written once it has loaded. Returns the summary (also `output/_summary.json`).
     """
     job_input = scan_input(input)  # schema errors before loading anything
     settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
@@ -666,26 +563,33 @@ class _GivenReranker:
         return self.reranker
 
 
+def job_manifest(job_input: JobInput, plan: PartPlan, model_entry: Mapping[str, Any],
+                 options: Mapping[str, Any], runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest both runners write. `--resume` compares everything but `model` (compared by
+    `job_model.model_differences`) and `runtime` (how it ran: runner, actors; not what it computed)."""
+    return {"format": MANIFEST_FORMAT, "input": job_input.fingerprint(), "rows_per_part": plan.rows_per_part,
+            "chunk_rows": plan.chunk_rows, "parts": plan.parts, "model": dict(model_entry), "options": dict(options),
+            "output_schema": OUTPUT_SCHEMA.to_string(show_schema_metadata=False), "runtime": dict(runtime or {})}
+
+
 def _run(job_model, input, output, *, resume: bool, rows_per_part: int, chunk_rows: int,
          progress: bool) -> dict[str, Any]:
     if rows_per_part < 1 or chunk_rows < 1:
         raise InputError("rows_per_part" if rows_per_part < 1 else "chunk_rows", "must be at least 1")
     started = time.perf_counter()
     job_input = input if isinstance(input, JobInput) else scan_input(input)
-    output = Path(output).resolve()
-    total_rows = job_input.rows
-    parts = max(1, -(-total_rows // rows_per_part))  # an empty input still gets one (empty) part
-
-    def manifest_for(previous: Mapping | None) -> tuple[dict, Any]:
-        settled = job_model.settle_dtype((previous or {}).get("options"))
-        options = settled.manifest_options() if isinstance(settled, _GivenReranker) else settled.settings.options()
-        return {"format": MANIFEST_FORMAT, "input": job_input.fingerprint(), "rows_per_part": rows_per_part,
-                "chunk_rows": chunk_rows, "parts": parts, "model": settled.manifest_entry(), "options": options,
-                "output_schema": OUTPUT_SCHEMA.to_string(show_schema_metadata=False)}, settled
-
-    state, manifest, settled = _prepare_output(output, manifest_for, resume=resume)
-    try:
-        reranker = settled.load()
+    plan = PartPlan(job_input.rows, rows_per_part, chunk_rows)
+    faults = FaultPlan.from_env()
+    with OutputFolder.claim(output, resume=resume) as folder:
+        previous = folder.previous_manifest or {}
+        job_model = job_model.settle_dtype(previous.get("options"))
+        options = (job_model.manifest_options() if isinstance(job_model, _GivenReranker)
+                   else job_model.settings.options())
+        manifest = job_manifest(job_input, plan, job_model.manifest_entry(), options, {"runner": "in-process"})
+        folder.check(manifest, schema=OUTPUT_SCHEMA,
+                     model_change=model_differences(previous.get("model"), manifest["model"]) if previous else None)
+        reranker = job_model.load()  # after the output checks: a refused --resume costs nothing
+        folder.start()  # the manifest, now that the model loaded (a failed load leaves none)
         loaded = time.perf_counter()
         stats_before = _jsonable_stats(reranker.stats) if hasattr(reranker, "stats") else None
         duplicate_ids = find_duplicate_request_ids(job_input)
@@ -693,31 +597,26 @@ def _run(job_model, input, output, *, resume: bool, rows_per_part: int, chunk_ro
             examples = ", ".join(repr(r) for r in list(duplicate_ids)[:3])
             log.warning("%d request ids occur more than once (e.g. %s); all their rows become error rows",
                         len(duplicate_ids), examples)
-        tally_this_run = _Tally()
-        parts_written = _run_parts(reranker, job_input, output, manifest, state.finished_parts, duplicate_ids,
-                                   tally_this_run, progress)
+        todo = [p for p in range(plan.parts) if p not in folder.finished_parts]
+        this_run = OutputCounts()
+        from tqdm import tqdm
+
+        skipped_rows = sum(plan.rows_in(p) for p in folder.finished_parts)
+        with tqdm(total=plan.total_rows, initial=skipped_rows, unit="req", desc="rerank", file=sys.stderr,
+                  disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:
+            for record in rank_parts(reranker, job_input, plan, todo, duplicate_ids, folder, faults):
+                this_run.add_counts(record)
+                bar.update(record["rows"])
         finished = time.perf_counter()
-        wall, working = finished - started, finished - loaded  # rates leave the model load out
-        summary = {
-            **summarize_output(output),
-            "rows_ranked": tally_this_run.rows,
-            "candidates_ranked": tally_this_run.ok_candidates,
-            "wall_s": round(wall, 3),
-            "load_s": round(loaded - started, 3),
-            "requests_per_s": round(tally_this_run.rows / working, 3) if working > 0 else 0.0,
-            "candidates_per_s": round(tally_this_run.ok_candidates / working, 3) if working > 0 else 0.0,
-            "parts": parts, "parts_written": parts_written, "parts_skipped": len(state.finished_parts),
-            "resumed": state.resumed, "input": str(job_input.path), "input_files": len(job_input.files),
-            "output": str(output), "runner": "in-process",
-        }
+        summary = job_summary(folder, plan, this_run, parts_written=len(todo), wall_s=finished - started,
+                              load_s=loaded - started, working_s=finished - loaded, input_uri=job_input.uri,
+                              input_files=len(job_input.files), runner="in-process")
         if stats_before is not None:  # this run's share of counters a reused reranker accumulates
             after = _jsonable_stats(reranker.stats)
             summary["engine_stats"] = {k: v - stats_before.get(k, 0) if isinstance(v, (int, float)) else v
                                        for k, v in after.items()}
-        _write_json_atomically(output / SUMMARY_NAME, summary)
+        folder.write_summary(summary)
         return summary
-    finally:
-        state.lock.close()
 
 
 def _jsonable_stats(stats) -> dict[str, Any]:
@@ -732,61 +631,63 @@ def _jsonable_stats(stats) -> dict[str, Any]:
     return {k: v for k, v in items if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def _run_parts(reranker, job_input: JobInput, output: Path, manifest: Mapping, finished: set[int],
-               duplicate_ids: Mapping[str, int], tally: _Tally, progress: bool) -> int:
-    rows_per_part, chunk_rows, parts = manifest["rows_per_part"], manifest["chunk_rows"], manifest["parts"]
-    total_rows = job_input.rows
+def iter_part_chunks(job_input: JobInput, plan: PartPlan, parts: Collection[int]) -> Iterator[tuple[int, pa.Table]]:
+    """(part, chunk) over the rows of `parts`, in input order. Chunk boundaries are multiples of
+    `plan.chunk_rows` in global row numbers, cut at part ends, whatever the row-group layout: a
+    rerun (or a Ray actor ranking one part) hands the engine exactly the same chunks."""
+    wanted = set(parts)
+    per_part, per_chunk, total = plan.rows_per_part, plan.chunk_rows, plan.total_rows
 
-    def in_finished_parts(start: int, stop: int) -> bool:
-        return all(p in finished for p in range(start // rows_per_part, (stop - 1) // rows_per_part + 1))
+    def outside(start: int, stop: int) -> bool:
+        return all(p not in wanted for p in range(start // per_part, (stop - 1) // per_part + 1))
 
-    from tqdm import tqdm
+    pending: list[pa.RecordBatch] = []
+    for start, batch in iter_record_batches(job_input, batch_rows=per_chunk, skip=outside):
+        position, offset = start, 0
+        while offset < batch.num_rows:
+            part = position // per_part
+            part_end = min((part + 1) * per_part, total)
+            if part not in wanted:  # rows of another part inside a shared row group
+                step = min(part_end - position, batch.num_rows - offset)
+                offset, position = offset + step, position + step
+                continue
+            chunk_end = min((position // per_chunk + 1) * per_chunk, part_end)
+            take = min(chunk_end - position, batch.num_rows - offset)
+            pending.append(batch.slice(offset, take))
+            offset, position = offset + take, position + take
+            if position == chunk_end:
+                yield part, pa.Table.from_batches(pending)
+                pending = []
+    if pending:
+        raise InstructRecError("the input ended inside a chunk; it changed while the job was reading it")
 
-    skipped_rows = sum(_part_rows(manifest, p) for p in finished)
-    bar = tqdm(total=total_rows, initial=skipped_rows, unit="req", desc="rerank", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    writer: _PartWriter | None = None
-    parts_written = 0
-    pending: list = []  # prepared rows of the current chunk
 
-    def flush_chunk() -> None:
-        if pending:
-            batch = results_to_record_batch(rank_rows(reranker, pending))
+def rank_parts(reranker, job_input: JobInput, plan: PartPlan, parts: Sequence[int], duplicate_ids: Mapping[str, int],
+               folder: OutputFolder, faults: FaultPlan = FaultPlan()) -> Iterator[dict[str, Any]]:
+    """Rank and commit each of `parts` (in order) into `folder`; yields each part's commit record."""
+    writer: PartWriter | None = None
+    tally = OutputCounts()
+    try:
+        for part, chunk in iter_part_chunks(job_input, plan, parts):
+            if writer is None:
+                writer, tally = folder.part_writer(part), OutputCounts()
+            batch = rank_record_batch(reranker, chunk, duplicate_ids)
             writer.write(batch)
             tally.add_batch(batch)
-            bar.update(len(pending))
-            pending.clear()
-
-    try:
-        position = 0  # global row number of the next row to place
-        for start, batch in iter_record_batches(job_input, batch_rows=chunk_rows, skip=in_finished_parts):
-            position = start
-            offset = 0
-            while offset < batch.num_rows:
-                part = position // rows_per_part
-                part_end = min((part + 1) * rows_per_part, total_rows)
-                if part in finished:
-                    step = part_end - position  # rows of a finished part inside a shared row group
-                    offset, position = offset + step, position + step
-                    continue
-                if writer is None:
-                    writer = _PartWriter(output, part)
-                chunk_end = min((position // chunk_rows + 1) * chunk_rows, part_end)
-                take = min(chunk_end - position, batch.num_rows - offset)
-                pending.extend(rows_to_requests(batch.slice(offset, take), duplicate_ids))
-                offset, position = offset + take, position + take
-                if position == chunk_end:
-                    flush_chunk()
-                if position == part_end:
-                    writer.commit()
-                    parts_written += 1
-                    writer = None
-        if total_rows == 0 and 0 not in finished:
-            _PartWriter(output, 0).commit()
-            parts_written += 1
-        if writer is not None or pending:
-            raise InstructRecError(f"input ended at row {position} inside a part; the input changed while "
-                                   "the job was reading it")
+            faults.at("in-part", part)
+            if writer.rows == plan.rows_in(part):
+                record = writer.commit(tally.counts())
+                writer = None
+                faults.at("after-part", part)
+                yield record
+        for part in parts:  # only an empty input has a part without rows
+            if plan.rows_in(part) == 0:
+                record = folder.part_writer(part).commit(OutputCounts().counts())
+                faults.at("after-part", part)
+                yield record
+        if writer is not None:
+            raise InstructRecError(f"the input ended inside part {writer.index}; it changed while the job was "
+                                   "reading it")
     finally:
-        bar.close()
-    return parts_written
+        if writer is not None:
+            writer.discard()

@@ -111,9 +111,18 @@ class JobModel:
             return replace(self, settings=replace(self.settings, dtype=previous))
         from .capabilities import auto_dtype_name
 
-        dtype = auto_dtype_name(self.settings.device.split(":")[0], self.settings.threads)
+        device_type = self.settings.device.split(":")[0]
+        if device_type == "cuda" and not _cuda_here():
+            # A Ray driver without a GPU deciding for its GPU actors: bf16, the precision of the
+            # design on GPUs (GPUs before Ampere lack it: pass --dtype float32 there).
+            dtype = "bfloat16"
+        else:
+            dtype = auto_dtype_name(device_type, self.settings.threads)
         log.info("dtype auto: %s on %s", dtype, self.settings.device)
         return replace(self, settings=replace(self.settings, dtype=dtype))
+
+    def with_threads(self, threads: int) -> "JobModel":
+        return replace(self, settings=replace(self.settings, threads=threads))
 
     def manifest_entry(self) -> dict[str, Any]:
         """The source's identity (a Hub id's resolved commit, a folder's path) plus, for a local
@@ -151,6 +160,12 @@ class JobModel:
                                    "pass a checkpoint folder or a Hub id")
         return Reranker.from_pretrained(source.path, backend=settings.backend, device=settings.device,
                                         dtype=settings.dtype, **kwargs)
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _from_pretrained_takes_sources() -> bool:
