@@ -1,514 +1,65 @@
-"""The nightly batch job: a requests Parquet in, a ranked Parquet out, resumable after kill -9.
+"""The nightly batch job, in-process: a requests Parquet in, a folder of ranked parts out,
+resumable after kill -9. (`engine.ray_job` runs the same parts on a Ray actor pool.)
 
 Contract (DESIGN.md, "Request and result tables"): one output row per input row, in input order.
 Rows that cannot be ranked become error rows; a schema problem stops the job before any work.
 
-How the job stays restartable and deterministic:
-- The input (one file or a directory of `*.parquet`, sorted by name) is read by row groups,
-  never whole. Global row r belongs to part r // rows_per_part, so parts are fixed by the
-  input alone; a part is streamed into a hidden temp file and `os.replace`d into place, so a
-  `part-NNNNN.parquet` that exists is complete.
-- Inside a part, requests go to the engine in chunks whose boundaries are multiples of
-  `chunk_rows` (global row numbers), whatever the row-group layout: a resumed run hands the
-  engine exactly the same chunks, hence the same batches and bit-identical scores.
-- `OUTPUT/_job.json` records the input fingerprint and every option that affects results;
-  `--resume` refuses a manifest that differs, and skips the parts that exist.
-- Request ids must be unique. A first pass reads only the `request_id` column (16 bytes of
-  memory per row, see `RequestIdSet`) and every occurrence of a repeated id becomes an error row:
-  picking "the first" would make a join on request_id silently ambiguous, and the rule needs no
-  row order, so the Ray runner applies it identically.
+The job is a short loop over layers that each hold one concern:
+- `job_input`: input discovery on any store, schema checks, reading by row groups;
+- `job_ids`: the request-id pass (every occurrence of a repeated id becomes an error row);
+- `job_model`: the model source and engine settings (resolved before any work);
+- `job_rows`: rows -> requests -> engine -> results -> Arrow, the per-batch step;
+- `job_output`: the output folder (lock, manifest, parts, commit protocol, resume checks);
+- `job_summary`: the manifest and the summary both runners write.
+
+How it stays restartable and deterministic: global row r belongs to part r // rows_per_part, so
+parts are fixed by the input alone; inside a part, requests go to the engine in chunks whose
+boundaries are multiples of `chunk_rows` (global row numbers), whatever the row-group layout, so
+a resumed run (or a Ray actor) hands the engine exactly the same chunks, hence bit-identical
+scores. `--resume` refuses a manifest that differs and skips the committed parts.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Collection, Iterator, Mapping, Sequence
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .errors import InputError, InstructRecError
 from .job_faults import FaultPlan
+from .job_ids import RequestIdSet, find_duplicate_request_ids
+from .job_input import INPUT_COLUMNS, InputFile, InputSchemaError, JobInput, iter_record_batches, scan_input
 from .job_model import EngineSettings, JobModel, model_differences
 from .job_output import (
-    LOCK_NAME, MANIFEST_FORMAT, MANIFEST_NAME, SUMMARY_NAME, JobOutputError, OutputFolder, PartPlan, PartWriter,
-    part_name,
+    DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART, LOCK_NAME, MANIFEST_NAME, SUMMARY_NAME, JobOutputError,
+    OutputFolder, OutputWriteError, PartPlan, PartWriter, part_name,
 )
+from .job_rows import (
+    DUPLICATE_REQUEST_ID, JOB_ERROR_KINDS, MISSING_REQUEST_ID, OUTPUT_SCHEMA, OutputCounts, RowError,
+    rank_record_batch, rank_rows, results_to_record_batch, rows_to_requests,
+)
+from .job_summary import format_summary, job_manifest, job_summary, summarize_output
 from .sources import ModelSource
-from .types import Request
 
 __all__ = [
-    "INPUT_COLUMNS", "OUTPUT_SCHEMA", "JOB_ERROR_KINDS", "DEFAULT_ROWS_PER_PART", "DEFAULT_CHUNK_ROWS",
-    "InputSchemaError", "JobOutputError", "InputFile", "JobInput", "RowError", "RequestIdSet",
-    "scan_input", "find_duplicate_request_ids", "rows_to_requests", "results_to_record_batch",
-    "rank_record_batch", "run_job", "run_job_with_reranker", "summarize_output",
+    # the job
+    "run_job", "run_job_with_reranker", "iter_part_chunks", "rank_parts", "DEFAULT_ROWS_PER_PART",
+    "DEFAULT_CHUNK_ROWS",
+    # re-exported from the layers, where they are defined
+    "INPUT_COLUMNS", "InputSchemaError", "InputFile", "JobInput", "scan_input", "iter_record_batches",
+    "RequestIdSet", "find_duplicate_request_ids", "OUTPUT_SCHEMA", "JOB_ERROR_KINDS", "MISSING_REQUEST_ID",
+    "DUPLICATE_REQUEST_ID", "RowError", "rows_to_requests", "rank_rows", "results_to_record_batch",
+    "rank_record_batch", "OutputCounts", "JobOutputError", "OutputWriteError", "PartPlan", "OutputFolder",
+    "MANIFEST_NAME", "SUMMARY_NAME", "LOCK_NAME", "part_name", "job_manifest", "job_summary", "format_summary",
+    "summarize_output",
 ]
 
 log = logging.getLogger(__name__)
-
-# Column -> expected Arrow type family ("string" or "list<string>"), and whether it is required.
-INPUT_COLUMNS: dict[str, tuple[str, bool]] = {
-    "request_id": ("string", True),
-    "candidates": ("list<string>", True),
-    "candidate_ids": ("list<string>", False),
-    "instruction": ("string", False),
-    "history": ("list<string>", False),
-    "preference": ("string", False),
-    "intention": ("string", False),
-    "intention_kind": ("string", False),
-    "context": ("string", False),
-    "template": ("string", False),
-}
-
-# Contract columns first, in contract order; `error_kind` is additive (a stable machine name for
-# grouping; `error` is the human message).
-OUTPUT_SCHEMA = pa.schema([
-    pa.field("request_id", pa.string()),
-    pa.field("ranked_ids", pa.list_(pa.string())),
-    pa.field("scores", pa.list_(pa.float64())),
-    pa.field("error", pa.string()),
-    pa.field("n_candidates", pa.int32()),
-    pa.field("error_kind", pa.string()),
-])
-
-# Error kinds decided by the job itself; every other kind comes from the engine's validation.
-MISSING_REQUEST_ID = "missing_request_id"
-DUPLICATE_REQUEST_ID = "duplicate_request_id"
-JOB_ERROR_KINDS = (MISSING_REQUEST_ID, DUPLICATE_REQUEST_ID)
-
-# 10k rows: small enough that a kill loses minutes of a 3B-model run, large enough that a
-# million-row input is ~100 files.
-DEFAULT_ROWS_PER_PART = 10_000
-# Requests handed to one `Reranker.rank` call: the engine sorts by length and packs inside it.
-DEFAULT_CHUNK_ROWS = 1024
-
-
-class InputSchemaError(InputError):
-    """The input's schema breaks the contract; raised before any work. Lists every problem."""
-
-    kind = "schema"
-
-    def __init__(self, problems: Sequence[tuple[str, str]]):
-        self.problems = list(problems)  # (column, problem)
-        columns = ", ".join(dict.fromkeys(column for column, _ in self.problems))
-        problem = "; ".join(f"column {column!r} {text}" for column, text in self.problems)
-        super().__init__(
-            columns, problem,
-            "the input must follow the request table of DESIGN.md / the README (Input columns): "
-            "request_id string, candidates list<string>, optional candidate_ids list<string>, "
-            "instruction or the structured fields")
-
-
-# ---------------------------------------------------------------------------------------------
-# Input discovery and schema validation
-
-
-@dataclass(frozen=True)
-class InputFile:
-    path: Path
-    size: int
-    mtime_ns: int
-    rows: int
-    row_group_rows: tuple[int, ...]
-    columns: tuple[str, ...]  # contract columns present in this file
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"path": str(self.path), "size": self.size, "mtime_ns": self.mtime_ns,
-                "rows": self.rows, "row_groups": len(self.row_group_rows)}
-
-
-@dataclass(frozen=True)
-class JobInput:
-    path: Path
-    files: tuple[InputFile, ...]
-
-    @property
-    def rows(self) -> int:
-        return sum(f.rows for f in self.files)
-
-    @property
-    def uri(self) -> str:
-        return str(self.path)
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"path": str(self.path), "rows": self.rows, "files": [f.fingerprint() for f in self.files]}
-
-
-def _is_string_type(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _is_string_list_type(t: pa.DataType) -> bool:
-    is_list = (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-               or pa.types.is_list_view(t) or pa.types.is_large_list_view(t))
-    # list<null>: every list was empty or all-null when written; the rows become error rows.
-    return is_list and (_is_string_type(t.value_type) or pa.types.is_null(t.value_type))
-
-
-def schema_problems(schema: pa.Schema, source: str) -> list[tuple[str, str]]:
-    """Every contract violation of `schema` as (column, problem); empty when it conforms."""
-    problems = []
-    for column, (expected, required) in INPUT_COLUMNS.items():
-        index = schema.get_field_index(column)
-        if index < 0:
-            if required:
-                problems.append((column, f"is missing from {source} (expected {expected})"))
-            continue
-        actual = schema.field(index).type
-        # An all-null optional column is written as type null by pandas and friends: fine.
-        if not required and pa.types.is_null(actual):
-            continue
-        ok = _is_string_type(actual) if expected == "string" else _is_string_list_type(actual)
-        if not ok:
-            problems.append((column, f"must be {expected} but is {actual} in {source}"))
-    if schema.get_all_field_indices("request_id") and len(schema.get_all_field_indices("request_id")) > 1:
-        problems.append(("request_id", f"appears more than once in {source}"))
-    return problems
-
-
-def _list_input_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        # Flat, sorted by name: deterministic. Names starting with '.' or '_' are writer
-        # bookkeeping (_SUCCESS, _job.json, temp files), as pyarrow's discovery treats them.
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.suffix == ".parquet" and not p.name.startswith((".", "_")))
-        if not files:
-            raise InputError("input", f"{path} holds no *.parquet file",
-                             "point --input at a Parquet file or a folder of them")
-        return files
-    raise InputError("input", f"{path} does not exist", "point --input at a Parquet file or a folder of them")
-
-
-def scan_input(path: str | os.PathLike) -> JobInput:
-    """List the input files, read their footers and check every schema; nothing else is read.
-
-    Raises `InputSchemaError` listing every problem of every file, before any work.
-    """
-    root = Path(path).resolve()
-    files, problems = [], []
-    for file_path in _list_input_files(root):
-        try:
-            metadata = pq.read_metadata(file_path)
-            schema = pq.read_schema(file_path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError("input", f"{file_path} is not a readable Parquet file ({exc})",
-                             "remove it from the input folder or rewrite it") from exc
-        problems += schema_problems(schema, file_path.name)
-        stat = file_path.stat()
-        files.append(InputFile(
-            path=file_path, size=stat.st_size, mtime_ns=stat.st_mtime_ns, rows=metadata.num_rows,
-            row_group_rows=tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
-            columns=tuple(c for c in INPUT_COLUMNS if schema.get_field_index(c) >= 0)))
-    if problems:
-        raise InputSchemaError(problems)
-    return JobInput(root, tuple(files))
-
-
-def iter_record_batches(job_input: JobInput, columns: Sequence[str] | None = None, *,
-                        batch_rows: int = 65_536, skip=None) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(global start row, batch) over the input in order, row group by row group.
-
-    `skip(start, stop) -> bool` lets the caller leave out whole row groups (finished parts).
-    """
-    offset = 0
-    for input_file in job_input.files:
-        wanted = [c for c in (columns or input_file.columns) if c in input_file.columns]
-        parquet_file = None
-        for group, group_rows in enumerate(input_file.row_group_rows):
-            if group_rows == 0 or (skip is not None and skip(offset, offset + group_rows)):
-                offset += group_rows
-                continue
-            if parquet_file is None:
-                parquet_file = pq.ParquetFile(input_file.path)
-            for batch in parquet_file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=wanted):
-                yield offset, batch
-                offset += batch.num_rows
-        if parquet_file is not None:
-            parquet_file.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Unique request ids in bounded memory
-
-
-class RequestIdSet:
-    """Set of request ids stored as 128-bit BLAKE2b digests: 16 bytes per id once merged.
-
-    A Python set of a million short strings costs ~90 MB; this costs ~16 MB, so memory stays
-    nearly flat as inputs grow. At 128 bits a false "seen" needs ~2^64 ids (birthday bound).
-    Recent ids live in a small Python set; every `merge_every` ids they are merged into two
-    uint64 arrays sorted by (hi, lo) and looked up with a vectorised binary search.
-    """
-
-    def __init__(self, merge_every: int = 1 << 16):
-        self._hi = np.empty(0, np.uint64)
-        self._lo = np.empty(0, np.uint64)
-        self._recent: set[int] = set()
-        self._merge_every = merge_every
-
-    def __len__(self) -> int:
-        return len(self._hi) + len(self._recent)
-
-    @staticmethod
-    def _digest(request_id: str) -> int:
-        return int.from_bytes(hashlib.blake2b(request_id.encode("utf-8"), digest_size=16).digest(), "little")
-
-    def _in_sorted(self, digests: list[int]) -> np.ndarray:
-        found = np.zeros(len(digests), bool)
-        if not len(self._hi) or not digests:
-            return found
-        hi = np.fromiter((d >> 64 for d in digests), np.uint64, len(digests))
-        lo = np.fromiter((d & 0xFFFFFFFFFFFFFFFF for d in digests), np.uint64, len(digests))
-        start = np.searchsorted(self._hi, hi, side="left")
-        inside = start < len(self._hi)
-        candidate = np.zeros(len(digests), bool)
-        candidate[inside] = self._hi[start[inside]] == hi[inside]
-        for i in np.flatnonzero(candidate):  # equal high halves: rare, scan the run
-            j = start[i]
-            while j < len(self._hi) and self._hi[j] == hi[i]:
-                if self._lo[j] == lo[i]:
-                    found[i] = True
-                    break
-                j += 1
-        return found
-
-    def _merge(self) -> None:
-        recent = list(self._recent)
-        hi = np.concatenate([self._hi, np.fromiter((d >> 64 for d in recent), np.uint64, len(recent))])
-        lo = np.concatenate([self._lo, np.fromiter((d & 0xFFFFFFFFFFFFFFFF for d in recent), np.uint64, len(recent))])
-        order = np.lexsort((lo, hi))
-        self._hi, self._lo = hi[order], lo[order]
-        self._recent.clear()
-
-    def add_many(self, request_ids: Sequence[str]) -> list[bool]:
-        """Add ids in order; for each, whether it had been seen before (earlier or in this call)."""
-        digests = [self._digest(r) for r in request_ids]
-        in_sorted = self._in_sorted(digests)
-        seen = []
-        for digest, old in zip(digests, in_sorted):
-            if old or digest in self._recent:
-                seen.append(True)
-            else:
-                self._recent.add(digest)
-                seen.append(False)
-        if len(self._recent) >= self._merge_every:
-            self._merge()
-        return seen
-
-
-def find_duplicate_request_ids(job_input: JobInput) -> dict[str, int]:
-    """{request_id: occurrences} for every non-empty id that occurs more than once.
-
-    Reads only the request_id column. Memory: 16 bytes per distinct id plus the duplicates.
-    """
-    seen_ids = RequestIdSet()
-    duplicates: Counter[str] = Counter()
-    for _, batch in iter_record_batches(job_input, ["request_id"]):
-        ids = [r for r in batch.column(0).to_pylist() if r]  # null/empty ids are their own error
-        for request_id, seen in zip(ids, seen_ids.add_many(ids)):
-            if seen:
-                duplicates[request_id] += 1
-    return {request_id: count + 1 for request_id, count in duplicates.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Rows -> requests -> results -> Arrow (pure; shared with the Ray runner)
-
-
-@dataclass(frozen=True)
-class RowError:
-    """A row the job rejects before the engine sees it; shaped like the engine's RankedResult."""
-
-    request_id: str | None
-    n_candidates: int
-    error: str
-    error_kind: str
-    ranked_ids: tuple = ()
-    scores: tuple = ()
-
-
-def _as_tuple(values):
-    return None if values is None else tuple(values)
-
-
-def rows_to_requests(batch: pa.RecordBatch | pa.Table, duplicate_ids: Mapping[str, int]) -> list:
-    """One `Request` or `RowError` per row, in order.
-
-    The job checks only request ids; everything else (empty candidates, null or empty titles,
-    duplicate candidate ids, length mismatches, templates, budget) is the engine's validation,
-    so the batch job and `Reranker.rank` reject exactly the same requests with the same messages.
-    """
-    present = set(batch.schema.names)
-    columns = {name: batch.column(name).to_pylist() for name in INPUT_COLUMNS if name in present}
-    none = [None] * batch.num_rows
-    out = []
-    for i in range(batch.num_rows):
-        request_id = columns["request_id"][i]
-        candidates = columns["candidates"][i]
-        n_candidates = len(candidates) if candidates is not None else 0
-        if not request_id:
-            out.append(RowError(request_id, n_candidates, f"request_id: is {'null' if request_id is None else 'empty'} "
-                                "(give every row a unique, non-empty string id)", MISSING_REQUEST_ID))
-            continue
-        if request_id in duplicate_ids:
-            out.append(RowError(request_id, n_candidates,
-                                f"request_id: {request_id!r} occurs {duplicate_ids[request_id]} times in the input "
-                                "(ids must be unique: results are joined back by request_id; "
-                                "every occurrence is rejected so none is picked arbitrarily)", DUPLICATE_REQUEST_ID))
-            continue
-        out.append(Request(
-            request_id=request_id,
-            candidates=_as_tuple(candidates) or (),
-            candidate_ids=_as_tuple(columns.get("candidate_ids", none)[i]),
-            instruction=columns.get("instruction", none)[i],
-            history=_as_tuple(columns.get("history", none)[i]),
-            preference=columns.get("preference", none)[i],
-            intention=columns.get("intention", none)[i],
-            intention_kind=columns.get("intention_kind", none)[i],
-            context=columns.get("context", none)[i],
-            template=columns.get("template", none)[i],
-        ))
-    return out
-
-
-def rank_rows(reranker, rows: list) -> list:
-    """Rank the `Request`s among `rows` in one `Reranker.rank` call; `RowError`s pass through."""
-    requests = [row for row in rows if not isinstance(row, RowError)]
-    results = iter(reranker.rank(requests, errors="return") if requests else ())
-    merged = []
-    for row in rows:
-        if isinstance(row, RowError):
-            merged.append(row)
-            continue
-        result = next(results)
-        if result.request_id != row.request_id:
-            raise InstructRecError(f"engine returned results out of order: expected {row.request_id!r}, "
-                                   f"got {result.request_id!r}")
-        merged.append(result)
-    return merged
-
-
-def results_to_record_batch(results: Sequence) -> pa.RecordBatch:
-    """Engine results / RowErrors -> one RecordBatch of OUTPUT_SCHEMA (lists empty on error)."""
-    errors = [r.error for r in results]
-    return pa.RecordBatch.from_arrays([
-        pa.array([r.request_id for r in results], pa.string()),
-        pa.array([[] if e is not None else list(r.ranked_ids) for r, e in zip(results, errors)],
-                 pa.list_(pa.string())),
-        pa.array([[] if e is not None else [float(s) for s in r.scores] for r, e in zip(results, errors)],
-                 pa.list_(pa.float64())),
-        pa.array(errors, pa.string()),
-        pa.array([r.n_candidates for r in results], pa.int32()),
-        pa.array([r.error_kind if e is not None else None for r, e in zip(results, errors)], pa.string()),
-    ], schema=OUTPUT_SCHEMA)
-
-
-def rank_record_batch(reranker, batch: pa.RecordBatch | pa.Table, duplicate_ids: Mapping[str, int]) -> pa.RecordBatch:
-    """Input rows -> output rows: the whole per-batch step, used by both runners."""
-    return results_to_record_batch(rank_rows(reranker, rows_to_requests(batch, duplicate_ids)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Summary
-
-
-@dataclass
-class OutputCounts:
-    """Row counts of output batches; a part's commit record carries its counts."""
-
-    rows: int = 0
-    ok: int = 0
-    candidates: int = 0
-    ok_candidates: int = 0
-    errors_by_kind: Counter = field(default_factory=Counter)
-
-    def add_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
-        n_candidates = batch.column("n_candidates").to_pylist()
-        kinds = batch.column("error_kind").to_pylist()
-        errors = batch.column("error").to_pylist()
-        self.rows += batch.num_rows
-        for n, kind, error in zip(n_candidates, kinds, errors):
-            self.candidates += n
-            if error is None:
-                self.ok += 1
-                self.ok_candidates += n
-            else:
-                self.errors_by_kind[kind or "unknown"] += 1
-
-    def counts(self) -> dict[str, Any]:
-        return {"ok": self.ok, "candidates": self.candidates, "ok_candidates": self.ok_candidates,
-                "errors_by_kind": dict(sorted(self.errors_by_kind.items()))}
-
-    def add_counts(self, record: Mapping[str, Any]) -> None:
-        self.rows += record["rows"]
-        self.ok += record["ok"]
-        self.candidates += record["candidates"]
-        self.ok_candidates += record["ok_candidates"]
-        self.errors_by_kind.update(record["errors_by_kind"])
-
-
-def job_summary(folder: OutputFolder, plan: PartPlan, this_run: OutputCounts, *, parts_written: int, wall_s: float,
-                load_s: float, working_s: float, input_uri: str, input_files: int, runner: str,
-                **extra: Any) -> dict[str, Any]:
-    """The summary both runners print and write (`_summary.json`): the whole output's counts, from
-    the parts' commit records (no part is read), and this run's share and rates."""
-    whole = OutputCounts()
-    for record in folder.commit_records().values():
-        whole.add_counts(record)
-    return {
-        "rows": whole.rows, "ok": whole.ok, "errors": whole.rows - whole.ok,
-        "errors_by_kind": dict(sorted(whole.errors_by_kind.items())), "candidates": whole.candidates,
-        "rows_ranked": this_run.rows, "candidates_ranked": this_run.ok_candidates,
-        "wall_s": round(wall_s, 3), "load_s": round(load_s, 3),
-        # Rates leave the model load out: they measure the job, not the disk the model came from.
-        "requests_per_s": round(this_run.rows / working_s, 3) if working_s > 0 else 0.0,
-        "candidates_per_s": round(this_run.ok_candidates / working_s, 3) if working_s > 0 else 0.0,
-        "parts": plan.parts, "parts_written": parts_written, "parts_skipped": len(folder.finished_parts),
-        "resumed": folder.resumed, "input": input_uri, "input_files": input_files,
-        "output": str(folder.location), "runner": runner, **extra,
-    }
-
-
-def summarize_output(output: str | os.PathLike) -> dict[str, Any]:
-    """Row counts of a finished output folder (rows, ok, errors, errors_by_kind, candidates)."""
-    tally = OutputCounts()
-    for path in sorted(Path(output).glob("*.parquet")):
-        if path.name.startswith((".", "_")):
-            continue
-        tally.add_batch(pq.read_table(path, columns=["n_candidates", "error_kind", "error"]))
-    return {"rows": tally.rows, "ok": tally.ok, "errors": tally.rows - tally.ok,
-            "errors_by_kind": dict(sorted(tally.errors_by_kind.items())), "candidates": tally.candidates}
-
-
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """The summary as a few human lines (the CLI prints this; `_summary.json` holds the same)."""
-    kinds = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
-    return "\n".join([
-        f"rows        {summary['rows']}  (ok {summary['ok']}, errors {summary['errors']})",
-        f"errors      {kinds}",
-        f"candidates  {summary['candidates']}",
-        f"this run    {summary['rows_ranked']} rows, {summary['candidates_per_s']:.1f} candidates/s, "
-        f"{summary['requests_per_s']:.1f} requests/s, wall {summary['wall_s']:.1f} s",
-        f"parts       {summary['parts']} (written {summary['parts_written']}, skipped {summary['parts_skipped']})",
-        f"output      {summary['output']}  (summary: {SUMMARY_NAME})",
-    ])
-
-
-# ---------------------------------------------------------------------------------------------
-# The job
 
 
 def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, output: str | os.PathLike, *,
@@ -561,15 +112,6 @@ class _GivenReranker:
 
     def load(self):
         return self.reranker
-
-
-def job_manifest(job_input: JobInput, plan: PartPlan, model_entry: Mapping[str, Any],
-                 options: Mapping[str, Any], runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest both runners write. `--resume` compares everything but `model` (compared by
-    `job_model.model_differences`) and `runtime` (how it ran: runner, actors; not what it computed)."""
-    return {"format": MANIFEST_FORMAT, "input": job_input.fingerprint(), "rows_per_part": plan.rows_per_part,
-            "chunk_rows": plan.chunk_rows, "parts": plan.parts, "model": dict(model_entry), "options": dict(options),
-            "output_schema": OUTPUT_SCHEMA.to_string(show_schema_metadata=False), "runtime": dict(runtime or {})}
 
 
 def _run(job_model, input, output, *, resume: bool, rows_per_part: int, chunk_rows: int,

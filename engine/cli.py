@@ -19,7 +19,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell reports for a process kille
 
 
 def register(subparsers) -> None:
-    from .batch import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART
+    from .job_output import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART
 
     parser = subparsers.add_parser(
         "rerank", help="rank the candidates of every request in a Parquet file or folder",

@@ -43,7 +43,8 @@ from .job_storage import Location, is_disk_full, resolve_location, short_error
 
 __all__ = [
     "MANIFEST_NAME", "SUMMARY_NAME", "LOCK_NAME", "MANIFEST_FORMAT", "JobOutputError", "OutputWriteError",
-    "PartPlan", "OutputFolder", "PartWriter", "part_name", "commit_name", "manifest_differences",
+    "PartPlan", "OutputFolder", "PartWriter", "part_name", "commit_name", "manifest_differences", "list_parts",
+    "DEFAULT_ROWS_PER_PART", "DEFAULT_CHUNK_ROWS",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "_job.json"
 SUMMARY_NAME = "_summary.json"
 LOCK_NAME = "_job.lock"
+# 10k rows: small enough that a kill loses minutes of a 3B-model run, large enough that a
+# million-row input is ~100 files (and ~100 calls for a Ray actor pool to spread).
+DEFAULT_ROWS_PER_PART = 10_000
+# Requests handed to one `Reranker.rank` call: the engine sorts by length and packs inside it.
+DEFAULT_CHUNK_ROWS = 1024
 # 2: the model recorded as its source's identity (a Hub id's commit), commit records per part.
 MANIFEST_FORMAT = 2
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -63,6 +69,13 @@ def part_name(index: int) -> str:
 
 def commit_name(index: int) -> str:
     return f"_commit-{index:05d}.json"
+
+
+def list_parts(folder: str | os.PathLike | Location) -> list[str]:
+    """The part files of an output folder, in part order (= input order)."""
+    location = resolve_location(folder, "output")
+    infos = location.filesystem.get_file_info(pafs.FileSelector(location.path))
+    return sorted(i.base_name for i in infos if _PART.match(i.base_name))
 
 
 def _is_debris(name: str) -> bool:
@@ -265,6 +278,9 @@ class OutputFolder:
         """Compare this run with the one being resumed (refuse any difference, naming it), remove
         the debris of an interrupted run and find the finished parts."""
         self.manifest, self.schema = manifest, schema
+        for name in sorted(n for n in self._entries if _is_debris(n)):
+            log.info("removing %s left by an interrupted run", name)
+            self._delete(name)
         previous = self.previous_manifest
         if previous is None:
             return
@@ -287,9 +303,6 @@ class OutputFolder:
         self.finished_parts = frozenset(self._finished_parts(_plan_of(manifest)))
 
     def _finished_parts(self, plan: PartPlan) -> set[int]:
-        for name in sorted(n for n in self._entries if _is_debris(n)):
-            log.info("removing %s left by an interrupted run", name)
-            self._delete(name)
         parts = {int(m.group(1)): n for n in self._entries if (m := _PART.match(n))}
         commits = {int(m.group(1)): n for n in self._entries if (m := _COMMIT.match(n))}
         finished = set()

@@ -28,15 +28,16 @@ import time
 import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
-from .batch import (
-    DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART, OUTPUT_SCHEMA, JobInput, OutputCounts, find_duplicate_request_ids,
-    job_manifest, job_summary, rank_parts, scan_input,
-)
+from .batch import rank_parts
 from .errors import InputError, InstructRecError
 from .job_faults import FaultPlan
+from .job_ids import find_duplicate_request_ids
+from .job_input import JobInput, scan_input
 from .job_model import EngineSettings, JobModel, model_differences
-from .job_output import OutputFolder, PartPlan
+from .job_output import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART, OutputFolder, PartPlan
+from .job_rows import OUTPUT_SCHEMA, OutputCounts
 from .job_storage import Location
+from .job_summary import job_manifest, job_summary
 from .sources import ModelSource
 
 __all__ = ["RayNotInstalledError", "PartRanker", "run_ray_job", "DEFAULT_ACTOR_RESTARTS"]
