@@ -77,7 +77,7 @@ def _build(args: argparse.Namespace) -> int:
             overrides["cache_dir"] = args.teacher_cache
         elif not os.environ.get("INSTRUCTREC_TEACHER_CACHE_DIR", "").strip():
             overrides["cache_dir"] = args.out / ".teacher-cache"
-    annotator = make_annotator(args.annotator, **overrides)
+    annotator = make_annotator(args.annotator, progress=not args.no_progress, **overrides)
     report = build_instructions(
         args.data, args.out, annotator=annotator, templates=args.templates, eval_templates=args.eval_templates,
         per_user=args.per_user, search_per_item=args.search_per_item, seed=args.seed, tokenizer=args.tokenizer,
