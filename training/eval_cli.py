@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from .evaluate import METHODS, SCENARIOS
+    from .eval_scenarios import METHODS, SCENARIOS
 
     p = subparsers.add_parser(
         "eval", help="evaluate the tuned model, the untuned model and the baselines per scenario",
@@ -86,7 +86,7 @@ def parse_baseline_settings(items: list[str]) -> dict:
     """["tem.pairs_per_user=2"] -> {"tem": {"pairs_per_user": 2}} (numbers parsed as JSON)."""
     from instructrec.engine.errors import InputError
 
-    from .evaluate import BASELINE_METHODS
+    from .eval_scenarios import BASELINE_METHODS
 
     out: dict = {}
     for item in items:
@@ -104,7 +104,7 @@ def parse_baseline_settings(items: list[str]) -> dict:
 
 
 def run_train_set(args) -> int:
-    from .evaluate import restrict_training_set
+    from .eval_train_set import restrict_training_set
 
     print(json.dumps(restrict_training_set(args.instructions, args.data, args.out, args.hold_out), indent=2))
     return 0
