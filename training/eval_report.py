@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from instructrec.engine.errors import InstructRecError
 
 from .eval_scenarios import METRIC_KEYS
 
 if TYPE_CHECKING:
+    from instructrec.engine.sources import ModelSource
+
     from .eval_domain import Domain
 
 
@@ -23,9 +25,20 @@ def dataset_stats(domain: Domain) -> dict:
             "search_splits": s.get("search_splits")}
 
 
-def model_info(model: Path) -> dict:
-    model = Path(model)
-    info: dict = {"path": str(model)}
+def model_info(source: ModelSource, tokenizer: Path | None = None) -> dict[str, Any]:
+    """What was evaluated: the source's identity (what --model said, and exactly which weights: a
+    Hub id's commit, a folder's path, a random shape), its architecture, and its training record
+    where the folder has one."""
+    info: dict[str, Any] = {"path": str(source.path) if source.path is not None else None,
+                            "identity": source.identity()}
+    if tokenizer is not None:
+        info["tokenizer"] = str(tokenizer)
+    if source.path is None:  # random:<shape>
+        c = source.config()
+        info["architecture"] = {k: c.get(k) for k in ("d_model", "d_ff", "num_layers", "num_decoder_layers",
+                                                      "num_heads", "vocab_size")}
+        return info
+    model = source.path
     cfg_path = model / "training_config.json"
     if cfg_path.is_file():
         train_cfg = json.loads(cfg_path.read_text())
@@ -77,6 +90,15 @@ METHOD_LABELS = {"instructrec": "InstructRec (ours, tuned)", "zero-shot": "untun
                  "two-tower": "two-tower (DSSM-style)", "tem": "TEM"}
 
 
+def _model_label(model: dict) -> str:
+    identity = model.get("identity") or {}
+    if identity.get("kind") == "random":
+        return f"`{identity['spec']}` (RANDOM weights, seeded: the zero-shot reference only)"
+    if identity.get("repo_id"):
+        return f"`{identity['repo_id']}` at commit `{identity.get('commit')}` (`{model['path']}`)"
+    return f"`{model['path']}`"
+
+
 def results_markdown(results: dict) -> str:
     """Dataset statistics (the original's Table 5 columns), the model and baseline fits, and one
     table per scenario; the original's published HR@1 rows are marked as theirs, in italics."""
@@ -91,7 +113,7 @@ def results_markdown(results: dict) -> str:
     if model:
         arch, training = model.get("architecture") or {}, model.get("training") or {}
         lines += ["", "## Model", "",
-                  f"- `{model['path']}`: T5 d_model {arch.get('d_model')}, d_ff {arch.get('d_ff')}, "
+                  f"- {_model_label(model)}: T5 d_model {arch.get('d_model')}, d_ff {arch.get('d_ff')}, "
                   f"{arch.get('num_layers')}+{arch.get('num_decoder_layers')} layers, {arch.get('num_heads')} heads"]
         if training:
             lines.append(f"- trained from `{training.get('model')}` on `{training.get('instructions')}`: "
@@ -112,7 +134,10 @@ def results_markdown(results: dict) -> str:
     for name, entry in results["scenarios"].items():
         lines += ["", f"## {name} {entry['notation']}: {entry['title']}", "",
                   f"{entry['n_test']} test instances of {entry['candidates_per_list']} candidates "
-                  f"({entry['domain']} domain); templates: {', '.join(entry['templates'])}.", "",
+                  f"({entry['domain']} domain); templates: {', '.join(entry['templates'])}."
+                  + (f" **{entry['dropped_training_targets']} more were dropped: their target is a training "
+                     "target of the model** (train on `instructrec eval-train-set` to evaluate them all)."
+                     if entry.get("dropped_training_targets") else ""), "",
                   "| method | HR@1 | HR@3 | HR@5 | NDCG@3 | NDCG@5 | template | errors |",
                   "|---|---|---|---|---|---|---|---|"]
         for method, m in entry["methods"].items():

@@ -136,6 +136,24 @@ def read_slot(template_id: str, instruction: str, slot: str) -> str:
     return match.group(slot)
 
 
+def templates_of(scenario: Scenario) -> list[str]:
+    """The registry's reranking (T3) templates of the scenario's instruction type: those an
+    instruction build needs in --eval-templates for the scenario to be evaluated."""
+    from instructrec.engine.templates import REGISTRY
+
+    return [t.id for t in REGISTRY.values() if t.ranks_titles and t.preference.value == scenario.preference
+            and t.intention.value == scenario.intention and t.task.value == "T3"]
+
+
+def has_rows(table, scenario: Scenario) -> bool:
+    """Whether `table` (columns preference, intention, task) holds reranking rows of the scenario."""
+    import pyarrow.compute as pc
+
+    mask = pc.and_(pc.and_(pc.equal(table["preference"], scenario.preference),
+                           pc.equal(table["intention"], scenario.intention)), pc.equal(table["task"], "T3"))
+    return pc.any(mask).as_py() is True
+
+
 def scenario_templates(instructions: Path, split: str, scenario: Scenario) -> list[str]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -149,10 +167,7 @@ def scenario_templates(instructions: Path, split: str, scenario: Scenario) -> li
                            pc.equal(table["intention"], scenario.intention)), pc.equal(table["task"], "T3"))
     found = sorted(set(table.filter(mask).column("template").to_pylist()))
     if not found:
-        from instructrec.engine.templates import REGISTRY
-
-        wanted = [t.id for t in REGISTRY.values() if t.ranks_titles and t.preference.value == scenario.preference
-                  and t.intention.value == scenario.intention and t.task.value == "T3"]
+        wanted = templates_of(scenario)
         raise InputError("instructions", f"{path} has no {scenario.notation} reranking rows for scenario "
                          f"{scenario.name}", "rebuild it with `instructrec instructions build --eval-templates "
                          f"{','.join(wanted)},...` (the templates of every scenario you evaluate)")
@@ -160,7 +175,7 @@ def scenario_templates(instructions: Path, split: str, scenario: Scenario) -> li
 
 
 def load_instances(instructions: Path, split: str, scenario: Scenario, histories: dict[str, tuple[str, ...]],
-                   items, exclude_targets: set[str] | None = None) -> list[Instance]:
+                   items) -> list[Instance]:
     """Every instance of `scenario` in `split`, keyed by user (search item for product search),
     with the instruction of each of the scenario's templates; only keys every template has."""
     import pyarrow as pa
@@ -184,13 +199,9 @@ def load_instances(instructions: Path, split: str, scenario: Scenario, histories
                                    "every method must rank the same list (rebuild the instructions)")
         inst.prompts[row["template"]] = row["instruction"]
     instances = []
-    dropped_seen = 0
     for key in sorted(by_key):
         inst = by_key[key]
         if len(inst.prompts) != len(templates):
-            continue
-        if exclude_targets is not None and inst.target in exclude_targets:
-            dropped_seen += 1
             continue
         if inst.user_id is not None:
             inst.history = histories.get(inst.user_id, ())
@@ -200,9 +211,6 @@ def load_instances(instructions: Path, split: str, scenario: Scenario, histories
             first = templates[0]
             inst.query = read_slot(first, inst.prompts[first], "intention")
         instances.append(inst)
-    if dropped_seen:
-        log.info("%s %s: %d instances dropped: their target is a training target of the model",
-                 scenario.name, split, dropped_seen)
     return instances
 
 

@@ -55,14 +55,15 @@ from pathlib import Path
 
 import numpy as np
 
-from instructrec.engine.errors import InputError
+from instructrec.engine.errors import InputError, ModelLoadError
+from instructrec.engine.sources import CHECKPOINT, RANDOM, ModelSource, resolve_model
 
 from .eval_domain import Domain, baseline_scores
 from .eval_report import dataset_stats, merge_results, model_info, results_markdown
 from .eval_scenarios import (
-    BASELINE_METHODS, METHODS, METRIC_KEYS, MODEL_METHODS, SCENARIOS, SELECTION_METRIC, Instance, Scenario,
-    load_instances, read_slot, resolve_methods, resolve_scenarios, sample, sampled_negatives, with_candidate_list,
-    with_candidates)
+    BASELINE_METHODS, METHODS, METRIC_KEYS, MODEL_METHODS, SCENARIOS, SELECTION_METRIC, Instance, Scenario, has_rows,
+    load_instances, read_slot, resolve_methods, resolve_scenarios, sample, sampled_negatives, templates_of,
+    with_candidate_list, with_candidates)
 from .eval_train_set import parse_instruction_type, restrict_training_set
 from .metrics import pessimistic_rank, summarize_ranks
 
@@ -80,7 +81,9 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     data: Path  # prepared directory of the main domain
     instructions: Path  # its instruction folder (valid/test with the scenarios' T3 templates)
-    model: Path | None  # tuned checkpoint (needed by the model methods)
+    # The tuned model (needed by the model methods): a checkpoint folder, a Hub id (`revision`), or
+    # random:<shape> (zero-shot only, with `tokenizer`); resolved by engine.sources.resolve_model.
+    model: str | Path | None
     out: Path
     scenarios: tuple[str, ...] = ("all",)
     methods: tuple[str, ...] = ("all",)
@@ -101,6 +104,8 @@ class EvalConfig:
     # A previous run's folder: rank exactly its instances (its instances.json) and add this run's
     # methods to its metrics. Lets the baselines run while the model still trains.
     add_to: Path | None = None
+    revision: str | None = None  # of a Hub id `model`: branch, tag or commit
+    tokenizer: Path | None = None  # for a random:<shape> model, which brings none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +145,15 @@ def engine_ranks(reranker, instances: Sequence[Instance], template: str, chunk: 
     return ranks, errors
 
 
-def build_untuned(model_dir: Path, seed: int):
-    """The tuned model's architecture with random weights (seeded): the zero-shot reference."""
+def build_untuned(source: ModelSource, tokenizer: Path | None, seed: int):
+    """The model's architecture with random weights (seeded): the zero-shot reference. The
+    tokenizer is the checkpoint's, or `tokenizer` for a random:<shape> source."""
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    config = T5Config.from_pretrained(model_dir)
+    config = T5Config.from_dict(source.config())
     torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return T5ForConditionalGeneration(config).eval(), AutoTokenizer.from_pretrained(tokenizer or source.path)
 
 
 def _metrics(ranks: list[int]) -> dict:
@@ -156,16 +162,99 @@ def _metrics(ranks: list[int]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checks made before any data is loaded
+
+
+def resolve_eval_model(cfg: EvalConfig, methods: list[str]) -> ModelSource | None:
+    """The model of the run (None when no --model is given and no model method needs one)."""
+    needs_model = any(m in MODEL_METHODS for m in methods)
+    fix = ("pass --model DIR written by `instructrec train`, a Hub id such as google/flan-t5-base, or "
+           "random:<shape> with --tokenizer DIR (zero-shot only); or leave out the model methods")
+    if cfg.model is None:
+        if needs_model:
+            raise InputError("model", f"methods {', '.join(m for m in methods if m in MODEL_METHODS)} need a model", fix)
+        return None
+    try:
+        source = resolve_model(cfg.model, revision=cfg.revision, allowed=(CHECKPOINT, RANDOM))
+    except ModelLoadError as exc:
+        raise InputError("model", f"{cfg.model} is not a checkpoint directory ({exc})", fix) from exc
+    if source.is_random:
+        if "instructrec" in methods:
+            raise InputError("model", f"{source.spec} has random weights, so it can only be the zero-shot reference",
+                             "pass --methods zero-shot (with baselines if wanted), or a trained checkpoint or Hub "
+                             "id for the instructrec method")
+        if "zero-shot" in methods and cfg.tokenizer is None:
+            raise InputError("tokenizer", f"{source.spec} brings no tokenizer",
+                             "pass --tokenizer DIR, e.g. ../shared/assets/flan-t5-tokenizer")
+        if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_dir():
+            raise InputError("tokenizer", f"{cfg.tokenizer} is not a directory",
+                             "pass a tokenizer or checkpoint folder, e.g. ../shared/assets/flan-t5-tokenizer")
+    elif cfg.tokenizer is not None:
+        raise InputError("tokenizer", f"given with {source.describe()}, which has a tokenizer of its own",
+                         "drop --tokenizer (it is for random:<shape> models)")
+    return source
+
+
+def check_inputs(cfg: EvalConfig, scenarios: list[Scenario]) -> None:
+    """Every folder and instruction type the scenarios need, checked at once from the instruction
+    files' small columns, so a run that cannot finish says what is missing in its first seconds
+    instead of after loading the data (an InputError naming each missing piece and the fix)."""
+    import pyarrow.parquet as pq
+
+    for directory, flag in ((cfg.data, "data"), (cfg.instructions, "instructions")):
+        if directory is None or not (Path(directory) / ("stats.json" if flag == "data" else "test.parquet")).is_file():
+            raise InputError(flag, f"{directory} is not a folder written by `instructrec "
+                             f"{'data prepare' if flag == 'data' else 'instructions build'}`",
+                             "run `instructrec data prepare` and `instructrec instructions build` first")
+    problems: list[tuple[str, str]] = []
+    cross = [s for s in scenarios if s.cross_domain]
+    if cross and (cfg.cross_data is None or cfg.cross_instructions is None):
+        problems.append(("cross_data", "scenario cross-domain needs another domain's prepared data and instructions: "
+                                       "pass --cross-data DIR --cross-instructions DIR (e.g. the Amazon 2023 sample)"))
+    folders = [(cfg.instructions, [s for s in scenarios if not s.cross_domain])]
+    if cross and cfg.cross_instructions is not None:
+        folders.append((cfg.cross_instructions, cross))
+    for folder, wanted in folders:
+        path = Path(folder) / "test.parquet"
+        if not path.is_file():
+            problems.append(("cross_instructions", f"{path} does not exist"))
+            continue
+        table = pq.read_table(path, columns=["preference", "intention", "task"])
+        missing = [s for s in wanted if not has_rows(table, s)]
+        if missing:
+            problems.append(("instructions", f"{path} has no reranking rows of "
+                             + ", ".join(f"{s.notation} (scenario {s.name})" for s in missing) + ": "
+                             + _rebuild_hint(Path(folder), missing)))
+    if problems:
+        field_name = problems[0][0] if len(problems) == 1 else "scenario"
+        raise InputError(field_name, "; ".join(problem for _, problem in problems),
+                         "or leave those scenarios out (--scenario NAME, repeatable)")
+
+
+def _rebuild_hint(folder: Path, missing: list[Scenario]) -> str:
+    """The instruction build that adds the missing types: the folder's own --eval-templates (from
+    its stats.json) plus the templates of each missing type."""
+    built: list[str] = []
+    stats = folder / "stats.json"
+    if stats.is_file():
+        built = list(json.loads(stats.read_text()).get("eval_templates") or [])
+    wanted = list(dict.fromkeys(built + [t for s in missing for t in templates_of(s)]))
+    return (f"rebuild it with `instructrec instructions build --eval-templates {','.join(wanted)}` "
+            "(and the folder's other build flags)")
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 
 
-def _training_targets(cfg: EvalConfig) -> tuple[set[str] | None, str | None]:
+def _training_targets(cfg: EvalConfig, source: ModelSource | None) -> tuple[set[str] | None, str | None]:
     """Item ids that are a target of some training row of the model, and where they came from."""
     import pyarrow.parquet as pq
 
     folder = cfg.train_instructions
-    if folder is None and cfg.model is not None and (Path(cfg.model) / "training_config.json").is_file():
-        folder = Path(json.loads((Path(cfg.model) / "training_config.json").read_text())["instructions"])
+    record = source.path / "training_config.json" if source is not None and source.path is not None else None
+    if folder is None and record is not None and record.is_file():
+        folder = Path(json.loads(record.read_text())["instructions"])
     if folder is None:
         return None, None
     path = Path(folder) / "train.parquet"
@@ -181,17 +270,15 @@ class Evaluation:
         self.cfg = cfg
         self.scenarios = resolve_scenarios(cfg.scenarios)
         self.methods = resolve_methods(cfg.methods)
-        if any(m in MODEL_METHODS for m in self.methods):
-            if cfg.model is None or not (Path(cfg.model) / "config.json").is_file():
-                raise InputError("model", f"{cfg.model} is not a checkpoint directory (no config.json)",
-                                 "pass --model DIR written by `instructrec train`, or leave out the model methods")
-        if any(s.cross_domain for s in self.scenarios) and (cfg.cross_data is None or cfg.cross_instructions is None):
-            raise InputError("cross_data", "scenario cross-domain needs another domain's prepared data and instructions",
-                             "pass --cross-data DIR --cross-instructions DIR (e.g. the Amazon 2023 sample)")
+        self.source = resolve_eval_model(cfg, self.methods)
+        check_inputs(cfg, self.scenarios)
         self.main = Domain("main", cfg.data, cfg.instructions, cfg)
         self.cross = Domain("cross", cfg.cross_data, cfg.cross_instructions, cfg) \
             if any(s.cross_domain for s in self.scenarios) else None
         self._rerankers: dict[str, object] = {}
+        # "scenario:split" -> (instances dropped because their target is a training target, found).
+        self.dropped: dict[str, tuple[int, int]] = {}
+        self._seen_from: str | None = None
         self._valid_cache: dict[str, list[Instance]] = {}
         self._chosen: dict[tuple[str, str], tuple[str, dict]] = {}
         # "scenario:split" -> [[key, candidate ids], ...]: every list ranked, written beside the metrics.
@@ -209,18 +296,19 @@ class Evaluation:
 
         if method not in self._rerankers:
             if method == "instructrec":
-                self._rerankers[method] = Reranker.from_pretrained(self.cfg.model, dtype=self.cfg.dtype,
-                                                                   seed=self.cfg.seed)
+                self._rerankers[method] = Reranker.from_pretrained(self.source.path, backend="torch",
+                                                                   dtype=self.cfg.dtype, seed=self.cfg.seed)
             else:
-                model, tokenizer = build_untuned(Path(self.cfg.model), self.cfg.seed)
+                model, tokenizer = build_untuned(self.source, self.cfg.tokenizer, self.cfg.seed)
                 self._rerankers[method] = Reranker.from_model(model, tokenizer, dtype=self.cfg.dtype,
                                                               seed=self.cfg.seed)
         return self._rerankers[method]
 
     def instances(self, scenario: Scenario, split: str, domain: Domain, n: int,
                   exclude_targets: set[str] | None) -> list[Instance]:
-        found = load_instances(domain.instructions, split, scenario, domain.histories[split], domain.items,
-                               exclude_targets if scenario.name == "product-search" else None)
+        found = load_instances(domain.instructions, split, scenario, domain.histories[split], domain.items)
+        if scenario.name == "product-search" and exclude_targets is not None:
+            found = self._unseen_targets(found, exclude_targets, f"{scenario.name}:{split}", domain)
         if not found:
             raise InputError("instructions", f"no {split} instances for scenario {scenario.name} in {domain.instructions}",
                              "rebuild the instructions with that scenario's templates")
@@ -241,6 +329,24 @@ class Evaluation:
         self.lists[label] = [[inst.key, inst.candidate_ids] for inst in chosen]
         return chosen
 
+    def _unseen_targets(self, found: list[Instance], seen: set[str], label: str, domain: Domain) -> list[Instance]:
+        """Product search is about items the model never generated in training: the instances whose
+        target is a training target are dropped, counted, and announced with the fix."""
+        kept = [inst for inst in found if inst.target not in seen]
+        dropped = len(found) - len(kept)
+        self.dropped[label] = (dropped, len(found))
+        if dropped:
+            trained_on = Path(self._seen_from).parent if self._seen_from else "TRAIN_INSTRUCTIONS"
+            fix = (f"train the model on `instructrec eval-train-set --instructions {trained_on} --data {domain.data} "
+                   "--out DIR` (it removes those training rows; add --hold-out P2+I1 for the held-out scenario)")
+            if not kept:
+                raise InputError("train_instructions", f"all {len(found)} {label} instances have a target the model "
+                                 f"was trained to generate ({self._seen_from})", fix)
+            log.warning("%s: %d of %d instances DROPPED because their target is a training target of the model "
+                        "(%s); the scenario runs on the %d left. To evaluate all of them, %s", label, dropped,
+                        len(found), self._seen_from, len(kept), fix)
+        return kept
+
     def _new_instances(self, scenario: Scenario, domain: Domain, picked: list[Instance]) -> list[Instance]:
         if scenario.candidates == "stored":
             return picked
@@ -259,7 +365,8 @@ class Evaluation:
         """Draw every scenario's lists first (written to `lists_path` at once, so a later --add-to
         run can start before this one ends), then rank them with every method."""
         cfg = self.cfg
-        seen_targets, seen_from = _training_targets(cfg)
+        seen_targets, seen_from = _training_targets(cfg, self.source)
+        self._seen_from = seen_from
         results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                          "product_search_unseen_check": seen_from, "scenarios": {}}
         tests = {}
@@ -283,6 +390,9 @@ class Evaluation:
             entry = {"notation": scenario.notation, "title": scenario.title, "domain": domain.name,
                      "n_test": len(test), "candidates_per_list": len(test[0].candidate_ids),
                      "templates": sorted(test[0].prompts), "theirs": scenario.theirs, "methods": {}}
+            dropped, _ = self.dropped.get(f"{scenario.name}:test", (0, 0))
+            if dropped:
+                entry["dropped_training_targets"] = dropped
             log.info("scenario %s: %d test instances of %d candidates, templates %s", scenario.name, len(test),
                      entry["candidates_per_list"], ", ".join(entry["templates"]))
             for method in self.methods:
@@ -302,7 +412,7 @@ class Evaluation:
         results["datasets"] = {"main": dataset_stats(self.main)}
         if self.cross is not None:
             results["datasets"]["cross"] = dataset_stats(self.cross)
-        results["model"] = model_info(cfg.model) if cfg.model is not None else None
+        results["model"] = model_info(self.source, cfg.tokenizer) if self.source is not None else None
         return results
 
     @staticmethod
@@ -337,18 +447,19 @@ class Evaluation:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation; write OUT/metrics.json and OUT/results.md; return the metrics."""
+    for name in ("max_instances", "max_instances_100", "valid_instances", "baseline_valid", "baseline_max_epochs"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(name, f"must be an integer >= 0, got {value!r}")
+    out = Path(cfg.out)
+    evaluation = Evaluation(cfg)  # checks every input, then loads the data
     import torch
 
     previous = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        for name in ("max_instances", "max_instances_100", "valid_instances", "baseline_valid", "baseline_max_epochs"):
-            value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(name, f"must be an integer >= 0, got {value!r}")
-        out = Path(cfg.out)
-        results = Evaluation(cfg).run(out / "instances.json")
+        results = evaluation.run(out / "instances.json")
     finally:
         torch.set_num_threads(previous)
     if cfg.add_to is not None:
