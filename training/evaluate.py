@@ -228,7 +228,7 @@ def check_inputs(cfg: EvalConfig, scenarios: list[Scenario]) -> None:
     if problems:
         field_name = problems[0][0] if len(problems) == 1 else "scenario"
         raise InputError(field_name, "; ".join(problem for _, problem in problems),
-                         "or leave those scenarios out (--scenario NAME, repeatable)")
+                         "or leave those scenarios out: --scenario NAME, repeatable")
 
 
 def _rebuild_hint(folder: Path, missing: list[Scenario]) -> str:
