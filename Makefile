@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; a GPU user sets TORCH_SPEC (see README).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+# `cpu` brings onnxruntime, `gpu` brings onnxruntime-gpu and triton instead: the two onnxruntime
+# builds install the same module, so EXTRAS holds one of them, never both.
+EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed
 # What was installed: a change of TORCH_SPEC or EXTRAS on the command line reinstalls too.
 SPEC_FILE := $(VENV)/.install-spec
@@ -20,9 +22,14 @@ $(SPEC_FILE): FORCE
 
 # Reinstall only when the dependency list, the torch spec or the extras change.
 $(STAMP): pyproject.toml Makefile $(SPEC_FILE)
+	@case ",$(EXTRAS)," in *,cpu,*,gpu,*|*,gpu,*,cpu,*) \
+	  echo "EXTRAS=$(EXTRAS): cpu (onnxruntime) and gpu (onnxruntime-gpu) install the same module; keep one" >&2; exit 2;; esac
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	@# Switching a venv to gpu: uninstalling the CPU build deletes files the GPU build shares with
+	@# it, so both go and the install below brings onnxruntime-gpu back whole.
+	@case ",$(EXTRAS)," in *,gpu,*) $(PY) -m pip uninstall --quiet -y onnxruntime onnxruntime-gpu;; esac
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
