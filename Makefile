@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 SPEC_FILE := $(VENV)/.install-spec
 SPEC := $(TORCH_SPEC) [$(EXTRAS)]
 
-.PHONY: venv test demo bench clean FORCE
+.PHONY: venv test demo bench gpu-check clean FORCE
 
 venv: $(STAMP)
 
@@ -46,6 +46,14 @@ demo: $(STAMP)
 BENCH_ARGS ?= --models flan-t5-small,flan-t5-base --requests 64 --peer-requests 6 --threads 2 --out bench-results
 bench: $(STAMP)
 	$(VENV)/bin/instructrec bench $(BENCH_ARGS)
+
+# On a CUDA machine: its own environment (.venv-gpu: the gpu extra, a CUDA torch matching the
+# driver, or the machine's own CUDA torch where it has one), then `pytest -m gpu`, the kernel sweep,
+# the engine, `instructrec bench` and a flan-t5-xl training run on the GPU, in about 8 minutes;
+# report in gpu-report/ (Markdown + JSON). See bench/gpu_check.py; GPU_CHECK_ARGS="--dry-run" shows the plan.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out gpu-report $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
