@@ -278,9 +278,7 @@ class OutputFolder:
         """Compare this run with the one being resumed (refuse any difference, naming it), remove
         the debris of an interrupted run and find the finished parts."""
         self.manifest, self.schema = manifest, schema
-        for name in sorted(n for n in self._entries if _is_debris(n)):
-            log.info("removing %s left by an interrupted run", name)
-            self._delete(name)
+        self._remove_debris(self._entries)
         previous = self.previous_manifest
         if previous is None:
             return
@@ -349,6 +347,16 @@ class OutputFolder:
             return
         self.write_json(MANIFEST_NAME, self.manifest)
         self._wrote_manifest = True
+
+    def remove_debris(self) -> None:
+        """Remove the temp files of interrupted writes (a Ray actor killed mid-part leaves one; the
+        retry wrote the part under another temp name)."""
+        self._remove_debris(self._list())
+
+    def _remove_debris(self, names) -> None:
+        for name in sorted(n for n in names if _is_debris(n)):
+            log.info("removing %s left by an interrupted write", name)
+            self._delete(name)
 
     def part_writer(self, index: int) -> "PartWriter":
         return PartWriter(self, index)
