@@ -135,6 +135,9 @@ class JobModel:
             entry["tokenizer"] = self.tokenizer
         return entry
 
+    def manifest_options(self) -> dict[str, Any]:
+        return self.settings.options()
+
     def load(self):
         """The Reranker, loaded on this process's device (a Ray actor calls this on its node)."""
         from .reranker import Reranker

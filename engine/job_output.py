@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .errors import InstructRecError
+from .errors import InputError, InstructRecError
 from .job_storage import Location, is_disk_full, resolve_location, short_error
 
 __all__ = [
@@ -100,6 +100,11 @@ class PartPlan:
     total_rows: int
     rows_per_part: int
     chunk_rows: int
+
+    def __post_init__(self):
+        for name in ("rows_per_part", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise InputError(name, f"must be at least 1, got {getattr(self, name)}")
 
     @property
     def parts(self) -> int:

@@ -99,8 +99,6 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
         raise InputError("actors", f"must be at least 1, got {actors}")
     if max_restarts < 0:
         raise InputError("max_restarts", f"must be 0 or more, got {max_restarts}")
-    if rows_per_part < 1 or chunk_rows < 1:
-        raise InputError("rows_per_part" if rows_per_part < 1 else "chunk_rows", "must be at least 1")
     gpus_per_actor = _gpus_per_actor(device, gpus_per_actor)
     ray = _import_ray()
     started = time.perf_counter()
@@ -115,7 +113,7 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
         job_model = job_model.settle_dtype(previous.get("options"))
         runtime = {"runner": "ray", "actors": actors, "cpus_per_actor": cpus_per_actor,
                    "gpus_per_actor": gpus_per_actor, "max_restarts": max_restarts}
-        manifest = job_manifest(job_input, plan, job_model.manifest_entry(), job_model.settings.options(), runtime)
+        manifest = job_manifest(job_input, plan, job_model.manifest_entry(), job_model.manifest_options(), runtime)
         folder.check(manifest, schema=OUTPUT_SCHEMA,
                      model_change=model_differences(previous.get("model"), manifest["model"]) if previous else None)
         duplicate_ids = find_duplicate_request_ids(job_input)
