@@ -8,22 +8,22 @@ through `instructrec.kernels.lm_head_log_softmax_gather`, so [tokens x vocab] ne
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
+import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .formatting import build_instruction, lists_candidates
-from .errors import BudgetExceededError, InputError, ModelLoadError
-from .model import T5, T5Config, build_model, read_checkpoint_config
+from .backend import Backend
+from .errors import BudgetExceededError, InputError
+from .formatting import build_instruction, lists_candidates, sanitize_text
+from .loading import Loaded, load_from_model, load_pretrained
 from .packing import IGNORE, Unit, decoder_arrays, pack_unit, plan_batches, rows_per_pass
 from .tournament import Tournament, check_tournament_options
+from .sources import ModelSource
 from .types import EngineStats, RankedResult, Request
 
 __all__ = ["Reranker"]
@@ -61,75 +61,6 @@ def _lists_candidates(request: Request) -> bool:
         template=request.template)
 
 
-def _cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 (bf16 matmul about 7x fp32 on this project's AMX CPU)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if dtype in ("float16", "fp16", "half", torch.float16):
-        raise InputError("dtype", "float16 is refused: T5 activations overflow in fp16",
-                         "use dtype='bfloat16' or 'float32'")
-    if dtype == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and _cpu_has_fast_bf16())
-        return torch.bfloat16 if fast else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, torch.float32: torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, torch.bfloat16: torch.bfloat16}
-    if dtype not in table:
-        raise InputError("dtype", f"unknown dtype {dtype!r}", "use 'float32', 'bfloat16' or 'auto'")
-    return table[dtype]
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device", f"{device!r} requested but CUDA is not available", "use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError("device", f"unsupported device {device!r}", "use 'cpu' or 'cuda'")
-    return dev
-
-
-def _load_hf_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
-    pt = path / "pytorch_model.bin"
-    if single.exists():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(single)), single
-        except Exception as e:  # safetensors raises several types for truncated/corrupt files
-            raise ModelLoadError(f"{single}: cannot read weights ({e})") from e
-    if index.exists():
-        from safetensors.torch import load_file
-
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{index}: not a valid shard index ({e})") from e
-        sd: dict[str, torch.Tensor] = {}
-        for name in shards:
-            shard = path / name
-            if not shard.exists():
-                raise ModelLoadError(f"{shard}: shard listed in {index.name} is missing")
-            try:
-                sd.update(load_file(str(shard)))
-            except Exception as e:
-                raise ModelLoadError(f"{shard}: cannot read weights ({e})") from e
-        return sd, index
-    if pt.exists():
-        try:
-            return torch.load(pt, map_location="cpu", weights_only=True), pt
-        except Exception as e:
-            raise ModelLoadError(f"{pt}: cannot read weights ({e})") from e
-    raise ModelLoadError(f"{single}: missing (no model.safetensors, model.safetensors.index.json "
-                         f"or pytorch_model.bin in {path})")
-
-
 @dataclass
 class _Prepared:
     index: int
@@ -143,39 +74,44 @@ class _Prepared:
 class Reranker:
     """Scores and ranks candidate titles under instructions with a T5 / Flan-T5 model."""
 
-    def __init__(self, model: T5, tokenizer: Any, *, device: torch.device, max_source_tokens: int = 512,
+    def __init__(self, backend: Backend, tokenizer: Any, *, device: str | torch.device | None = None,
+                 source: ModelSource | None = None, max_source_tokens: int = 512,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, group_size: int = 10, advance: int = 1,
                  seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
                  read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  compile_model: bool = False):
+        """`backend`: anything that answers engine/backend.py's Backend protocol (the torch model
+        of `from_pretrained` / `from_model`, or an OnnxBackend). Most callers use the class
+        methods, which also resolve the model source and load the tokenizer."""
         check_tournament_options(group_size, advance)
         for name, value in (("max_source_tokens", max_source_tokens), ("batch_tokens", batch_tokens),
                             ("row_tokens", row_tokens), ("read_window", read_window),
                             ("chunk_tokens", chunk_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(name, f"must be a positive int, got {value!r}")
-        # The batch runner calls encode / encoder_kv / decode / head on a backend: the torch
-        # model (wrapped here) or an OnnxBackend (engine/onnx_backend.py). Planning, packing,
-        # counters and results are this class's, shared by both.
-        self.backend = _TorchBackend(model, device) if isinstance(model, T5) else model
+        if device is not None and torch.device(device) != backend.device:
+            raise InputError("device", f"{device!r} given for a backend on {backend.device}",
+                             "leave device out, or load the model on that device")
         if not isinstance(compile_model, bool):
             raise InputError("compile_model", f"must be True or False, got {compile_model!r}")
         if compile_model:
-            if not isinstance(self.backend, _TorchBackend):
+            compile_backend = getattr(backend, "compile", None)  # the torch backend's torch.compile
+            if compile_backend is None:
                 raise InputError("compile_model", "only the torch backend can be compiled",
                                  "drop compile_model, or load the checkpoint with backend='torch'")
-            self.backend.compile()
-        self.model = model
+            compile_backend()
+        self.backend = backend
+        self.source = source  # what the model was loaded from (None for from_model): its identity() for manifests
         self.tokenizer = tokenizer
-        self.device = device
-        self.dtype = self.backend.dtype
+        self.device = backend.device
+        self.dtype = backend.dtype
         self.max_source_tokens = max_source_tokens
         self.batch_tokens = batch_tokens
         self.group_size, self.advance, self.seed = group_size, advance, seed
         self.row_tokens, self.read_window, self.chunk_tokens = row_tokens, read_window, chunk_tokens
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
-        cfg = self.backend.cfg
+        cfg = backend.cfg
         self._start_id = cfg.decoder_start_token_id
         self._pad_id = cfg.pad_token_id
         # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
@@ -188,59 +124,37 @@ class Reranker:
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, path: str | Path, backend: str = "torch", device: str = "cpu",
-                        dtype: str = "float32", **options: Any) -> "Reranker":
-        """Load a Hugging Face T5 checkpoint directory (save_pretrained layout, tokenizer beside it),
-        or with backend="onnx" an `instructrec export` directory (dtype: the export's, or "auto").
-        options: max_source_tokens, batch_tokens, group_size, advance, seed, row_tokens,
-        read_window, chunk_tokens, compile_model (torch only: torch.compile the encoder and
-        decoder; see _TorchBackend.compile); onnx only: threads (onnxruntime intra-op threads),
-        verify_checksums (default True: sha256 of every graph before loading)."""
-        _check_backend(backend)
-        dev = _resolve_device(device)
-        path = Path(path)
-        if backend == "onnx":
-            return cls._from_onnx(path, dev, dtype, options)
-        tdtype = _resolve_dtype(dtype, dev)
-        raw = read_checkpoint_config(path)
-        cfg_file = path / "config.json"
-        try:
-            cfg = T5Config.from_hf(raw)
-        except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{cfg_file}: unsupported configuration ({e})") from e
-        tokenizer = _load_tokenizer(path)
-        sd, weights_file = _load_hf_state_dict(path)
-        model = _build(cfg, sd, tdtype, dev, weights_file)
-        return cls(model, tokenizer, device=dev, **options)
+    def from_pretrained(cls, model: str | os.PathLike | ModelSource, backend: str = "auto", device: str = "cpu",
+                        dtype: str = "auto", *, revision: str | None = None, tokenizer: Any = None,
+                        **options: Any) -> "Reranker":
+        """Load a model: a `save_pretrained` folder (sharded safetensors and pytorch_model.bin
+        included), a Hugging Face Hub id (`google/flan-t5-base`, optionally at `revision`; through
+        the Hugging Face cache), an `instructrec export` folder, `random:<shape>` (random weights,
+        for speed and memory work only; needs `tokenizer=`), or a ModelSource from
+        `instructrec.engine.sources.resolve_model`. It is kept as `reranker.source`.
 
-    @classmethod
-    def _from_onnx(cls, path: Path, dev: torch.device, dtype: Any, options: dict) -> "Reranker":
-        from .onnx_backend import MANIFEST_NAME, OnnxBackend
-
-        if not (path / MANIFEST_NAME).exists() and (path / "config.json").exists() and any(
-                (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
-                                              "pytorch_model.bin")):
-            raise InputError("backend", f"{path} is a Hugging Face checkpoint, not an ONNX export "
-                             f"(no {MANIFEST_NAME})", "run `instructrec export --model DIR --out ONNX_DIR` "
-                             "and load ONNX_DIR, or use backend='torch'")
-        backend = OnnxBackend.load(path, dev, dtype, checksums=options.pop("verify_checksums", True),
-                                   threads=options.pop("threads", None))
-        return cls(backend, _load_tokenizer(path), device=dev, **options)
+        backend: "auto" (torch for a checkpoint or random model, onnx for an export folder),
+        "torch" or "onnx". dtype: "auto" (engine/capabilities.py: bf16 on CUDA and on CPUs where
+        it is native and measured faster, else fp32; an export's own dtype for onnx), "float32"
+        or "bfloat16". tokenizer: a folder or Hub id (or a loaded tokenizer) to use instead of the
+        model folder's. options: max_source_tokens, batch_tokens, group_size, advance, seed,
+        row_tokens, read_window, chunk_tokens, compile_model (torch only: torch.compile the
+        encoder and decoder; see TorchBackend.compile); onnx only: threads (onnxruntime intra-op
+        threads), verify_checksums (default True: sha256 of every graph before loading)."""
+        loaded = load_pretrained(model, backend, device, dtype, revision=revision, tokenizer=tokenizer,
+                                 options=options)
+        return cls._from_loaded(loaded)
 
     @classmethod
     def from_model(cls, hf_model: Any, tokenizer: Any, backend: str = "torch", device: str = "cpu",
-                   dtype: str = "float32", **options: Any) -> "Reranker":
-        """From an in-memory transformers T5ForConditionalGeneration (weights are copied, so later
-        training steps do not change this reranker: build a new one to validate new weights)."""
-        _check_backend(backend)
-        if backend == "onnx":
-            raise InputError("backend", "from_model builds a torch model; the onnx backend loads an export "
-                             "directory", "export with `instructrec export`, then use "
-                             "Reranker.from_pretrained(ONNX_DIR, backend='onnx')")
-        dev = _resolve_device(device)
-        cfg = T5Config.from_hf(hf_model.config)
-        model = _build(cfg, hf_model.state_dict(), _resolve_dtype(dtype, dev), dev, "hf_model.state_dict()")
-        return cls(model, tokenizer, device=dev, **options)
+                   dtype: str = "auto", **options: Any) -> "Reranker":
+        """From an in-memory transformers T5ForConditionalGeneration. Its weights are copied, so
+        later training steps do not change this reranker: build a new one to validate new weights."""
+        return cls._from_loaded(load_from_model(hf_model, tokenizer, backend, device, dtype, options))
+
+    @classmethod
+    def _from_loaded(cls, loaded: Loaded) -> "Reranker":
+        return cls(loaded.backend, loaded.tokenizer, source=loaded.source, **loaded.options)
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
@@ -347,7 +261,7 @@ class Reranker:
             k += n
             if len(bad):
                 c = int(bad[0])
-                e = InputError(f"candidates[{c}]", f"title {p.titles[c]!r} tokenizes to nothing "
+                e = InputError(f"candidates[{c}]", f"title {p.request.candidates[c]!r} tokenizes to nothing "
                                "(no token besides the closing </s>)", "drop or fix this candidate")
                 if errors == "raise":
                     raise e
@@ -376,6 +290,10 @@ class Reranker:
             if t is None or not isinstance(t, str) or not t.strip():
                 raise InputError(f"candidates[{c}]", f"null or empty title ({t!r})",
                                  "every candidate needs a non-empty title")
+        # Titles are scored as training targets were written and as listed candidates are
+        # (engine/formatting.py): "Game {Deluxe} Edition" is scored as "Game (Deluxe) Edition",
+        # never with the <unk> tokens the model never saw in a target.
+        titles = [sanitize_text(t) for t in titles]
         if r.candidate_ids is None:
             ids = [str(c) for c in range(len(titles))]
         else:
@@ -521,77 +439,6 @@ class Reranker:
             st.decoder_passes += 1
             st.decoder_tokens += len(flat)
             st.padded_decoder_tokens += a.ids.size
-
-
-class _TorchBackend:
-    """The torch model behind the batch runner's four calls (OnnxBackend answers the same ones)."""
-
-    def __init__(self, model: T5, device: torch.device):
-        self.model, self.cfg, self.device = model, model.cfg, device
-        self.dtype = model.shared.weight.dtype
-        self._encode, self._decode = model.encode, model.decode
-
-    def compile(self) -> None:
-        """torch.compile (Inductor, dynamic shapes) of the encoder and the decoder: norms,
-        residual adds, casts, masks and the gated activation fuse into a few generated loops
-        around the matmuls and attention. On a random flan-t5-base shape in bf16 on this
-        project's CPU, one thread, rerank-10 ran 30.0 against 25.7 candidates/s (1.17x, quiet
-        machine; 1.6x less CPU time on a loaded one) after a one-off compile of 100-150 s, plus
-        shorter recompiles when a batch shape first has a dimension of 1. Worth it for long
-        jobs, not for a handful of requests."""
-        if self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
-            raise InputError("compile_model", "torch.compile on CPU needs a C++ compiler (c++, g++ or clang++) "
-                             "on PATH and none was found", "install one (e.g. apt-get install g++) or drop compile_model")
-        log.info("compiling the encoder and decoder with torch.compile: the first batches take minutes on CPU")
-        self._encode = torch.compile(self.model.encode, dynamic=True)
-        self._decode = torch.compile(self.model.decode, dynamic=True)
-
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self._encode(ids, mask)
-
-    def encoder_kv(self, enc: torch.Tensor) -> list:
-        return self.model.encoder_kv(enc)
-
-    def decode(self, ids, segments, kv, src_mask) -> torch.Tensor:
-        return self._decode(ids, segments, kv, src_mask)
-
-    def head(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-        return _lm_head(hidden, self.model.lm_weight, targets, chunk_tokens, check=self.device.type != "cuda")
-
-
-def _lm_head(hidden, weight, targets, chunk_tokens: int, check: bool) -> torch.Tensor:
-    from instructrec.kernels import lm_head_log_softmax_gather
-
-    return lm_head_log_softmax_gather(hidden, weight, targets, chunk_tokens=chunk_tokens,
-                                      ignore_index=IGNORE, check_targets=check)
-
-
-def _build(cfg: T5Config, sd: dict, dtype: torch.dtype, device: torch.device, source: Any) -> T5:
-    try:
-        return build_model(cfg, sd, dtype, device)
-    except KeyError as e:
-        raise ModelLoadError(f"{source}: weights missing from the checkpoint: {e.args[0]}") from e
-    except RuntimeError as e:  # shape mismatch between config.json and the weights
-        raise ModelLoadError(f"{source}: weights do not match config.json ({e})") from e
-
-
-def _load_tokenizer(path: Path) -> Any:
-    if not (path / "tokenizer.json").exists() and not (path / "spiece.model").exists():
-        raise ModelLoadError(f"{path / 'tokenizer.json'}: missing (no tokenizer.json or spiece.model "
-                             "beside the weights; save the tokenizer with save_pretrained)")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelLoadError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({e})") from e
-    except Exception as e:  # the tokenizers library raises its own Exception type for bad JSON
-        raise ModelLoadError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({e})") from e
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in ("torch", "onnx"):
-        raise InputError("backend", f"unknown backend {backend!r}", "use backend='torch' or 'onnx'")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -84,7 +84,7 @@ def request_of(row: dict) -> Request:
 
 @pytest.fixture(scope="module")
 def reranker(tiny_t5_dir):
-    return Reranker.from_pretrained(tiny_t5_dir)
+    return Reranker.from_pretrained(tiny_t5_dir, dtype="float32")  # run_job's default dtype
 
 
 def test_every_bad_row_becomes_an_error_row_in_order_and_scores_equal_rank(tiny_t5_dir, reranker, tmp_path):
