@@ -8,6 +8,7 @@ through `instructrec.kernels.lm_head_log_softmax_gather`, so [tokens x vocab] ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ import torch
 
 from .backend import Backend
 from .errors import BudgetExceededError, InputError
-from .formatting import build_instruction, lists_candidates, sanitize_text
+from .formatting import MAX_CHARS_PER_TOKEN, lists_candidates, max_source_chars, render, sanitize_text
 from .loading import Loaded, load_from_model, load_pretrained
 from .packing import IGNORE, Unit, decoder_arrays, pack_unit, plan_batches, rows_per_pass
 from .tournament import Tournament, check_tournament_options
@@ -40,14 +41,21 @@ DEFAULT_ROW_TOKENS = 256
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_READ_WINDOW = 4096  # units sorted by length together (a window's scores sync once)
 DEFAULT_CHUNK_TOKENS = 256  # LM-head rows per matmul chunk (kernels' measured default on this CPU)
+# Longest candidate title, in target tokens (closing </s> included). Decoder memory grows with the
+# square of a row's length (a 10,000-character title took 1.8 GiB), so a longer title is an
+# over_budget error of its request instead of a risk to the whole job. Real catalogues sit far
+# below: with the Flan-T5 tokenizer the 17,332 titles of the Video Games 2018 meta have a median of
+# 12 tokens, 99.9% within 75 and a longest of 181 (3 over 128); the 2,553 titles of the 2023
+# sample (24 categories) reach 103. 256 keeps every real title with room to spare.
+DEFAULT_MAX_TARGET_TOKENS = 256
 
 
 def _instruction_text(request: Request, titles: Sequence[str] | None, tokenizer: Any,
-                      max_source_tokens: int) -> str:
+                      max_source_tokens: int) -> tuple[str, list[int] | None]:
     """The one place a request (and, for listed-candidate instructions, the titles of the group
-    being scored) becomes instruction text: engine/formatting.py's build_instruction (raises
-    UnknownTemplateError / BudgetExceededError / InputError)."""
-    return build_instruction(
+    being scored) becomes instruction text, with its token ids when a tokenizer is given:
+    engine/formatting.py's render (raises UnknownTemplateError / BudgetExceededError / InputError)."""
+    return render(
         instruction=request.instruction, history=request.history, preference=request.preference,
         intention=request.intention, intention_kind=request.intention_kind, context=request.context,
         template=request.template, candidates=None if titles is None else list(titles),
@@ -76,6 +84,7 @@ class Reranker:
 
     def __init__(self, backend: Backend, tokenizer: Any, *, device: str | torch.device | None = None,
                  source: ModelSource | None = None, max_source_tokens: int = 512,
+                 max_target_tokens: int = DEFAULT_MAX_TARGET_TOKENS,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, group_size: int = 10, advance: int = 1,
                  seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
                  read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -84,7 +93,8 @@ class Reranker:
         of `from_pretrained` / `from_model`, or an OnnxBackend). Most callers use the class
         methods, which also resolve the model source and load the tokenizer."""
         check_tournament_options(group_size, advance)
-        for name, value in (("max_source_tokens", max_source_tokens), ("batch_tokens", batch_tokens),
+        for name, value in (("max_source_tokens", max_source_tokens), ("max_target_tokens", max_target_tokens),
+                            ("batch_tokens", batch_tokens),
                             ("row_tokens", row_tokens), ("read_window", read_window),
                             ("chunk_tokens", chunk_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -103,9 +113,14 @@ class Reranker:
         self.backend = backend
         self.source = source  # what the model was loaded from (None for from_model): its identity() for manifests
         self.tokenizer = tokenizer
+        # Every text the engine tokenizes is counted against its own budgets first, so transformers'
+        # "Token indices sequence length is longer than the specified maximum" warning (about the
+        # tokenizer's model_max_length) would only be noise: verbose=False silences it, per call.
+        self._tokenize = functools.partial(tokenizer, verbose=False)
         self.device = backend.device
         self.dtype = backend.dtype
         self.max_source_tokens = max_source_tokens
+        self.max_target_tokens = max_target_tokens
         self.batch_tokens = batch_tokens
         self.group_size, self.advance, self.seed = group_size, advance, seed
         self.row_tokens, self.read_window, self.chunk_tokens = row_tokens, read_window, chunk_tokens
@@ -186,8 +201,9 @@ class Reranker:
         def fail(i: int, e: InputError) -> None:
             if errors == "raise":
                 raise e
-            results[i] = RankedResult(request_id=requests[i].request_id, n_candidates=_n(requests[i]),
-                                      error=str(e), error_kind=e.kind)
+            r = requests[i]
+            results[i] = RankedResult(request_id=r.request_id if isinstance(r, Request) else None,
+                                      n_candidates=_n(r), error=str(e), error_kind=e.kind)
 
         prepared = self._prepare(requests, errors)
         for i, p in enumerate(prepared):
@@ -249,7 +265,7 @@ class Reranker:
         live = [p for p in out if isinstance(p, _Prepared)]
         titles = [t for p in live for t in p.titles]
         t0 = time.perf_counter()
-        ids = self.tokenizer(text_target=titles, add_special_tokens=True)["input_ids"] if titles else []
+        ids = self._tokenize(text_target=titles, add_special_tokens=True)["input_ids"] if titles else []
         self.timings["tokenize_s"] += time.perf_counter() - t0
         k = 0
         position = {id(p): n for n, p in enumerate(out)}
@@ -257,12 +273,16 @@ class Reranker:
         for p in live:
             n = len(p.titles)
             p.targets = [np.asarray(x, dtype=np.int64) for x in ids[k:k + n]]
-            bad = np.flatnonzero(blank[k:k + n])
+            long = np.fromiter((len(y) > self.max_target_tokens for y in p.targets), dtype=bool, count=n)
+            bad = np.flatnonzero(blank[k:k + n] | long)
             k += n
             if len(bad):
                 c = int(bad[0])
-                e = InputError(f"candidates[{c}]", f"title {p.request.candidates[c]!r} tokenizes to nothing "
-                               "(no token besides the closing </s>)", "drop or fix this candidate")
+                if long[c]:
+                    e = self._title_over_budget(c, f"{len(p.targets[c])} tokens")
+                else:
+                    e = InputError(f"candidates[{c}]", f"title {list(p.request.candidates)[c]!r} tokenizes to "
+                                   "nothing: no token besides the closing </s>", "drop or fix this candidate")
                 if errors == "raise":
                     raise e
                 out[position[id(p)]] = e
@@ -277,9 +297,14 @@ class Reranker:
         ends = np.cumsum(lengths)
         return text_so_far[ends] - text_so_far[ends - lengths] == 0
 
+    def _title_over_budget(self, c: int, size: str) -> BudgetExceededError:
+        return BudgetExceededError(f"candidates[{c}]", f"title is {size}, over max_target_tokens="
+                                   f"{self.max_target_tokens}", "shorten this title, or raise max_target_tokens")
+
     def _validate(self, i: int, r: Request) -> _Prepared:
         if not isinstance(r, Request):
-            raise InputError("request", f"expected instructrec.engine.Request, got {type(r).__name__}")
+            raise InputError("request", f"expected instructrec.engine.Request, got {type(r).__name__}",
+                             "build each item as Request(instruction=..., candidates=[...])")
         cands = r.candidates
         if cands is None or isinstance(cands, (str, bytes)):
             raise InputError("candidates", "must be a list of titles", "pass e.g. ['Title A', 'Title B']")
@@ -287,13 +312,19 @@ class Reranker:
         if not titles:
             raise InputError("candidates", "empty candidate list", "give at least one candidate title")
         for c, t in enumerate(titles):
-            if t is None or not isinstance(t, str) or not t.strip():
+            if t is not None and not isinstance(t, str):
+                raise InputError(f"candidates[{c}]", f"title must be text, got {type(t).__name__} {t!r}",
+                                 "every candidate title is a string")
+            if t is None or not t.strip():
                 raise InputError(f"candidates[{c}]", f"null or empty title ({t!r})",
                                  "every candidate needs a non-empty title")
         # Titles are scored as training targets were written and as listed candidates are
         # (engine/formatting.py): "Game {Deluxe} Edition" is scored as "Game (Deluxe) Edition",
         # never with the <unk> tokens the model never saw in a target.
         titles = [sanitize_text(t) for t in titles]
+        for c, t in enumerate(titles):  # refused before tokenizing: no title length costs more than this
+            if len(t) > self.max_target_tokens * MAX_CHARS_PER_TOKEN:
+                raise self._title_over_budget(c, f"{len(t):,} characters")
         if r.candidate_ids is None:
             ids = [str(c) for c in range(len(titles))]
         else:
@@ -326,43 +357,48 @@ class Reranker:
         Texts are rendered without the tokenizer first (no budget check, all of the history), then
         tokenized together. A text within max_source_tokens is exactly what budget-aware rendering
         gives (it only ever drops history when the whole text is over budget). Only the rare text
-        over budget is rendered again with the tokenizer, which drops the oldest history items to
-        fit or raises BudgetExceededError. Per request this saves two tokenizer calls (the budget
-        count and the encoding) and their Python overhead: ~0.2 ms, the engine's largest host cost
-        on small requests."""
+        over budget (or over the character cap, which is not tokenized here at all) is rendered
+        again with the tokenizer, which drops the oldest history items to fit, returning the ids
+        it counted, or raises BudgetExceededError. Per request this saves two tokenizer calls (the
+        budget count and the encoding) and their Python overhead: ~0.2 ms, the engine's largest
+        host cost on small requests."""
         t0 = time.perf_counter()
         out: list[Unit | InputError | None] = [None] * len(work)
         texts: list[str] = []
         rendered: list[int] = []
+        refit: list[int] = []
         for n, (p, members) in enumerate(work):
             titles = [p.titles[c] for c in members] if p.lists else None
             try:
-                texts.append(_instruction_text(p.request, titles, None, self.max_source_tokens))
+                text, _ = _instruction_text(p.request, titles, None, self.max_source_tokens)
+            except InputError as e:
+                out[n] = e
+                continue
+            if len(text) > max_source_chars(self.max_source_tokens):
+                refit.append(n)
+            else:
+                texts.append(text)
                 rendered.append(n)
-            except InputError as e:
-                out[n] = e
-        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        ids = self._tokenize(texts, add_special_tokens=True)["input_ids"] if texts else []
+        sources: dict[int, list[int]] = {}
         for n, src_ids in zip(rendered, ids):
+            if len(src_ids) > self.max_source_tokens:
+                refit.append(n)
+            else:
+                sources[n] = src_ids
+        for n in refit:
             p, members = work[n]
+            titles = [p.titles[c] for c in members] if p.lists else None
             try:
-                if len(src_ids) > self.max_source_tokens:
-                    src_ids = self._fit_to_budget(p, members)
-                out[n] = Unit(source=np.asarray(src_ids, dtype=np.int64), owner=p.index, tag=members,
-                              targets=[p.targets[c] for c in members])
+                sources[n] = _instruction_text(p.request, titles, self._tokenize, self.max_source_tokens)[1]
             except InputError as e:
                 out[n] = e
+        for n, src_ids in sources.items():
+            p, members = work[n]
+            out[n] = Unit(source=np.asarray(src_ids, dtype=np.int64), owner=p.index, tag=members,
+                          targets=[p.targets[c] for c in members])
         self.timings["tokenize_s"] += time.perf_counter() - t0
         return out  # type: ignore[return-value]
-
-    def _fit_to_budget(self, p: _Prepared, members: np.ndarray) -> list[int]:
-        titles = [p.titles[c] for c in members] if p.lists else None
-        text = _instruction_text(p.request, titles, self.tokenizer, self.max_source_tokens)
-        src_ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(src_ids) > self.max_source_tokens:  # formatting's count and this one agree; kept as a guard
-            raise BudgetExceededError(
-                "instruction", f"{len(src_ids)} tokens, over max_source_tokens={self.max_source_tokens}",
-                "shorten the instruction (free text is never truncated) or raise max_source_tokens")
-        return src_ids
 
     def _units_for(self, work: list[tuple[_Prepared, Tournament | None]]) -> "list[list[Unit] | InputError]":
         """The units of each request's next step (the whole request, or the groups of its
@@ -447,6 +483,9 @@ def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _n(r: Any) -> int:
+    """The candidate count an error result reports (0 where the request has no countable list)."""
+    if not isinstance(r, Request):
+        return 0
     try:
         return 0 if r.candidates is None or isinstance(r.candidates, str) else len(r.candidates)
     except TypeError:

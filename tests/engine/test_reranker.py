@@ -4,6 +4,7 @@ others), loading failures naming the file, dtype/backend choices, stats."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -214,3 +215,86 @@ def test_compiled_model_scores_like_eager(tiny_t5_dir, rr):
 def test_compile_is_refused_where_it_cannot_run(rr):
     with pytest.raises(InputError, match="compile_model"):
         Reranker(rr.backend, rr.tokenizer, device=rr.device, compile_model="yes")
+
+
+# ---- no single row can stop a job (issue 14) ---------------------------------------------------
+
+
+def test_an_over_long_title_is_an_over_budget_error_naming_its_index_and_length(rr):
+    long_title = "Deluxe Collector Bundle " * 120  # ~2,900 characters: tokenized, then over 256 tokens
+    n_tokens = len(rr.tokenizer(text_target=long_title.strip()).input_ids)
+    assert n_tokens > rr.max_target_tokens == 256
+    with pytest.raises(BudgetExceededError) as caught:
+        rr.score("Recommend a game.", ["Tetris", "Halo 3", long_title])
+    assert caught.value.field == "candidates[2]" and f"{n_tokens} tokens" in str(caught.value)
+    assert "max_target_tokens=256" in str(caught.value)
+    # Far over: refused by its length in characters, before any tokenization.
+    with pytest.raises(BudgetExceededError, match=r"candidates\[1\]: title is 1,000,000 characters"):
+        rr.score("Recommend a game.", ["Tetris", "x" * 1_000_000])
+    good = Request(instruction="A game for my son.", candidates=["Tetris", "Halo 3"], request_id="good")
+    bad = Request(instruction="A game for my son.", candidates=["Tetris", long_title], request_id="long title")
+    out = rr.rank([bad, good], errors="return")
+    assert out[0].error_kind == "over_budget" and out[0].n_candidates == 2 and out[0].ranked_ids == []
+    assert out[1].error is None and out[1].scores == rr.rank([good])[0].scores
+
+
+def test_max_target_tokens_is_an_option(tiny_t5_dir):
+    short = Reranker.from_pretrained(tiny_t5_dir, dtype="float32", max_target_tokens=4)
+    with pytest.raises(BudgetExceededError, match=r"candidates\[0\]: title is \d+ tokens, over max_target_tokens=4"):
+        short.score("x", ["Forza Horizon 4 - Standard Edition - Xbox One"])
+    with pytest.raises(InputError, match="max_target_tokens"):
+        Reranker.from_pretrained(tiny_t5_dir, max_target_tokens=0)
+
+
+def test_a_huge_free_text_instruction_is_an_error_row(rr):
+    out = rr.rank([Request(instruction="word " * 500_000, candidates=["Tetris"], request_id="huge"),
+                   Request(instruction="A game.", candidates=["Tetris"], request_id="fine")], errors="return")
+    assert out[0].error_kind == "over_budget" and "2,500,000 characters" in out[0].error
+    assert out[1].error is None
+
+
+@pytest.mark.parametrize("item", [{"instruction": "A game.", "candidates": ["Tetris"]}, None, "A game."])
+def test_errors_return_gives_a_non_request_item_an_error_result(rr, item):
+    good = Request(instruction="A game for my son.", candidates=["Tetris", "Halo 3"], request_id="good")
+    out = rr.rank([good, item, good], errors="return")
+    assert [r.request_id for r in out] == ["good", None, "good"]
+    assert out[1].error_kind == "invalid_input" and f"got {type(item).__name__}" in out[1].error
+    assert out[1].ranked_ids == [] and out[1].n_candidates == 0
+    assert out[0].error is None and out[0].scores == out[2].scores == rr.rank([good])[0].scores
+    with pytest.raises(InputError, match="expected instructrec.engine.Request"):
+        rr.rank([good, item])
+
+
+def test_a_non_string_title_is_reported_as_such(rr):
+    with pytest.raises(InputError) as caught:
+        rr.score("Recommend a game.", ["Tetris", 7])
+    assert caught.value.field == "candidates[1]" and "title must be text, got int 7" in str(caught.value)
+    assert "null or empty" not in str(caught.value)
+
+
+def test_no_sequence_length_warning_where_the_engine_counts_tokens(rr, tokenizer_dir):
+    """transformers warns once per tokenizer when a text exceeds its model_max_length; the engine
+    counts every text against its own budgets, so the warning would only be noise."""
+    from transformers import AutoTokenizer
+
+    fresh = AutoTokenizer.from_pretrained(tokenizer_dir)
+    fresh.model_max_length = 16  # so that ordinary texts here exceed it
+    quiet = Reranker(rr.backend, fresh, max_source_tokens=512)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        history = [f"Legendary Adventure Saga Part {i} - Collector's Edition" for i in range(20)]
+        quiet.rank([Request(history=history, candidates=["A long candidate title " * 6, "Tetris"]),
+                    Request(instruction="Pick one: {candidates}", candidates=["Halo 3"] * 3)])
+        # The tokenizer itself still warns where a caller does not count (once per tokenizer: had
+        # the engine warned first, this call would be silent and the message would differ).
+        direct = "word " * 40
+        fresh(direct)
+    finally:
+        transformers_logger.removeHandler(handler)
+    warned = [r.getMessage() for r in records if "sequence length is longer" in r.getMessage()]
+    n_direct = len(fresh(direct, verbose=False).input_ids)
+    assert len(warned) == 1 and f"({n_direct} > 16)" in warned[0], warned
