@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -28,6 +28,7 @@ __all__ = ["Backend", "TorchBackend"]
 log = logging.getLogger(__name__)
 
 
+@runtime_checkable
 class Backend(Protocol):
     cfg: T5Config
     dtype: torch.dtype

@@ -113,7 +113,8 @@ def load_tokenizer(spec: str | os.PathLike, *, revision: str | None = None) -> A
                                    "pass the folder that holds tokenizer.json, or a Hub id such as google/flan-t5-base")
         path = _hub_tokenizer_folder(text, revision)
     elif not path.is_dir():
-        raise ModelSourceError(f"tokenizer {text!r} is a file, not a folder", "pass the folder that holds tokenizer.json")
+        raise ModelSourceError(f"tokenizer {text!r} is a file, not a folder",
+                               "pass the folder that holds tokenizer.json")
     if not (path / "tokenizer.json").exists() and not (path / "spiece.model").exists():
         raise ModelLoadError(f"{path / 'tokenizer.json'}: missing (no tokenizer.json or spiece.model "
                              "beside the weights; save the tokenizer with save_pretrained)")

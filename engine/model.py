@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-__all__ = ["read_checkpoint_config", "T5Config", "T5", "PRESETS", "WeightSlot", "weight_slots", "empty_model", "fill_model",
+__all__ = ["read_checkpoint_config", "T5Config", "T5", "WeightSlot", "weight_slots", "empty_model", "fill_model",
            "build_model", "random_model", "relative_position_bucket"]
 
 
@@ -82,12 +82,6 @@ class T5Config:
         return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
 
     @classmethod
-    def from_name(cls, name: str) -> "T5Config":
-        if name not in PRESETS:
-            raise KeyError(f"unknown T5 preset {name!r}; known: {sorted(PRESETS)}")
-        return PRESETS[name]
-
-    @classmethod
     def from_hf(cls, config: Any) -> "T5Config":
         """From a Hugging Face T5Config or the dict of its config.json."""
         if isinstance(config, dict):
@@ -110,15 +104,6 @@ class T5Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-PRESETS: dict[str, T5Config] = {
-    "flan-t5-small": T5Config(d_model=512, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
-    "flan-t5-base": T5Config(d_model=768, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
-    "flan-t5-large": T5Config(d_model=1024, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
-    "flan-t5-xl": T5Config(d_model=2048, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32),
-    # For fast tests: builds and runs in milliseconds.
-    "tiny": T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4),
-}
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,

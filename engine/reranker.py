@@ -1,5 +1,12 @@
 """Reranker: score candidate titles by log P(title | instruction) with a T5 checkpoint.
 
+The orchestration layer of the engine: requests are validated, their titles tokenized as
+training targets are written, their instructions rendered (engine/formatting.py) and grouped
+into tournaments where they list more candidates than a group holds (engine/tournament.py);
+units of work then go to the device loop (engine/runner.py) and come back as scores to rank.
+Loading lives in engine/loading.py (from_pretrained / from_model), the model behind the
+`Backend` protocol in engine/backend.py (torch) and engine/onnx_backend.py (onnxruntime).
+
 Work done per instruction (per tournament group): one encoder pass and one cross-attention K/V
 computation per decoder layer, shared by all its candidates; the candidates are packed into
 decoder rows (see model.py / packing.py); the LM head and log-softmax-gather run in token chunks
@@ -18,13 +25,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from instructrec.kernels import DEFAULT_CHUNK_TOKENS  # LM-head rows per chunk: the kernels' measured default
+
 from .backend import Backend
 from .errors import BudgetExceededError, InputError
 from .formatting import MAX_CHARS_PER_TOKEN, lists_candidates, max_source_chars, render, sanitize_text
 from .loading import Loaded, load_from_model, load_pretrained
-from .packing import IGNORE, Unit, decoder_arrays, pack_unit, plan_batches, rows_per_pass
-from .tournament import Tournament, check_tournament_options
+from .packing import Unit
+from .runner import DEFAULT_BATCH_TOKENS, DEFAULT_READ_WINDOW, DEFAULT_ROW_TOKENS, DeviceRunner
 from .sources import ModelSource
+from .tournament import Tournament, check_tournament_options
 from .types import EngineStats, RankedResult, Request
 
 __all__ = ["Reranker"]
@@ -33,14 +43,6 @@ log = logging.getLogger(__name__)
 
 _NORMALIZE = ("sum", "mean")
 _ERRORS = ("raise", "return")
-# Decoder row cap in tokens. Rerank-10 candidates (10 titles of ~10-25 tokens) fit one row; for
-# 2,000 candidates, rows of 256 keep the per-row [H, T, T] bias+mask at 1.5 MiB (fp32) while the
-# self-attention waste (T/2 keys per token on average) stays small next to the FFN and head.
-# Not yet swept on a quiet machine: `python -m instructrec.bench.rerank_memory --row-tokens 128 256 512`.
-DEFAULT_ROW_TOKENS = 256
-DEFAULT_BATCH_TOKENS = 8192
-DEFAULT_READ_WINDOW = 4096  # units sorted by length together (a window's scores sync once)
-DEFAULT_CHUNK_TOKENS = 256  # LM-head rows per matmul chunk (kernels' measured default on this CPU)
 # Longest candidate title, in target tokens (closing </s> included). Decoder memory grows with the
 # square of a row's length (a 10,000-character title took 1.8 GiB), so a longer title is an
 # over_budget error of its request instead of a risk to the whole job. Real catalogues sit far
@@ -121,14 +123,12 @@ class Reranker:
         self.dtype = backend.dtype
         self.max_source_tokens = max_source_tokens
         self.max_target_tokens = max_target_tokens
-        self.batch_tokens = batch_tokens
         self.group_size, self.advance, self.seed = group_size, advance, seed
-        self.row_tokens, self.read_window, self.chunk_tokens = row_tokens, read_window, chunk_tokens
+        self._runner = DeviceRunner(backend, batch_tokens=batch_tokens, row_tokens=row_tokens,
+                                    read_window=read_window, chunk_tokens=chunk_tokens)
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
         cfg = backend.cfg
-        self._start_id = cfg.decoder_start_token_id
-        self._pad_id = cfg.pad_token_id
         # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
         # zero-width or control-character title tokenizes to just ["▁", "</s>"]).
         blank = {cfg.eos_token_id, cfg.pad_token_id}
@@ -170,6 +170,12 @@ class Reranker:
     @classmethod
     def _from_loaded(cls, loaded: Loaded) -> "Reranker":
         return cls(loaded.backend, loaded.tokenizer, source=loaded.source, **loaded.options)
+
+    # The device loop's budgets (engine/runner.py), fixed at construction.
+    batch_tokens = property(lambda self: self._runner.batch_tokens)
+    row_tokens = property(lambda self: self._runner.row_tokens)
+    read_window = property(lambda self: self._runner.read_window)
+    chunk_tokens = property(lambda self: self._runner.chunk_tokens)
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
@@ -423,58 +429,11 @@ class Reranker:
             return u.scores / np.array([len(y) for y in u.targets], dtype=np.float64)
         return u.scores
 
-    # ------------------------------------------------------------------------------- hot loop
-    @torch.inference_mode()
     def _run_units(self, units: list[Unit]) -> None:
-        """Fill unit.scores (sum of token log-probs per candidate) for every unit."""
+        """Fill unit.scores (sum of token log-probs per candidate) for every unit, on the device."""
         t0 = time.perf_counter()
-        for w in range(0, len(units), self.read_window):
-            window = [pack_unit(u, self.row_tokens) for u in units[w:w + self.read_window]]
-            slot_base = np.cumsum([0] + [len(u.targets) for u in window])
-            sums = torch.zeros(int(slot_base[-1]), dtype=torch.float64, device=self.device)  # [slots]
-            for batch in plan_batches(window, self.batch_tokens):
-                self._run_batch([window[i] for i in batch], [int(slot_base[i]) for i in batch], sums)
-            host = sums.cpu().numpy()  # the one device->host sync of the window
-            for u, base in zip(window, slot_base[:-1]):
-                u.scores = _tie_identical_targets(u.targets, host[base:base + len(u.targets)].copy())
+        self._runner.run(units, self.stats)
         self.timings["model_s"] += time.perf_counter() - t0
-
-    def _run_batch(self, units: list[Unit], slot_base: list[int], sums: torch.Tensor) -> None:
-        backend, dev, st = self.backend, self.device, self.stats
-        B = len(units)
-        S = max(len(u.source) for u in units)
-        src = np.full((B, S), self._pad_id, dtype=np.int64)
-        for b, u in enumerate(units):
-            src[b, :len(u.source)] = u.source
-        src_t = torch.from_numpy(src).to(dev, non_blocking=True)  # [B, S]
-        lengths = torch.tensor([len(u.source) for u in units]).to(dev, non_blocking=True)
-        src_mask = torch.arange(S, device=dev)[None, :] < lengths[:, None]  # [B, S]
-        enc = backend.encode(src_t, src_mask)  # [B, S, D]
-        kv = backend.encoder_kv(enc)  # per decoder layer k, v [B, H, S, dk] (onnx: stacked), shared by all rows
-        st.batches += 1
-        st.encoder_passes += B
-        st.encoder_tokens += sum(len(u.source) for u in units)
-        st.padded_encoder_tokens += B * S
-        st.candidates += sum(len(u.targets) for u in units)
-
-        R = max(len(u.rows) for u in units)
-        T = max(u.row_len for u in units)
-        step = rows_per_pass(B, T, self.batch_tokens)
-        for r0 in range(0, R, step):
-            a = decoder_arrays(units, slot_base, self._start_id, self._pad_id, slice(r0, r0 + step))
-            flat = np.flatnonzero(a.targets.reshape(-1) != IGNORE)  # real tokens, [N]
-            ids = torch.from_numpy(a.ids).to(dev, non_blocking=True)  # [B, Rc, T]
-            seg = torch.from_numpy(a.segments).to(dev, non_blocking=True)  # [B, Rc, T]
-            h = backend.decode(ids, seg, kv, src_mask)  # [B, Rc, T, D]
-            flat_t = torch.from_numpy(flat).to(dev, non_blocking=True)
-            hidden = h.reshape(-1, h.shape[-1]).index_select(0, flat_t)  # [N, D]
-            tgt = torch.from_numpy(a.targets.reshape(-1)[flat]).to(dev, non_blocking=True)  # [N]
-            slots = torch.from_numpy(a.slots.reshape(-1)[flat]).to(dev, non_blocking=True)  # [N]
-            lp = backend.head(hidden, tgt, self.chunk_tokens)  # [N] fp32, in token chunks
-            sums.index_add_(0, slots, lp.double())
-            st.decoder_passes += 1
-            st.decoder_tokens += len(flat)
-            st.padded_decoder_tokens += a.ids.size
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -497,21 +456,6 @@ def _by_owner(units: list[Unit]) -> dict[int, list[Unit]]:
     for u in units:
         out.setdefault(u.owner, []).append(u)
     return out
-
-
-def _tie_identical_targets(targets: list[np.ndarray], scores: np.ndarray) -> np.ndarray:
-    """Give candidates whose titles tokenize to the same ids (titles that differ only in characters
-    the tokenizer drops or maps to <unk>: "Game 東方" / "Game 游戏" with Flan-T5, doubled spaces) the
-    score of the first of them. Their exact scores are equal, but each was computed at its own place
-    in a packed row, and fp32 rounding there differs by ~1e-7 relative: without this the order among
-    them came from the packing, so the same request ranked differently alone, in another batch or
-    in another batch job chunk. Tied, the stable sort keeps their input order everywhere."""
-    first: dict[bytes, int] = {}
-    for c, y in enumerate(targets):
-        k = first.setdefault(y.tobytes(), c)
-        if k != c:
-            scores[c] = scores[k]
-    return scores
 
 
 def _result(p: _Prepared, order: np.ndarray, scores: np.ndarray) -> RankedResult:

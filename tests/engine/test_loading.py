@@ -141,6 +141,18 @@ def test_backend_auto_and_the_wrong_explicit_backend(tiny_t5_dir, tmp_path):
         Reranker.from_pretrained(tiny_t5_dir, backend="tensorrt")
 
 
+def test_both_backends_answer_the_backend_protocol(folder_rr, tiny_t5_dir):
+    from instructrec.engine.backend import Backend
+    from instructrec.engine.model import T5Config
+    from instructrec.engine.onnx_backend import OnnxBackend
+
+    assert isinstance(folder_rr.backend, Backend)
+    cfg = T5Config.from_hf(json.loads((tiny_t5_dir / "config.json").read_text()))
+    onnx = OnnxBackend({}, cfg, torch.float32, torch.device("cpu"), tiny_t5_dir)  # no sessions: members only
+    assert isinstance(onnx, Backend)
+    assert not isinstance(object(), Backend)
+
+
 def test_from_model_copies_the_weights(tiny_t5_dir, tokenizer):
     """A training step after building must not change a reranker built before it (fp32 on the
     same device is where a cast would have returned the training model's own tensors)."""
