@@ -25,8 +25,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from instructrec.kernels import DEFAULT_CHUNK_TOKENS  # LM-head rows per chunk: the kernels' measured default
-
 from .backend import Backend
 from .errors import BudgetExceededError, InputError
 from .formatting import MAX_CHARS_PER_TOKEN, lists_candidates, max_source_chars, render, sanitize_text
@@ -89,16 +87,18 @@ class Reranker:
                  max_target_tokens: int = DEFAULT_MAX_TARGET_TOKENS,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, group_size: int = 10, advance: int = 1,
                  seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
-                 read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int | None = None,
                  compile_model: bool = False):
         """`backend`: anything that answers engine/backend.py's Backend protocol (the torch model
         of `from_pretrained` / `from_model`, or an OnnxBackend). Most callers use the class
-        methods, which also resolve the model source and load the tokenizer."""
+        methods, which also resolve the model source and load the tokenizer.
+        chunk_tokens: LM-head rows per matmul chunk (None: the kernels' measured default for
+        the backend's device, instructrec.kernels.default_chunk_tokens)."""
         check_tournament_options(group_size, advance)
         for name, value in (("max_source_tokens", max_source_tokens), ("max_target_tokens", max_target_tokens),
                             ("batch_tokens", batch_tokens),
                             ("row_tokens", row_tokens), ("read_window", read_window),
-                            ("chunk_tokens", chunk_tokens)):
+                            ("chunk_tokens", 1 if chunk_tokens is None else chunk_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(name, f"must be a positive int, got {value!r}")
         if device is not None and torch.device(device) != backend.device:

@@ -31,11 +31,15 @@ class DeviceRunner:
     """Runs units through a backend under the engine's token budgets, counting the work in `stats`."""
 
     def __init__(self, backend: Backend, *, batch_tokens: int, row_tokens: int, read_window: int,
-                 chunk_tokens: int):
+                 chunk_tokens: int | None = None):
+        from instructrec.kernels import default_chunk_tokens
+
         self.backend = backend
         self.device = backend.device
         self.batch_tokens, self.row_tokens = batch_tokens, row_tokens
-        self.read_window, self.chunk_tokens = read_window, chunk_tokens
+        # LM-head rows per chunk: the kernels own the measured default (512 on CPU, 1024 on CUDA).
+        self.read_window = read_window
+        self.chunk_tokens = default_chunk_tokens(self.device) if chunk_tokens is None else chunk_tokens
         self._start_id = backend.cfg.decoder_start_token_id
         self._pad_id = backend.cfg.pad_token_id
 
