@@ -1,5 +1,10 @@
 """The four graphs the engine runs under onnxruntime, as Optimum custom ONNX configs.
 
+Files (instructrec.engine.onnx_backend.GRAPH_FILES): instructrec-source.onnx (encoder),
+instructrec-cross-kv.onnx (encoder_kv), instructrec-candidates.onnx (decoder) and
+instructrec-logprobs.onnx (lm_head); no name contains "encoder" or "decoder", the words Optimum's
+ORTModelForSeq2SeqLM looks for, so Optimum's stock graphs can share the folder.
+
 Why not Optimum's stock T5 graphs: `encoder_model` / `decoder_model` / `decoder_with_past_model`
 take one target sequence per row and return full logits [B, T, 32128]. Scoring 10 candidates
 with them means either repeating the instruction per candidate (10 encoder passes, the peer we
@@ -11,8 +16,9 @@ candidates x 25 tokens = 6.4 GB fp32). The engine's design needs instead:
   decoder     decoder_input_ids [B, R, T], decoder_segment_ids [B, R, T] (packed candidates; the
               block-diagonal causal mask and T5's relative bias are built inside the graph),
               encoder_attention_mask [B, S], cross_key_values      -> hidden_states [B, R, T, D]
-  lm_head     hidden_states [N, D], labels [N]               -> log_probs [N] (fused log-softmax-gather;
-              the backend feeds it chunk_tokens rows at a time, so only [chunk x V] ever exists)
+  lm_head     hidden_states [N, D], labels [N]               -> log_probs [N] (the head matmul, then
+              instructrec.kernels' plain-torch log-softmax-gather; the backend feeds it chunk_tokens
+              rows at a time, so only [chunk x V] ever exists)
 
 Why Optimum's custom-config route and not a hand-written torch.onnx call: Optimum owns the
 export pipeline (dummy inputs from the config, input ordering from the forward signature,
@@ -40,12 +46,19 @@ from optimum.utils import DummyInputGenerator, NormalizedConfig
 
 from instructrec.engine import model as engine_model
 from instructrec.engine.model import T5
+from instructrec.engine.onnx_backend import GRAPH_FILES
 from instructrec.engine.packing import IGNORE
+from instructrec.kernels import log_softmax_gather_reference
 
-__all__ = ["GRAPH_NAMES", "EncoderGraph", "EncoderKVGraph", "DecoderGraph", "LMHeadGraph",
+__all__ = ["GRAPH_NAMES", "graph_file_stem", "EncoderGraph", "EncoderKVGraph", "DecoderGraph", "LMHeadGraph",
            "graph_modules", "graph_onnx_configs"]
 
 GRAPH_NAMES = ("encoder", "encoder_kv", "decoder", "lm_head")
+
+
+def graph_file_stem(name: str) -> str:
+    """Optimum names each file after its submodel key: the key is the file name without .onnx."""
+    return GRAPH_FILES[name].removesuffix(".onnx")
 
 
 class _Graph(nn.Module):
@@ -79,16 +92,13 @@ class DecoderGraph(_Graph):
 
 
 class LMHeadGraph(_Graph):
-    """log_softmax(hidden @ W.T)[i, labels[i]] in fp32, 0 where labels[i] == IGNORE: the function
-    of instructrec.kernels.lm_head_log_softmax_gather for one chunk."""
+    """log_softmax(hidden @ W.T, fp32)[i, labels[i]], 0 where labels[i] == IGNORE: the function of
+    instructrec.kernels.lm_head_log_softmax_gather for one chunk. The log-softmax-gather is the
+    kernels layer's plain-torch definition (log_softmax_gather_reference), traced as it is."""
 
     def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = (hidden_states @ self.t5.lm_weight.t()).float()  # [N, V], N <= chunk_tokens
-        lse = torch.logsumexp(logits, dim=-1)  # [N]
-        ignored = labels == IGNORE
-        safe = torch.where(ignored, torch.zeros_like(labels), labels)
-        picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)  # [N]
-        return torch.where(ignored, torch.zeros_like(lse), picked - lse)
+        logits = hidden_states @ self.t5.lm_weight.t()  # [N, V], N <= chunk_tokens
+        return log_softmax_gather_reference(logits, labels, ignore_index=IGNORE)  # [N] fp32
 
 
 # Dummy sizes for tracing: all different, so that no two dynamic axes are confused by a trace
@@ -224,13 +234,15 @@ _MODULES = {"encoder": EncoderGraph, "encoder_kv": EncoderKVGraph,
 
 
 def graph_modules(t5: T5, hf_config) -> dict[str, nn.Module]:
-    """The `fn_get_submodels` result: one wrapper per graph around the same engine T5."""
-    return {name: _MODULES[name](t5, hf_config).eval() for name in GRAPH_NAMES}
+    """The `fn_get_submodels` result: one wrapper per graph around the same engine T5, keyed by
+    file stem (Optimum writes each as `<key>.onnx`)."""
+    return {graph_file_stem(name): _MODULES[name](t5, hf_config).eval() for name in GRAPH_NAMES}
 
 
 def graph_onnx_configs(hf_config, float_dtype: str) -> dict[str, OnnxConfig]:
-    """The `custom_onnx_configs` argument: one config per graph (task is informational here)."""
-    return {name: _CONFIGS[name](hf_config, task="feature-extraction", float_dtype=float_dtype)
+    """The `custom_onnx_configs` argument: one config per graph, keyed like graph_modules (task is
+    informational here)."""
+    return {graph_file_stem(name): _CONFIGS[name](hf_config, task="feature-extraction", float_dtype=float_dtype)
             for name in GRAPH_NAMES}
 
 
