@@ -277,11 +277,11 @@ class OnnxBackend:
         import onnxruntime as ort
 
         if dtype == "bfloat16" and device.type == "cpu":
-            # Measured with onnxruntime 1.31: CPUExecutionProvider has no bfloat16 kernel for
-            # Where(16) (session creation fails with NOT_IMPLEMENTED). Casting to fp32 here would
-            # silently run a different model than the one exported.
+            # Measured with onnxruntime 1.32: CPUExecutionProvider has no bfloat16 kernels for
+            # MatMul(13) and Add(14) (session creation fails with NOT_IMPLEMENTED). Casting to fp32
+            # here would silently run a different model than the one exported.
             raise InputError("dtype", f"{path} holds bfloat16 graphs, which onnxruntime's CPU execution "
-                             "provider cannot run (no bf16 kernels for Where, MatMul)",
+                             "provider cannot run (no bf16 kernels for MatMul, Add)",
                              "on CPU export with --dtype float32, or run these graphs with device='cuda'")
         stream = run_options = None
         if device.type == "cuda":

@@ -148,12 +148,13 @@ def _check_options(dtype: str, validation_device: str) -> None:
     if validation_device not in ("cpu", "cuda"):
         raise ExportError(f"validation_device {validation_device!r}: use 'cpu' or 'cuda'")
     if dtype == "bfloat16" and validation_device == "cpu":
-        # Measured with onnxruntime 1.31: the CPU execution provider has no bfloat16 kernel for
-        # Where(16) (the first node that fails; session creation raises NOT_IMPLEMENTED, already
-        # inside Optimum's dynamic-axes pass), so bf16 graphs can be neither validated nor run on
-        # CPU. Converting them to fp32 silently would be a different export.
+        # Measured with onnxruntime 1.32: the CPU execution provider has no bfloat16 kernels for
+        # MatMul(13) and Add(14) (session creation raises NOT_IMPLEMENTED, already inside Optimum's
+        # dynamic-axes pass; Where(16), which had none either, is rewritten, see
+        # graphs.where_in_float32), so bf16 graphs can be neither validated nor run on CPU.
+        # Converting them to fp32 silently would be a different export.
         raise ExportError("dtype 'bfloat16': onnxruntime's CPU execution provider has no bfloat16 "
-                          "kernels (Where, MatMul), so bf16 graphs cannot be validated or run on CPU. "
+                          "kernels (MatMul, Add), so bf16 graphs cannot be validated or run on CPU. "
                           "On CPU export --dtype float32; on a GPU machine export bfloat16 with "
                           "validation_device='cuda' (--device cuda)")
 

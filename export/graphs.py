@@ -50,7 +50,7 @@ from instructrec.engine.onnx_backend import GRAPH_FILES
 from instructrec.engine.packing import IGNORE
 from instructrec.kernels import log_softmax_gather_reference
 
-__all__ = ["GRAPH_NAMES", "graph_file_stem", "EncoderGraph", "EncoderKVGraph", "DecoderGraph", "LMHeadGraph",
+__all__ = ["GRAPH_NAMES", "graph_file_stem", "where_in_float32", "EncoderGraph", "EncoderKVGraph", "DecoderGraph", "LMHeadGraph",
            "graph_modules", "graph_onnx_configs"]
 
 GRAPH_NAMES = ("encoder", "encoder_kv", "decoder", "lm_head")
@@ -181,6 +181,53 @@ class _PackedOnnxConfig(OnnxConfig):
         if self.float_dtype != "bf16":
             return []  # fp32: the exporter's own SDPA decomposition is fine
         return [PatchingSpec(engine_model, "F", _FunctionalExplicitSDPA())]
+
+    def fix_dynamic_axes(self, model_path, device: str = "cpu", dtype: str | None = None, input_shapes=None):
+        """Optimum calls this on each freshly traced file, before anything runs it (its own fix-up
+        opens an onnxruntime session): the moment to make a bf16 graph loadable on CUDA."""
+        if self.float_dtype == "bf16":
+            where_in_float32(model_path)
+        super().fix_dynamic_axes(model_path, device=device, dtype=dtype, input_shapes=input_shapes)
+
+
+_BF16 = 16  # onnx.TensorProto.BFLOAT16
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+def where_in_float32(model_path) -> int:
+    """Rewrite every Where on bfloat16 values as Cast -> Where in fp32 -> Cast back, in place;
+    returns how many. onnxruntime registers Where for float, double, float16 and integer types on
+    both the CUDA and the CPU provider, not for bfloat16 (its CUDA kernel list, and session creation
+    on CPU: NOT_IMPLEMENTED for Where(16)), so a bf16 graph with one does not load at all. The masks
+    built with masked_fill (decoder self-attention, cross-attention) are where they come from.
+    Exact: Where selects, and bf16 -> fp32 -> bf16 round-trips every value."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    typed = onnx.shape_inference.infer_shapes(model)  # element types of every intermediate value
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        if node.op_type != "Where" or types.get(node.output[0]) != _BF16:
+            nodes.append(node)
+            continue
+        cond, x, y = node.input
+        out = node.output[0]
+        base = node.name or out
+        nodes += [helper.make_node("Cast", [x], [f"{base}/x_fp32"], to=_FLOAT, name=f"{base}/cast_x"),
+                  helper.make_node("Cast", [y], [f"{base}/y_fp32"], to=_FLOAT, name=f"{base}/cast_y"),
+                  helper.make_node("Where", [cond, f"{base}/x_fp32", f"{base}/y_fp32"], [f"{base}/fp32"],
+                                   name=f"{base}/where_fp32"),
+                  helper.make_node("Cast", [f"{base}/fp32"], [out], to=_BF16, name=f"{base}/cast_back")]
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(model_path))  # tensors kept in external data keep their references
+    return rewritten
 
 
 class EncoderOnnxConfig(_PackedOnnxConfig):
