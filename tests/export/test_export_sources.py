@@ -135,3 +135,12 @@ def test_random_shape_exports_loudly(tokenizer_dir, tmp_path, caplog):
     assert any("RANDOMLY INITIALISED" in r.getMessage() for r in caplog.records)
     # the tokenizer given, copied as it is
     assert (tmp_path / "random" / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+
+
+def test_an_export_folder_resolves_with_its_checkpoint_config(tiny_onnx, tiny_t5_dir):
+    """resolve_model(export).config() is the config.json dict (format 1 stored the file name there)."""
+    from instructrec.engine.sources import ONNX, resolve_model
+
+    source = resolve_model(tiny_onnx[0])
+    assert source.kind == ONNX
+    assert source.config() == json.loads((tiny_t5_dir / "config.json").read_text())
