@@ -238,7 +238,7 @@ class OnnxBackend:
                  path: Path, stream: Any = None, run_options: Any = None):
         self.sessions, self.cfg, self.dtype, self.device, self.path = sessions, cfg, dtype, device, path
         self._ort_device = "cuda" if device.type == "cuda" else "cpu"
-        self._device_id = (device.index or 0) if device.type == "cuda" else 0
+        self._device_id = device.index if device.type == "cuda" else 0  # from_files gives CUDA an index
         self._stream = stream  # torch.cuda.Stream the sessions run on (CUDA only)
         self._run_options = run_options
 
@@ -285,6 +285,8 @@ class OnnxBackend:
                              "on CPU export with --dtype float32, or run these graphs with device='cuda'")
         stream = run_options = None
         if device.type == "cuda":
+            if device.index is None:  # "cuda" means torch's current device, not necessarily 0
+                device = torch.device("cuda", torch.cuda.current_device())
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise InputError("device", "device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not "
                                  f"available; installed providers: {ort.get_available_providers()})",
@@ -378,7 +380,7 @@ class OnnxBackend:
 def cuda_provider_options(device: torch.device, stream_handle: int) -> dict[str, str]:
     """The CUDA provider options of all four sessions (see the module docstring)."""
     return {
-        "device_id": str(device.index or 0),
+        "device_id": str(device.index),
         "user_compute_stream": str(stream_handle),  # a non-default stream: its handle is never 0
         "arena_extend_strategy": "kSameAsRequested",
         "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0",
@@ -414,8 +416,8 @@ def _check_placement(sessions: dict[str, Any], path: Path, graphs: dict[str, dic
         torch.cuda.synchronize(device)  # the feeds were written on torch's stream, the session runs on its own
         binding = sess.io_binding()
         for key, t in feeds.items():
-            binding.bind_input(key, "cuda", device.index or 0, _ONNX_TYPE[t.dtype], tuple(t.shape), t.data_ptr())
-        binding.bind_output(GRAPH_IO[name][1][0], "cuda", device.index or 0)
+            binding.bind_input(key, "cuda", device.index, _ONNX_TYPE[t.dtype], tuple(t.shape), t.data_ptr())
+        binding.bind_output(GRAPH_IO[name][1][0], "cuda", device.index)
         sess.run_with_iobinding(binding)  # synchronised: the profile is complete when it returns
         profile = Path(sess.end_profiling())
         try:

@@ -84,7 +84,7 @@ def test_cuda_provider_options_follow_torch_tf32_and_one_arena_policy():
         assert options == {"device_id": "1", "user_compute_stream": "123456",
                            "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}
         matmul.allow_tf32 = True
-        assert cuda_provider_options(torch.device("cuda"), 7)["use_tf32"] == "1"
+        assert cuda_provider_options(torch.device("cuda", 0), 7)["use_tf32"] == "1"
     finally:
         matmul.allow_tf32 = before
 
@@ -236,3 +236,17 @@ def test_bf16_where_is_rewritten_to_a_graph_onnxruntime_can_load(tmp_path):
     got = session.run(None, {"c": c, "x": x, "y": y})[0]
     want = torch.where(torch.from_numpy(c), torch.from_numpy(x).bfloat16(), torch.from_numpy(y).bfloat16()).float()
     np.testing.assert_array_equal(got, want.numpy())
+
+
+@cuda_test
+def test_onnx_on_the_second_gpu_scores_like_the_first(tiny_onnx, tokenizer):
+    """device cuda:1 (while torch's current device is 0): sessions, stream and IO binding all on
+    the device asked for."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one CUDA device: cuda:1 is not there")
+    scores = []
+    for index in (0, 1):
+        device = torch.device("cuda", index)
+        backend = OnnxBackend.load(tiny_onnx[0], device, allow_cpu_nodes=True)
+        scores.append(Reranker(backend, tokenizer, device=device).score(INSTRUCTION, TITLES))
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-6, atol=1e-4)
