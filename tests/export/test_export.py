@@ -95,7 +95,7 @@ TITLES = ["Tetris", "Halo 3 - Xbox 360",
 @pytest.fixture(scope="module")
 def pair(tiny_onnx, tiny_t5_dir):
     out, _ = tiny_onnx
-    torch_rr = Reranker.from_pretrained(tiny_t5_dir, max_source_tokens=256)
+    torch_rr = Reranker.from_pretrained(tiny_t5_dir, dtype="float32", max_source_tokens=256)
     onnx_rr = Reranker.from_pretrained(out, backend="onnx", max_source_tokens=256)
     return torch_rr, onnx_rr
 
