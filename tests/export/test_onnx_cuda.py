@@ -89,6 +89,13 @@ def test_cuda_provider_options_follow_torch_tf32_and_one_arena_policy():
         matmul.allow_tf32 = before
 
 
+def test_allow_cpu_nodes_reaches_the_backend_through_from_pretrained(tiny_onnx):
+    """The escape hatch of the CUDA placement check is an engine option (no effect on CPU)."""
+    strict = Reranker.from_pretrained(tiny_onnx[0], backend="onnx").score(INSTRUCTION, TITLES)
+    allowed = Reranker.from_pretrained(tiny_onnx[0], backend="onnx", allow_cpu_nodes=True).score(INSTRUCTION, TITLES)
+    np.testing.assert_array_equal(allowed, strict)
+
+
 def test_synchronize_is_a_no_op_on_cpu(tiny_onnx, tokenizer):
     backend = OnnxBackend.load(tiny_onnx[0], torch.device("cpu"))
     reranker = Reranker(backend, tokenizer, device=torch.device("cpu"))
