@@ -155,7 +155,9 @@ class Reranker:
         model folder's. options: max_source_tokens, batch_tokens, group_size, advance, seed,
         row_tokens, read_window, chunk_tokens, compile_model (torch only: torch.compile the
         encoder and decoder; see TorchBackend.compile); onnx only: threads (onnxruntime intra-op
-        threads), verify_checksums (default True: sha256 of every graph before loading)."""
+        threads), verify_checksums (default True: sha256 of every graph before loading),
+        allow_cpu_nodes (CUDA: load even if onnxruntime would run graph nodes on the CPU; default
+        False raises DevicePlacementError listing them)."""
         loaded = load_pretrained(model, backend, device, dtype, revision=revision, tokenizer=tokenizer,
                                  options=options)
         return cls._from_loaded(loaded)
