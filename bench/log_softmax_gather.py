@@ -2,6 +2,7 @@
 
     python -m instructrec.bench.log_softmax_gather            # Markdown table, N in {1024, 8192}
     python -m instructrec.bench.log_softmax_gather --sweep    # chunk_tokens sweep (the default's evidence)
+    python -m instructrec.bench.log_softmax_gather --device cuda --sweep --sizes 16384   # the CUDA default's
 
 Shapes are flan-t5-small's head: D=512, V=32128. Each configuration runs in its own subprocess so
 that its peak RSS (ru_maxrss, which only ever grows) belongs to it alone; the figure reported is
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from instructrec.kernels import DEFAULT_CHUNK_TOKENS, lm_head_log_softmax_gather
+from instructrec.kernels import default_chunk_tokens, lm_head_log_softmax_gather
 
 D, V = 512, 32128
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -72,7 +73,7 @@ def run_one(method: str, dtype: str, n: int, chunk: int | None, device: str, rep
             best = min(best, time.perf_counter() - t0)
             best_cpu = min(best_cpu, time.process_time() - c0)
     if method != "naive" and chunk is None:
-        chunk = DEFAULT_CHUNK_TOKENS
+        chunk = default_chunk_tokens(device)
     result = {"method": method, "dtype": dtype, "n": n, "chunk": chunk, "device": device,
               "seconds": best, "tokens_per_s": n / best, "cpu_seconds": best_cpu,
               "peak_extra_bytes": _rss_bytes() - base_rss}
@@ -81,35 +82,43 @@ def run_one(method: str, dtype: str, n: int, chunk: int | None, device: str, rep
     return result
 
 
-SWEEP_CHUNKS = (64, 128, 256, 512, 1024, 2048)
+SWEEP_CHUNKS = {"cpu": (64, 128, 256, 512, 1024, 2048), "cuda": (128, 256, 512, 1024, 2048, 4096)}
 
 
-def sweep(n: int, repeats: int) -> str:
-    """chunk_tokens sweep of the CPU torch path, in one process with the chunk sizes interleaved
-    round by round (best of `repeats`), so that load from other processes on a shared machine
-    hits every size alike; CPU seconds (all threads) are reported beside wall seconds because they
-    are far less disturbed by such load. The logits tile is chunk * V * (4 + 2 for bf16) bytes."""
-    lines = ["| dtype | chunk | tile (MiB) | tokens/s (wall) | ms/call (wall) | CPU ms/call |",
-             "|---|---:|---:|---:|---:|---:|"]
+def sweep(n: int, repeats: int, device: str = "cpu") -> str:
+    """chunk_tokens sweep of the LM head (the torch path on CPU, the Triton kernel on CUDA), in one
+    process with the chunk sizes interleaved round by round (best of `repeats`), so that load from
+    other processes on a shared machine hits every size alike; CPU seconds (all threads) are
+    reported beside wall seconds because they are far less disturbed by such load (on CUDA they
+    are host time only). The tile is chunk * V * its bytes: bf16 on CPU plus an fp32 copy for the
+    reduction, fp32 on CUDA (bf16 inputs, fp32 GEMM output)."""
+    is_cuda = device.startswith("cuda")
+    chunks = SWEEP_CHUNKS["cuda" if is_cuda else "cpu"]
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+    lines = ["| device | dtype | chunk | tile (MiB) | tokens/s (wall) | ms/call (wall) | CPU ms/call |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for dtype in DTYPES.values():
         torch.manual_seed(0)
-        hidden = torch.randn(n, D).to(dtype)  # [N, D]
-        weight = (torch.randn(V, D) * D ** -0.5).to(dtype)  # [V, D]
-        targets = torch.randint(0, V, (n,))  # [N]
-        best = {c: float("inf") for c in SWEEP_CHUNKS}
-        best_cpu = {c: float("inf") for c in SWEEP_CHUNKS}
+        hidden = torch.randn(n, D).to(dtype).to(device)  # [N, D]
+        weight = (torch.randn(V, D) * D ** -0.5).to(dtype).to(device)  # [V, D]
+        targets = torch.randint(0, V, (n,)).to(device)  # [N]
+        best = {c: float("inf") for c in chunks}
+        best_cpu = {c: float("inf") for c in chunks}
         with torch.inference_mode():
-            for _ in range(repeats + 1):  # the first round warms up
-                for chunk in SWEEP_CHUNKS:
+            for _ in range(repeats + 1):  # the first round warms up (and autotunes on CUDA)
+                for chunk in chunks:
+                    sync()
                     t0, c0 = time.perf_counter(), time.process_time()
-                    lm_head_log_softmax_gather(hidden, weight, targets, chunk_tokens=chunk, use_triton=False)
+                    lm_head_log_softmax_gather(hidden, weight, targets, chunk_tokens=chunk, check_targets=False)
+                    sync()
                     best[chunk] = min(best[chunk], time.perf_counter() - t0)
                     best_cpu[chunk] = min(best_cpu[chunk], time.process_time() - c0)
         name = next(k for k, v in DTYPES.items() if v is dtype)
-        for chunk in SWEEP_CHUNKS:
-            tile = chunk * V * (4 + (2 if dtype is torch.bfloat16 else 0)) / 2**20
-            lines.append(f"| {name} | {chunk} | {tile:,.0f} | {n / best[chunk]:,.0f} | {best[chunk] * 1e3:,.0f} "
-                         f"| {best_cpu[chunk] * 1e3:,.0f} |")
+        for chunk in chunks:
+            tile_bytes = 4 if is_cuda or dtype is torch.float32 else 2 + 4
+            tile = chunk * V * tile_bytes / 2**20
+            lines.append(f"| {device} | {name} | {chunk} | {tile:,.0f} | {n / best[chunk]:,.0f} "
+                         f"| {best[chunk] * 1e3:,.2f} | {best_cpu[chunk] * 1e3:,.0f} |")
     return "\n".join(lines)
 
 
@@ -141,15 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="sweep chunk_tokens of the torch path")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="sweep: the device (default cpu); table: only this device (default: cpu, and cuda if present)")
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(*json.loads(args.one))))
         return
     if args.sweep:
-        print(sweep(max(args.sizes), args.repeats))
+        print(sweep(max(args.sizes), args.repeats, args.device or "cpu"))
         return
     rows = []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         methods = ["naive", "chunked-torch"] + (["chunked-triton"] if device == "cuda" else [])
         for dtype in DTYPES:

@@ -12,13 +12,14 @@ written independently of the kernel; the tests compare the two.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
 
 from .errors import KernelInputError, KernelUnavailableError
 
-__all__ = ["log_softmax_gather", "log_softmax_gather_reference", "triton_available"]
+__all__ = ["AUTOTUNE_CONFIGS", "log_softmax_gather", "log_softmax_gather_reference", "triton_available"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -69,11 +70,39 @@ if _HAS_TRITON:
             target_logit = tl.load(row_ptr + target).to(tl.float32)
             tl.store(out_ptr + row, target_logit - logsumexp)
 
+    # (BLOCK_V, num_warps) the autotuner times on CUDA, once per process for each V (and, as Triton
+    # adds them to the key, each logits / targets dtype). One program streams one row: with
+    # V = 32128 a single 32,768 block reads the row in one trip (32 fp32 values per thread at 32
+    # warps, 64 at 16), which is the usual best for row-wise reductions of this width; 4096 x 8
+    # warps (8 trips, the value used before tuning) and the sizes between are the alternatives.
+    # Not timed on a GPU yet (none was at hand): the autotuner picks, and
+    # `python -m instructrec.bench.log_softmax_gather --device cuda` reports the result.
+    AUTOTUNE_CONFIGS = ((4096, 8), (8192, 16), (16384, 16), (32768, 16), (32768, 32))
+
+    def _configs_for_v(configs, named_args, **kwargs):
+        """Blocks wider than the row add only masked lanes: cap each at next_power_of_2(V) and
+        drop the duplicates, so a small vocabulary times 1-3 configs instead of 5."""
+        cap = triton.next_power_of_2(int(named_args["V"]))
+        unique: dict = {}
+        for config in configs:
+            block = min(int(config.kwargs["BLOCK_V"]), cap)
+            unique.setdefault((block, config.num_warps),
+                              triton.Config({"BLOCK_V": block}, num_warps=config.num_warps))
+        return list(unique.values())
+
+    _autotuned_kernel = triton.autotune(
+        configs=[triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in AUTOTUNE_CONFIGS],
+        key=["V"],
+        prune_configs_by={"early_config_prune": _configs_for_v},
+    )(_log_softmax_gather_kernel)
+
     def _kernel_is_interpreted() -> bool:
         # triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 was set at import time.
         from triton.runtime.interpreter import InterpretedFunction
 
         return isinstance(_log_softmax_gather_kernel, InterpretedFunction)
+else:
+    AUTOTUNE_CONFIGS = ()
 
 
 def triton_available(device: torch.device) -> bool:
@@ -85,16 +114,29 @@ def triton_available(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" or _kernel_is_interpreted()
 
 
-def _block_v(V: int) -> int:
-    # One program streams one row, so BLOCK_V trades loop trips against registers: 4096 fp32
-    # values over 8 warps (256 threads) is 16 per thread, and V=32128 takes 8 trips. Smaller
-    # vocabularies use one block of the next power of two (tl.arange needs a power of two).
-    # Not tuned on a GPU yet: no GPU was at hand when this was written.
-    return min(4096, triton.next_power_of_2(V))
+# The interpreter runs programs one after another in numpy, so the fewer (wider) blocks per row
+# the faster: one block of the whole row, at most 32,768 wide (a V=32128 row in one trip).
+_INTERPRETER_MAX_BLOCK_V = 32768
 
 
-def _num_warps(block_v: int) -> int:
-    return 8 if block_v >= 2048 else 4
+def _launch(logits: torch.Tensor, targets: torch.Tensor, out: torch.Tensor, V: int, ignore_index: int,
+            config: tuple[int, int] | None = None) -> None:
+    """Run the kernel over every row. CUDA: the autotuned configuration for V (or `config`,
+    (BLOCK_V, num_warps), to force one), launched on the tensors' own GPU: Triton launches on the
+    current device, so without the guard a tensor on cuda:1 would be read by a kernel on cuda:0.
+    Interpreter: one block per row unless `config` says otherwise (no timing: it measures nothing)."""
+    grid = (logits.shape[0],)
+    args = (logits, logits.stride(0), targets, out, V, ignore_index)
+    guard = torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        if config is not None:
+            block_v, num_warps = config
+            _log_softmax_gather_kernel[grid](*args, BLOCK_V=block_v, num_warps=num_warps)
+        elif _kernel_is_interpreted():
+            block_v = min(_INTERPRETER_MAX_BLOCK_V, triton.next_power_of_2(V))
+            _log_softmax_gather_kernel[grid](*args, BLOCK_V=block_v)
+        else:
+            _autotuned_kernel[grid](*args)
 
 
 def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -147,6 +189,7 @@ def log_softmax_gather(
     *,
     out: torch.Tensor | None = None,
     check_targets: bool = True,
+    config: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """log_softmax(logits.float(), -1)[i, targets[i]] for every row i, by the Triton kernel.
 
@@ -155,7 +198,9 @@ def log_softmax_gather(
     give 0.0. out: optional [N] fp32 buffer to write into (e.g. a slice of a larger result).
     check_targets: validate the target range (one host sync on CUDA); out-of-range targets that
     slip through with check_targets=False give NaN, never an out-of-bounds read.
-    Returns [N] fp32.
+    config: (BLOCK_V, num_warps) to force one launch configuration (tests and benchmarks; BLOCK_V
+    a power of two); None: the autotuned one on CUDA, one block per row in the interpreter.
+    The kernel runs on the logits' own device (cuda:1 tensors launch on cuda:1). Returns [N] fp32.
     """
     if not _HAS_TRITON:
         raise KernelUnavailableError(
@@ -167,6 +212,10 @@ def log_softmax_gather(
             f"the Triton kernel cannot run on {logits.device} tensors: use CUDA tensors, or set "
             "TRITON_INTERPRET=1 before importing instructrec.kernels to run it in the interpreter")
     N, V = logits.shape
+    if config is not None:
+        block_v, num_warps = config
+        if block_v < 1 or block_v & (block_v - 1) or num_warps < 1 or num_warps & (num_warps - 1):
+            raise KernelInputError(f"config must be (BLOCK_V, num_warps), both powers of two, got {config!r}")
     if out is None:
         out = torch.empty(N, dtype=torch.float32, device=logits.device)
     elif (out.shape != (N,) or out.dtype != torch.float32 or out.device != logits.device
@@ -180,11 +229,7 @@ def log_softmax_gather(
         # The kernel reads a row as one contiguous run; any row stride is fine.
         logits = logits.contiguous()
     targets = targets.contiguous()
-    block_v = _block_v(V)
-    _log_softmax_gather_kernel[(N,)](
-        logits, logits.stride(0), targets, out, V, ignore_index,
-        BLOCK_V=block_v, num_warps=_num_warps(block_v),
-    )
+    _launch(logits, targets, out, V, ignore_index, config)
     return out
 
 

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from instructrec.kernels import (
+    CPU_CHUNK_TOKENS,
+    CUDA_CHUNK_TOKENS,
     DEFAULT_CHUNK_TOKENS,
     KernelInputError,
+    default_chunk_tokens,
     lm_head_log_softmax_gather,
     triton_available,
 )
@@ -100,6 +103,29 @@ def test_triton_and_torch_paths_agree_on_bf16_logits():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_kernel)], ids=["torch", "triton"])
+def test_bf16_inputs_with_fp32_logits_match_fp64(use_triton):
+    # logits_dtype=float32: the tile is never rounded to bf16, so the only error left is fp32
+    # arithmetic on exact bf16 inputs: ~1e-5 against fp64 where the bf16 tile is off by up to 0.16.
+    hidden, weight, targets = _case(33, 32128, torch.bfloat16, seed=21)
+    with torch.inference_mode():
+        got = lm_head_log_softmax_gather(hidden, weight, targets, chunk_tokens=16, use_triton=use_triton,
+                                         logits_dtype=torch.float32)
+    logits = hidden.double() @ weight.double().T
+    want = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    want = torch.where(targets == -100, torch.zeros_like(want), want)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+
+
+def test_default_chunk_is_device_sized_and_used_when_none():
+    assert default_chunk_tokens("cpu") == CPU_CHUNK_TOKENS == DEFAULT_CHUNK_TOKENS == 512
+    assert default_chunk_tokens(torch.device("cuda", 1)) == CUDA_CHUNK_TOKENS == 1024
+    hidden, weight, targets = _case(7, 1000, torch.float32, seed=3)
+    with torch.inference_mode():
+        got = lm_head_log_softmax_gather(hidden, weight, targets, chunk_tokens=None)
+    _assert_matches(got, hidden, weight, targets)
+
+
 def test_custom_ignore_index_and_empty_input():
     hidden, weight, targets = _case(6, 1000, torch.float32, seed=4)
     targets[targets == -100] = 5
@@ -129,6 +155,7 @@ def _bad(**overrides):
     (dict(targets=torch.tensor([0, 1, 1000, 3])), r"\[0, 1000\)"),
     (dict(targets=torch.tensor([0, -3, 2, 3])), "first: -3"),
     (dict(chunk_tokens=0), "chunk_tokens must be a positive int"),
+    (dict(logits_dtype=torch.float16), "logits_dtype must be None, torch.float32"),
 ])
 def test_bad_inputs_raise_typed_errors(overrides, match):
     args = _bad(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in overrides.items()})

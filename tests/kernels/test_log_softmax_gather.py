@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from instructrec.kernels import (
+    AUTOTUNE_CONFIGS,
     KernelInputError,
     log_softmax_gather,
     log_softmax_gather_reference,
@@ -67,6 +68,26 @@ def test_matches_reference(n, V, dtype):
     torch.testing.assert_close(got, want, **TOL[dtype])
     ignored = targets == -100
     assert torch.equal(got[ignored], torch.zeros_like(got[ignored]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", AUTOTUNE_CONFIGS, ids=[f"block{b}-warps{w}" for b, w in AUTOTUNE_CONFIGS])
+@pytest.mark.parametrize("V", [1000, 32128, 40000])
+def test_every_autotune_config_matches_reference(config, V):
+    # The autotuner may pick any of these on a GPU: each must compute the same function, whether
+    # its block is wider than the row (V=1000), reads V=32128 in one or several trips, or needs
+    # two trips of the widest block (V=40000). Rows 1 and 2 carry the max-in-last-block and ramp cases.
+    logits, targets = _random_case(3, V, torch.bfloat16, seed=V + config[0])
+    got = log_softmax_gather(logits, targets, out=_poisoned(3), config=config)
+    torch.testing.assert_close(got, log_softmax_gather_reference(logits, targets), **TOL[torch.bfloat16])
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", [(3000, 8), (4096, 0), (4096, 6)])
+def test_forced_config_must_be_powers_of_two(config):
+    logits, targets = _random_case(2, 1000, torch.float32, seed=1)
+    with pytest.raises(KernelInputError, match="powers of two"):
+        log_softmax_gather(logits, targets, config=config)
 
 
 @needs_kernel
