@@ -359,6 +359,10 @@ class _Run:
                       "lr": lr_used, "examples": len(rows), "target_tokens": int(self.train_rows.target_lengths[rows].sum()),
                       "examples_per_s": round(len(rows) / dt, 2) if dt > 0 else None,
                       "examples_seen": self.examples_seen, "elapsed_s": round(self.clock() - self.started, 3)}
+            if self.accelerator.device.type == "cuda":  # the main process's peak, for memory-per-GPU claims
+                import torch
+
+                record["cuda_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30, 3)
             self.metrics.write(record)
             if self.cfg.report_to != "none":
                 self.accelerator.log({"train/loss": loss, "train/lr": lr_used}, step=step)

@@ -165,6 +165,7 @@ def test_an_fsdp_launch_on_cpu_is_refused_not_run_as_ddp(dataset, tokenizer_dir,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="FSDP runs on GPUs only (accelerate)")
 def test_fsdp_on_the_gpus_gives_the_per_step_losses_of_one_process(dataset, tokenizer_dir, tmp_path, one_process):
     """The GPU check: `accelerate launch --use_fsdp` (full sharding, T5Block wrapping) on every
