@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linear_cross_entropy", "T5SequenceLoss", "IGNORE_INDEX"]
+__all__ = ["linear_cross_entropy", "T5SequenceLoss", "HiddenStatesHead", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 # Logits below this size are materialised whole (fastest: one GEMM forward, two backward).
@@ -41,11 +41,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+        # The logits' matmul runs in the autocast dtype when autocast is on, and backward (which
+        # runs outside the autocast context) recomputes them in that same dtype.
+        device = hidden.device.type
+        ctx.compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk_rows)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, chunk_rows):
+        w = weight.to(ctx.compute_dtype)
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         lse_parts = []
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start:start + chunk_rows]  # [c, D]
-            logits = _at_least_fp32(h @ weight.t())  # [c, V]
+            h = hidden[start:start + chunk_rows].to(ctx.compute_dtype)  # [c, D]
+            logits = _at_least_fp32(h @ w.t())  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)  # [c]
             picked = logits.gather(1, targets[start:start + chunk_rows, None]).squeeze(1)
             total += (lse - picked).sum()
@@ -58,18 +68,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk_rows
+        w = weight.to(ctx.compute_dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                                   device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            logits = _at_least_fp32(h @ weight.t())
+            h = hidden[start:start + chunk].to(ctx.compute_dtype)
+            logits = _at_least_fp32(h @ w.t())
             probs = torch.exp(logits - lse[start:start + chunk, None])  # softmax, [c, V]
             probs[torch.arange(h.shape[0], device=h.device), targets[start:start + chunk]] -= 1.0
-            g = (probs * grad_total).to(hidden.dtype)  # dCE/dlogits, [c, V]
+            g = (probs * grad_total).to(ctx.compute_dtype)  # dCE/dlogits, [c, V]
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = g @ weight
+                grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += g.t() @ h
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
@@ -116,3 +127,18 @@ class T5SequenceLoss(nn.Module):
         nll = linear_cross_entropy(hidden, base.lm_head.weight, labels[keep],
                                    chunk_rows=self.chunk_rows, materialize_bytes=self.materialize_bytes)
         return nll, keep.sum()
+
+
+class HiddenStatesHead(nn.Module):
+    """Stands in for a Hugging Face T5's `lm_head` during training: it holds the head's weight (the
+    same Parameter, under the same state-dict name `lm_head.weight`, tied or not) but returns the
+    decoder states unchanged, so the model's forward, and with it a DDP wrapper's gradient hooks,
+    stays the one the trainer calls while the loss computes logits for real target tokens only
+    (`linear_cross_entropy`). Checkpoints are unchanged: only the forward differs."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden

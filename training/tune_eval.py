@@ -28,7 +28,8 @@ ENGINE_DEVICE_HEADROOM = 1.25
 _PEFT_PREFIX = "base_model.model."
 
 
-def validation_loss(accelerator, model, rows: TokenizedRows, batch_size: int, pad_id: int, start_id: int) -> float:
+def validation_loss(accelerator, model, rows: TokenizedRows, batch_size: int, pad_id: int, start_id: int,
+                    head=None) -> float:
     """Token-weighted mean NLL of `rows`, each process taking its slots of every global batch of
     the length-sorted rows (a zero-weight row where it has none, so sharded models stay in step)."""
     import torch
@@ -42,7 +43,8 @@ def validation_loss(accelerator, model, rows: TokenizedRows, batch_size: int, pa
             weight = 1.0 if len(mine) else 0.0
             ids, mask, decoder_ids, labels = collate(rows, mine if len(mine) else order[start:start + 1],
                                                      pad_id, start_id, accelerator.device)
-            nll += weight * sequence_nll_sum(model, ids, mask, decoder_ids, labels)
+            with accelerator.autocast():
+                nll += weight * sequence_nll_sum(model, ids, mask, decoder_ids, labels, head)
     if world > 1:
         nll = accelerator.reduce(nll, reduction="sum")
     return float(nll) / int(rows.target_lengths.sum())

@@ -158,12 +158,33 @@ def build_optimizer(cfg: TrainConfig, model):
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
 
-def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels):
+def install_hidden_states_head(model):
+    """Swap the T5's `lm_head` for `training.loss.HiddenStatesHead` (same weight, same state-dict
+    name) so that the forward returns decoder states and `sequence_nll_sum` computes the head and
+    log-softmax on real target tokens only: on the Video Games instructions two thirds of a batch's
+    target positions are padding. Returns the stand-in (its `.weight` is the head). Not for sharded
+    models (FSDP / DeepSpeed hold the weight as a shard outside the forward): they keep the full head."""
+    from .loss import HiddenStatesHead
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = HiddenStatesHead(base.lm_head.weight)
+    base.lm_head = head
+    return head
+
+
+def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels, head=None):
     """Summed token NLL of `labels` (-100 ignored), a 0-d fp32 tensor. Summed, not averaged, so
     that the caller weights micro-batches and processes by their target tokens; log-softmax runs
-    in fp32 even under bf16 mixed precision."""
+    in fp32 even under bf16 mixed precision. With `head` (install_hidden_states_head) the model
+    returns decoder states and the head runs on the real target tokens only; call it under the
+    accelerator's autocast so that the head's matmul runs in the mixed precision too."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    from .loss import linear_cross_entropy
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    if head is None:
+        return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    keep = labels != -100
+    return linear_cross_entropy(out[keep], head.weight, labels[keep])
