@@ -25,6 +25,7 @@ kernels, and the rules that decide which utilisation a report may print.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -101,7 +102,8 @@ def measure_peak(kernel: str, shape: T5Shape, threads: int, seconds: float, ct2_
     elif spec.library == "onnxruntime":
         rate, detail = _onnxruntime_peak(shape, threads, seconds)
     else:
-        rate, detail = _ct2_peak(Path(ct2_dirs[spec.dtype]), spec.dtype, shape, threads)
+        # the backend lines come from the same folder for every CT2 kernel (logged once per process)
+        rate, detail = _ct2_peak(Path(ct2_dirs[spec.dtype]), spec.dtype, shape, threads, min(ct2_dirs.values()))
     return {"kernel": kernel, "flops_per_s": rate, "note": None, "how": spec.how, "threads": threads, **detail}
 
 
@@ -162,19 +164,19 @@ def _onnxruntime_peak(shape: T5Shape, threads: int, seconds: float) -> tuple[flo
     return _best_over_shapes(shape, make_call, seconds)
 
 
-def _ct2_peak(model_dir: Path, dtype: str, shape: T5Shape, threads: int) -> tuple[float, dict]:
+def _ct2_peak(model_dir: Path, dtype: str, shape: T5Shape, threads: int, probe_dir: str) -> tuple[float, dict]:
     import ctranslate2
     import numpy as np
 
+    backend = list(_ct2_cpu_backend(probe_dir))
     with _stderr_lines() as lines:
-        ctranslate2.set_log_level(logging.INFO)  # its INFO lines at load name the GEMM backend
+        ctranslate2.set_log_level(logging.INFO)  # its INFO line at load names the compute type it selected
         try:
             translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type=dtype, inter_threads=1,
                                                 intra_threads=threads)
         finally:
             ctranslate2.set_log_level(logging.WARNING)
-    backend = [re.sub(r"^.*\[info\]\s*-?\s*", "", line) for line in lines
-               if re.search(r"backend|Selected ISA|Intel MKL|compute type", line)]
+    backend += [_ct2_info(line) for line in lines if "compute type" in line]
     vocabulary = json.loads((model_dir / "shared_vocabulary.json").read_text())
     rng = np.random.default_rng(0)
     words = vocabulary[100:]  # past the special and single-character pieces
@@ -187,6 +189,26 @@ def _ct2_peak(model_dir: Path, dtype: str, shape: T5Shape, threads: int) -> tupl
     rate = best_rate(lambda: translator.score_batch(sources, targets, max_batch_size=PEAK_CT2_BATCH), flops,
                      seconds=0.0, warmups=1, min_calls=2)
     return rate, {"ct2_backend": "; ".join(backend), "tokens": PEAK_CT2_TOKENS, "batch": PEAK_CT2_BATCH}
+
+
+def _ct2_info(line: str) -> str:
+    return re.sub(r"^.*\[info\]\s*-?\s*", "", line)
+
+
+@functools.lru_cache(maxsize=1)
+def _ct2_cpu_backend(model_dir: str) -> tuple[str, ...]:
+    """CTranslate2's CPU and GEMM-backend lines (ISA, MKL or not, SGEMM / GEMM_S8 backend). It logs
+    them once per process, when it first loads a model: the first call here must come before any
+    other CTranslate2 load in the process to see them (the bench's peak subprocess does)."""
+    import ctranslate2
+
+    with _stderr_lines() as lines:
+        ctranslate2.set_log_level(logging.INFO)
+        try:
+            ctranslate2.Translator(model_dir, device="cpu", compute_type="float32", intra_threads=1)
+        finally:
+            ctranslate2.set_log_level(logging.WARNING)
+    return tuple(_ct2_info(line) for line in lines if re.search(r"backend|Selected ISA|Intel MKL", line))
 
 
 @contextlib.contextmanager

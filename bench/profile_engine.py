@@ -57,10 +57,12 @@ def _weight_name(k: int, n: int, cfg: dict) -> str:
     """Which linear layer a [M, k] x [k, n] product is, from its weight shape."""
     d, inner, ff = cfg["d_model"], cfg["num_heads"] * cfg["d_kv"], cfg["d_ff"]
     gated = str(cfg.get("feed_forward_proj", "relu")).startswith("gated")
-    names = {(d, 3 * inner): "self-attention q,k,v (fused)", (inner, d): "attention output (self and cross)",
-             (d, inner): "cross-attention q", (d, 2 * inner): "cross-attention k,v (once per instruction)",
+    names = {(d, 3 * inner): "self-attention q,k,v (fused)", (inner, d): "attention outputs (self and cross)",
+             (d, 2 * inner): "cross-attention k,v (once per instruction)",
              (d, ff * (2 if gated else 1)): "FFN in" + (" (gate and linear fused)" if gated else ""),
              (ff, d): "FFN out"}
+    # where inner == d_model (every Flan-T5) the cross-attention query has the outputs' shape
+    names[(d, inner)] = "attention outputs and cross-attention q" if inner == d else "cross-attention q"
     return names.get((k, n), f"other [{k} x {n}]")
 
 
