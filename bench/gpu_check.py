@@ -524,6 +524,7 @@ def engine_measure(tok: Path, models: list[str], device: str = "cuda", requests:
     from instructrec.bench.flops import T5Shape, model_flops
     from instructrec.bench.workloads import model_work, workload_inputs
     from instructrec.engine import Reranker
+    from instructrec.engine.backend import TorchBackend
     from instructrec.engine.presets import shape_config
 
     tokenizer = AutoTokenizer.from_pretrained(tok)
@@ -538,7 +539,8 @@ def engine_measure(tok: Path, models: list[str], device: str = "cuda", requests:
         model = random_engine_model(model_name, dev, torch.bfloat16)
         shape = T5Shape.from_config(shape_config(model_name))
         for tokens in batch_tokens:
-            rr = Reranker(model, tokenizer, device=dev, **({} if tokens is None else {"batch_tokens": tokens}))
+            rr = Reranker(TorchBackend(model, dev), tokenizer,
+                          **({} if tokens is None else {"batch_tokens": tokens}))
             rr.rank(workload_inputs("rerank-10", 8, seed + 1, tokenizer).requests)  # warm-up, Triton autotune
             for workload in ENGINE_WORKLOADS:
                 if workload != "rerank-10" and tokens != batch_tokens[-1]:

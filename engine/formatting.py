@@ -1,5 +1,5 @@
 """Instruction text: sanitised slot values, history and candidate lists, the source-token budget,
-and the engine's entry points `build_instruction` and `lists_candidates`.
+and the engine's entry points `render` (text and token ids), `build_instruction` and `lists_candidates`.
 
 Formats (chosen here, used by training and inference alike so the model sees one layout):
 - history: titles oldest to newest joined by "; " (no quotes: a quote glued to a title's first
@@ -14,7 +14,11 @@ Formats (chosen here, used by training and inference alike so the model sees one
 Budget: the source must fit `max_source_tokens` tokens of the model's tokenizer, counted as
 `len(tokenizer(text).input_ids)` (including `</s>`). The oldest history items are dropped first,
 at least the newest one is kept, and candidates are never cut; when that is not enough the
-request fails with `BudgetExceededError`. No torch import here: the tokenizer is passed in.
+request fails with `BudgetExceededError`. A text longer than `MAX_CHARS_PER_TOKEN` characters per
+budget token fails the same way without being tokenized (oldest history items are dropped to get
+under that cap first), so no size of input costs more than a bounded tokenization to refuse.
+`render` returns the token ids it counted, so the engine never tokenizes a fitted text twice.
+No torch import here: the tokenizer is passed in.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from .templates import (
 
 __all__ = [
     "RenderedInstruction", "TokenizerLike", "sanitize_text", "format_history", "format_candidate_list",
-    "render_template", "build_instruction", "lists_candidates", "CANDIDATES_PLACEHOLDER",
-    "HISTORY_SEPARATOR", "DEFAULT_MAX_SOURCE_TOKENS", "INTENTION_KINDS",
+    "render_template", "render", "build_instruction", "lists_candidates", "max_source_chars", "CANDIDATES_PLACEHOLDER",
+    "HISTORY_SEPARATOR", "DEFAULT_MAX_SOURCE_TOKENS", "MAX_CHARS_PER_TOKEN", "INTENTION_KINDS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,11 @@ CANDIDATES_PLACEHOLDER = "{candidates}"
 HISTORY_SEPARATOR = "; "
 # Flan-T5 was tuned with 512-token sources; the original method uses the same limit.
 DEFAULT_MAX_SOURCE_TOKENS = 512
+# Characters per token above which a text is refused without tokenizing it (see max_source_chars).
+# Real text is far below: the 19,885 titles of ../shared/data (Video Games 2018 meta and the 2023
+# sample, real Flan-T5 tokenizer) average 3.1 characters per token and reach 7.8 at most; the
+# sanitiser has already collapsed runs of whitespace in every slot value, so 32 leaves 4x margin.
+MAX_CHARS_PER_TOKEN = 32
 INTENTION_KINDS = {"vague": Intention.VAGUE, "specific": Intention.SPECIFIC}
 
 
@@ -77,6 +86,7 @@ class RenderedInstruction:
     target: str | None  # None when the template's target slots were not all given
     dropped_history: int  # oldest history items left out (item cap and token budget together)
     source_tokens: int | None = None  # counted when a tokenizer was given
+    source_ids: list[int] | None = None  # the ids counted (closing </s> included), with a tokenizer
 
 
 # ---- slot values ------------------------------------------------------------------------------
@@ -151,8 +161,15 @@ def _substitute(pattern: str, values: Mapping[str, str]) -> str:
 # ---- rendering ---------------------------------------------------------------------------------
 
 
-def _count_tokens(tokenizer: TokenizerLike, text: str) -> int:
-    return len(tokenizer(text).input_ids)
+def _encode(tokenizer: TokenizerLike, text: str) -> list[int]:
+    """The token ids of `text` as the model reads it (closing </s> included): what is counted."""
+    return list(tokenizer(text).input_ids)
+
+
+def max_source_chars(max_source_tokens: int) -> int:
+    """The longest text (in characters) that is tokenized to be counted at all; a longer one is over
+    budget without tokenizing it, so no size of user text costs more than this to refuse."""
+    return max_source_tokens * MAX_CHARS_PER_TOKEN
 
 
 def _check_budget_argument(max_source_tokens: Any) -> None:
@@ -166,7 +183,7 @@ def render_template(template: Template | str, slots: Mapping[str, Any], *, token
     """Fill `template` from `slots` (extra keys are ignored, so one row's full record can be passed
     to every template). Every source slot is required; the target is made when all of the
     template's target slots are given, else it is None. With a tokenizer the source is fitted to
-    `max_source_tokens` by dropping the oldest history items."""
+    `max_source_tokens` by dropping the oldest history items, and its token ids are returned."""
     if isinstance(template, str):
         template = get_template(template)
     _check_budget_argument(max_source_tokens)
@@ -179,7 +196,7 @@ def render_template(template: Template | str, slots: Mapping[str, Any], *, token
         value = slots.get(name)
         if not _is_given(value):
             raise InputError(name, f"is required by template {template.id} but is missing or empty",
-                             f"give {name}, or choose a template without it (instructrec instructions templates)")
+                             f"give {name}, or choose a template without it: instructrec instructions templates")
         if name == "history":
             history = _clean_titles(name, value)
         elif name == "candidates":
@@ -194,31 +211,36 @@ def render_template(template: Template | str, slots: Mapping[str, Any], *, token
         logger.debug("template %s: kept the newest %d of %d history items", template.id, len(history),
                      len(history) + dropped)
 
+    ids: list[int] | None = None
     if "history" in template.slots:
         before, after = template.source.split("{history}")
-        fitted = _fit_history(template, values, _substitute(before, values), _substitute(after, values), history,
-                              tokenizer, max_source_tokens, len(candidates or ()))
-        source, dropped_for_budget, n_tokens = fitted
+        source, dropped_for_budget, ids = _fit_history(template, values, _substitute(before, values),
+                                                       _substitute(after, values), history, tokenizer,
+                                                       max_source_tokens)
         dropped += dropped_for_budget
     else:
         source = _substitute(template.source, values)
-        n_tokens = None
         if tokenizer is not None:
-            n_tokens = _count_tokens(tokenizer, source)
-            if n_tokens > max_source_tokens:
-                raise _over_budget(template, values, n_tokens, max_source_tokens, len(candidates or ()), False)
+            if len(source) > max_source_chars(max_source_tokens):
+                raise _over_budget(template, values, [], f"{len(source):,} characters", max_source_tokens)
+            ids = _encode(tokenizer, source)
+            if len(ids) > max_source_tokens:
+                raise _over_budget(template, values, [], f"{len(ids)} source tokens", max_source_tokens)
     target = _make_target(template, slots, values, candidates)
-    return RenderedInstruction(source=source, target=target, dropped_history=dropped, source_tokens=n_tokens)
+    return RenderedInstruction(source=source, target=target, dropped_history=dropped,
+                               source_tokens=None if ids is None else len(ids), source_ids=ids)
 
 
 def _fit_history(template: Template, values: Mapping[str, str], before: str, after: str, history: list[str],
-                 tokenizer: TokenizerLike | None, budget: int, n_candidates: int) -> tuple[str, int, int | None]:
-    """The source with the longest suffix of `history` (newest items) that fits `budget`.
+                 tokenizer: TokenizerLike | None, budget: int) -> tuple[str, int, list[int] | None]:
+    """The source with the longest suffix of `history` (newest items) that fits `budget`, the
+    number of items dropped, and its token ids (None without a tokenizer).
 
     Tokenizing the full text per dropped item would cost up to 20 encodes per request. Instead
     the items are tokenized once (one batch call), their counts give the estimated total after
     dropping k items, and one or two exact counts confirm the estimate; the estimate is off only
-    by the token or two where a list edge meets the surrounding words.
+    by the token or two where a list edge meets the surrounding words. Items are first dropped
+    (oldest first) while the text is over the character cap, so a huge item is never tokenized.
     """
 
     def text(dropped: int) -> str:
@@ -226,51 +248,65 @@ def _fit_history(template: Template, values: Mapping[str, str], before: str, aft
 
     if tokenizer is None:
         return text(0), 0, None
-    total = _count_tokens(tokenizer, text(0))
-    if total <= budget:
-        return text(0), 0, total
     most_droppable = len(history) - 1  # the newest item always stays: a P1 text needs a history
-    if most_droppable == 0:
-        raise _over_budget(template, values, total, budget, n_candidates, True)
+    first = 0
+    while len(text(first)) > max_source_chars(budget) and first < most_droppable:
+        first += 1
+    if len(text(first)) > max_source_chars(budget):
+        raise _over_budget(template, values, history[first:], f"{len(text(first)):,} characters", budget)
+    ids = _encode(tokenizer, text(first))
+    if len(ids) <= budget:
+        return text(first), first, ids
+    if first == most_droppable:
+        raise _over_budget(template, values, history[first:], f"{len(ids)} source tokens", budget)
     # Each dropped item takes its title and the separator after it out of the text.
-    pieces = [title + HISTORY_SEPARATOR.strip() for title in history[:most_droppable]]
-    piece_counts = [len(ids) for ids in tokenizer(pieces, add_special_tokens=False).input_ids]
-    removed = list(accumulate(piece_counts))  # removed[k - 1]: tokens gone after dropping k items
-    dropped = next((k for k in range(1, most_droppable + 1) if total - removed[k - 1] <= budget), most_droppable)
+    pieces = [title + HISTORY_SEPARATOR.strip() for title in history[first:most_droppable]]
+    piece_counts = [len(x) for x in tokenizer(pieces, add_special_tokens=False).input_ids]
+    removed = dict(zip(range(first + 1, most_droppable + 1), accumulate(piece_counts)))  # tokens gone at k dropped
+    total = len(ids)
+    dropped = next((k for k in range(first + 1, most_droppable + 1) if total - removed[k] <= budget), most_droppable)
 
-    known_over = 0  # the largest drop count known not to fit
-    count = _count_tokens(tokenizer, text(dropped))
-    while count > budget and dropped < most_droppable:
+    known_over = first  # the largest drop count known not to fit
+    ids = _encode(tokenizer, text(dropped))
+    while len(ids) > budget and dropped < most_droppable:
         known_over = dropped
         dropped += 1
-        count = _count_tokens(tokenizer, text(dropped))
-    if count > budget:
-        raise _over_budget(template, values, count, budget, n_candidates, True)
+        ids = _encode(tokenizer, text(dropped))
+    if len(ids) > budget:
+        raise _over_budget(template, values, history[dropped:], f"{len(ids)} source tokens", budget)
     while dropped - 1 > known_over:  # keep one more item while it still fits
-        fewer = _count_tokens(tokenizer, text(dropped - 1))
-        if fewer > budget:
+        fewer = _encode(tokenizer, text(dropped - 1))
+        if len(fewer) > budget:
             break
-        dropped, count = dropped - 1, fewer
+        dropped, ids = dropped - 1, fewer
     logger.debug("template %s: dropped the %d oldest history items to fit %d source tokens",
                  template.id, dropped, budget)
-    return text(dropped), dropped, count
+    return text(dropped), dropped, ids
 
 
-def _over_budget(template: Template, values: Mapping[str, str], n_tokens: int, budget: int, n_candidates: int,
-                 history_trimmed: bool) -> BudgetExceededError:
-    kept = " with only the newest history item kept" if history_trimmed else ""
-    if template.lists_candidates:
+def _over_budget(template: Template, values: Mapping[str, str], kept_history: list[str], size: str,
+                 budget: int) -> BudgetExceededError:
+    """The error for a source of `size` ("636 source tokens", "40,000 characters") over `budget`,
+    blaming the slot that takes most of the text: the listed candidates (fixed by smaller
+    tournament groups), the one history item that is always kept, or a text field."""
+    kept = " with only the newest history item kept" if len(kept_history) == 1 else ""
+    sizes = {name: len(values[name]) for name in ("candidates", "preference", "intention", "context")
+             if name in values}
+    if "history" in template.slots:
+        sizes["history"] = len(HISTORY_SEPARATOR.join(kept_history))
+    field = max(sizes, key=lambda name: sizes[name], default="instruction")
+    problem = f"template {template.id} needs {size}{kept}, over the budget of {budget} source tokens"
+    if field == "candidates":
         return BudgetExceededError(
-            "candidates",
-            f"template {template.id} needs {n_tokens} source tokens{kept} and {n_candidates} listed candidates, "
-            f"over the budget of {budget}",
+            "candidates", f"{problem}: its {values['candidates'].count(chr(10)) + 1} listed candidates are most "
+                          "of the text",
             "list fewer candidates per instruction: the tournament's smaller group size avoids this, "
             "or raise max_source_tokens")
-    text_fields = [name for name in ("preference", "intention", "context") if name in template.slots]
-    field = max(text_fields, key=lambda name: len(values.get(name, "")), default="history")
-    return BudgetExceededError(
-        field, f"template {template.id} needs {n_tokens} source tokens{kept}, over the budget of {budget}",
-        f"shorten {field} or raise max_source_tokens")
+    if field == "history" and kept:
+        return BudgetExceededError("history", f"{problem}: the newest history item alone is "
+                                              f"{sizes['history']:,} characters long",
+                                   "shorten that title or raise max_source_tokens")
+    return BudgetExceededError(field, problem, f"shorten {field} or raise max_source_tokens")
 
 
 def _make_target(template: Template, slots: Mapping[str, Any], source_values: Mapping[str, str],
@@ -299,7 +335,7 @@ def _make_target(template: Template, slots: Mapping[str, Any], source_values: Ma
 
 
 def _free_instruction(instruction: Any, candidates: Any, tokenizer: TokenizerLike | None,
-                      max_source_tokens: int) -> str:
+                      max_source_tokens: int) -> tuple[str, list[int] | None]:
     if not isinstance(instruction, str):
         raise InputError("instruction", f"must be text, got {type(instruction).__name__}")
     if not instruction.strip():
@@ -310,19 +346,22 @@ def _free_instruction(instruction: Any, candidates: Any, tokenizer: TokenizerLik
             raise InputError("candidates", "the instruction contains {candidates} but no candidates were given")
         # str.replace is one pass, and listed titles have no braces left after sanitising.
         instruction = instruction.replace(CANDIDATES_PLACEHOLDER, format_candidate_list(candidates))
-    if tokenizer is not None:
-        n_tokens = _count_tokens(tokenizer, instruction)
-        if n_tokens > max_source_tokens:
-            if listed:
-                raise BudgetExceededError(
-                    "candidates", f"the instruction with its listed candidates needs {n_tokens} source tokens, "
-                                  f"over the budget of {max_source_tokens}",
-                    "list fewer candidates per instruction: the tournament's smaller group size avoids this, "
-                    "or raise max_source_tokens")
+    if tokenizer is None:
+        return instruction, None
+    too_long = len(instruction) > max_source_chars(max_source_tokens)
+    ids = None if too_long else _encode(tokenizer, instruction)
+    if too_long or len(ids) > max_source_tokens:  # type: ignore[arg-type]
+        size = f"{len(instruction):,} characters" if too_long else f"{len(ids)} source tokens"  # type: ignore[arg-type]
+        if listed:
             raise BudgetExceededError(
-                "instruction", f"needs {n_tokens} source tokens, over the budget of {max_source_tokens}",
-                "shorten the instruction (free text is never truncated) or raise max_source_tokens")
-    return instruction
+                "candidates", f"the instruction with its listed candidates needs {size}, "
+                              f"over the budget of {max_source_tokens} source tokens",
+                "list fewer candidates per instruction: the tournament's smaller group size avoids this, "
+                "or raise max_source_tokens")
+        raise BudgetExceededError(
+            "instruction", f"needs {size}, over the budget of {max_source_tokens} source tokens",
+            "shorten the instruction, free text is never truncated, or raise max_source_tokens")
+    return instruction, ids
 
 
 def _request_intention(intention: Any, intention_kind: Any) -> Intention:
@@ -372,12 +411,13 @@ def _resolve_template(*, template: Any, history: Any, preference: Any, intention
     return chosen
 
 
-def build_instruction(*, instruction: str | None = None, history: Iterable[str] | None = None,
-                      preference: str | None = None, intention: str | None = None,
-                      intention_kind: str | None = None, context: str | None = None, template: str | None = None,
-                      candidates: Iterable[str] | None = None, tokenizer: TokenizerLike | None = None,
-                      max_source_tokens: int = DEFAULT_MAX_SOURCE_TOKENS) -> str:
-    """The source text for one request (or one tournament group).
+def render(*, instruction: str | None = None, history: Iterable[str] | None = None,
+           preference: str | None = None, intention: str | None = None, intention_kind: str | None = None,
+           context: str | None = None, template: str | None = None, candidates: Iterable[str] | None = None,
+           tokenizer: TokenizerLike | None = None,
+           max_source_tokens: int = DEFAULT_MAX_SOURCE_TOKENS) -> tuple[str, list[int] | None]:
+    """The source text for one request (or one tournament group), and with a tokenizer the token
+    ids it was counted with (closing </s> included), which are the model's input as they are.
 
     - `instruction` (free text): `{candidates}` in it becomes the numbered list of `candidates`;
       nothing else is changed or truncated. Cannot be combined with `template` or structured fields.
@@ -386,6 +426,9 @@ def build_instruction(*, instruction: str | None = None, history: Iterable[str] 
       engine scores every candidate title as the target). `intention_kind` is "vague" or
       "specific"; null reads as vague. `candidates` are listed only by templates whose text lists
       them (T3); otherwise they are not used here.
+    With a tokenizer, a text over `max_source_tokens` (after dropping the oldest history items)
+    raises BudgetExceededError; a text over `max_source_chars(max_source_tokens)` characters does
+    so without being tokenized.
     """
     _check_budget_argument(max_source_tokens)
     if instruction is not None:
@@ -404,7 +447,13 @@ def build_instruction(*, instruction: str | None = None, history: Iterable[str] 
                                intention_kind=intention_kind, context=context)
     slots = {"history": history, "preference": preference, "intention": intention, "context": context,
              "candidates": candidates}
-    return render_template(chosen, slots, tokenizer=tokenizer, max_source_tokens=max_source_tokens).source
+    rendered = render_template(chosen, slots, tokenizer=tokenizer, max_source_tokens=max_source_tokens)
+    return rendered.source, rendered.source_ids
+
+
+def build_instruction(**fields: Any) -> str:
+    """The source text of `render` (same arguments) without its token ids."""
+    return render(**fields)[0]
 
 
 def lists_candidates(*, instruction: str | None = None, template: str | None = None,

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,8 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-__all__ = ["read_checkpoint_config", "T5Config", "T5", "PRESETS", "convert_hf_state_dict", "relative_position_bucket"]
+__all__ = ["read_checkpoint_config", "T5Config", "T5", "WeightSlot", "weight_slots", "empty_model", "fill_model",
+           "build_model", "random_model", "relative_position_bucket"]
 
 
 def read_checkpoint_config(model_dir: Path) -> dict:
@@ -81,12 +82,6 @@ class T5Config:
         return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
 
     @classmethod
-    def from_name(cls, name: str) -> "T5Config":
-        if name not in PRESETS:
-            raise KeyError(f"unknown T5 preset {name!r}; known: {sorted(PRESETS)}")
-        return PRESETS[name]
-
-    @classmethod
     def from_hf(cls, config: Any) -> "T5Config":
         """From a Hugging Face T5Config or the dict of its config.json."""
         if isinstance(config, dict):
@@ -109,15 +104,6 @@ class T5Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-PRESETS: dict[str, T5Config] = {
-    "flan-t5-small": T5Config(d_model=512, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
-    "flan-t5-base": T5Config(d_model=768, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
-    "flan-t5-large": T5Config(d_model=1024, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
-    "flan-t5-xl": T5Config(d_model=2048, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32),
-    # For fast tests: builds and runs in milliseconds.
-    "tiny": T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4),
-}
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -320,70 +306,154 @@ class T5(nn.Module):
         return x
 
 
-def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: T5Config) -> dict[str, torch.Tensor]:
-    """Hugging Face T5ForConditionalGeneration parameter names -> this module's names.
+# ---- Hugging Face weights -> this module's parameters -------------------------------------------
+#
+# One table (`weight_slots`) says where every Hugging Face T5ForConditionalGeneration tensor goes.
+# Fused parameters (self-attention qkv, the gated FFN's wi_0 + wi_1, cross-attention k + v) are
+# allocated once and each Hugging Face tensor is copied into its rows, so a checkpoint can be read
+# one tensor at a time (engine/loading.py streams safetensors this way): peak host memory is the
+# model plus one tensor, never a second copy of the state dict.
 
-    Raises KeyError listing every missing Hugging Face name (the loader turns it into a
-    ModelLoadError naming the weights file)."""
-    missing: list[str] = []
+# Names Hugging Face also saves for the shared embedding (tied copies); read only when
+# "shared.weight" itself is absent.
+_SHARED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
-    def get(name: str) -> torch.Tensor:
-        if name not in sd:
-            missing.append(name)
-            return torch.empty(0)
-        return sd[name]
 
-    def ffn(prefix: str, out: str) -> dict:
-        if cfg.is_gated:
-            wi = torch.cat([get(f"{prefix}.DenseReluDense.wi_0.weight"),
-                            get(f"{prefix}.DenseReluDense.wi_1.weight")])
-        else:
-            wi = get(f"{prefix}.DenseReluDense.wi.weight")
-        return {f"{out}.wi.weight": wi, f"{out}.wo.weight": get(f"{prefix}.DenseReluDense.wo.weight")}
+@dataclass(frozen=True)
+class WeightSlot:
+    """Rows [start, stop) of parameter `param` hold the Hugging Face tensor `hf_name`, of `shape`."""
 
-    shared = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
-    if shared is None:
-        missing.append("shared.weight")
-    out: dict[str, torch.Tensor] = {
-        "shared.weight": shared,
-        "enc_bias.weight": get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
-        "dec_bias.weight": get("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
-        "enc_norm.weight": get("encoder.final_layer_norm.weight"),
-        "dec_norm.weight": get("decoder.final_layer_norm.weight"),
+    hf_name: str
+    param: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+
+
+def _hf_sources(cfg: T5Config) -> dict[str, list[str]]:
+    """This module's parameter name -> the Hugging Face tensors stacked (dim 0) into it."""
+
+    def ffn(prefix: str) -> list[str]:
+        dense = f"{prefix}.DenseReluDense"
+        return [f"{dense}.wi_0.weight", f"{dense}.wi_1.weight"] if cfg.is_gated else [f"{dense}.wi.weight"]
+
+    out: dict[str, list[str]] = {
+        "shared.weight": ["shared.weight"],
+        "enc_bias.weight": ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
+        "dec_bias.weight": ["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
+        "enc_norm.weight": ["encoder.final_layer_norm.weight"],
+        "dec_norm.weight": ["decoder.final_layer_norm.weight"],
     }
     if not cfg.tie_word_embeddings:
-        out["lm_head"] = get("lm_head.weight")
+        out["lm_head"] = ["lm_head.weight"]
     for i in range(cfg.num_layers):
-        p = f"encoder.block.{i}.layer"
-        att = f"{p}.0.SelfAttention"
-        out[f"encoder.{i}.norm1.weight"] = get(f"{p}.0.layer_norm.weight")
-        out[f"encoder.{i}.qkv.weight"] = torch.cat([get(f"{att}.{n}.weight") for n in "qkv"])
-        out[f"encoder.{i}.o.weight"] = get(f"{att}.o.weight")
-        out[f"encoder.{i}.norm2.weight"] = get(f"{p}.1.layer_norm.weight")
-        out.update(ffn(f"{p}.1", f"encoder.{i}.ffn"))
+        p, att = f"encoder.block.{i}.layer", f"encoder.block.{i}.layer.0.SelfAttention"
+        out[f"encoder.{i}.norm1.weight"] = [f"{p}.0.layer_norm.weight"]
+        out[f"encoder.{i}.qkv.weight"] = [f"{att}.{n}.weight" for n in "qkv"]
+        out[f"encoder.{i}.o.weight"] = [f"{att}.o.weight"]
+        out[f"encoder.{i}.norm2.weight"] = [f"{p}.1.layer_norm.weight"]
+        out[f"encoder.{i}.ffn.wi.weight"] = ffn(f"{p}.1")
+        out[f"encoder.{i}.ffn.wo.weight"] = [f"{p}.1.DenseReluDense.wo.weight"]
     for i in range(cfg.num_decoder_layers):
         p = f"decoder.block.{i}.layer"
         att, cross = f"{p}.0.SelfAttention", f"{p}.1.EncDecAttention"
-        out[f"decoder.{i}.norm1.weight"] = get(f"{p}.0.layer_norm.weight")
-        out[f"decoder.{i}.qkv.weight"] = torch.cat([get(f"{att}.{n}.weight") for n in "qkv"])
-        out[f"decoder.{i}.o.weight"] = get(f"{att}.o.weight")
-        out[f"decoder.{i}.norm2.weight"] = get(f"{p}.1.layer_norm.weight")
-        out[f"decoder.{i}.cross_q.weight"] = get(f"{cross}.q.weight")
-        out[f"decoder.{i}.cross_kv.weight"] = torch.cat([get(f"{cross}.k.weight"), get(f"{cross}.v.weight")])
-        out[f"decoder.{i}.cross_o.weight"] = get(f"{cross}.o.weight")
-        out[f"decoder.{i}.norm3.weight"] = get(f"{p}.2.layer_norm.weight")
-        out.update(ffn(f"{p}.2", f"decoder.{i}.ffn"))
-    if missing:
-        raise KeyError(", ".join(missing))
+        out[f"decoder.{i}.norm1.weight"] = [f"{p}.0.layer_norm.weight"]
+        out[f"decoder.{i}.qkv.weight"] = [f"{att}.{n}.weight" for n in "qkv"]
+        out[f"decoder.{i}.o.weight"] = [f"{att}.o.weight"]
+        out[f"decoder.{i}.norm2.weight"] = [f"{p}.1.layer_norm.weight"]
+        out[f"decoder.{i}.cross_q.weight"] = [f"{cross}.q.weight"]
+        out[f"decoder.{i}.cross_kv.weight"] = [f"{cross}.k.weight", f"{cross}.v.weight"]
+        out[f"decoder.{i}.cross_o.weight"] = [f"{cross}.o.weight"]
+        out[f"decoder.{i}.norm3.weight"] = [f"{p}.2.layer_norm.weight"]
+        out[f"decoder.{i}.ffn.wi.weight"] = ffn(f"{p}.2")
+        out[f"decoder.{i}.ffn.wo.weight"] = [f"{p}.2.DenseReluDense.wo.weight"]
     return out
 
 
-def build_model(cfg: T5Config, hf_state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> T5:
-    """A ready-to-run model (eval mode, no grads) from Hugging Face weights."""
+def weight_slots(cfg: T5Config) -> dict[str, WeightSlot]:
+    """Every Hugging Face tensor the engine reads, by name, with the rows it fills."""
     with torch.device("meta"):
-        model = T5(cfg)
-    state = convert_hf_state_dict(hf_state_dict, cfg)
-    state = {k: v.detach().to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+        shapes = {name: p.shape for name, p in T5(cfg).named_parameters()}
+    slots: dict[str, WeightSlot] = {}
+    for param, names in _hf_sources(cfg).items():
+        rows = shapes[param][0] // len(names)
+        for k, name in enumerate(names):
+            slots[name] = WeightSlot(name, param, k * rows, (k + 1) * rows, (rows, *shapes[param][1:]))
+    return slots
+
+
+def empty_model(cfg: T5Config, dtype: torch.dtype, device: torch.device) -> T5:
+    """A model whose parameters are allocated once, uninitialised, directly in `dtype` on `device`."""
+    with torch.device("meta"):
+        model = T5(cfg).to(dtype)
+    return model.to_empty(device=device).eval().requires_grad_(False)
+
+
+def fill_model(cfg: T5Config, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+               device: torch.device) -> T5:
+    """A ready-to-run model (eval mode, no grads) from (Hugging Face name, tensor) pairs, read one
+    at a time: each is copied (converted to `dtype`, moved to `device`) into its rows of a model
+    allocated once, so the result never shares memory with the tensors given. Tensors the engine
+    does not read are skipped. Raises KeyError listing every missing Hugging Face name, and
+    ValueError naming a tensor whose shape differs from what `cfg` makes."""
+    model = empty_model(cfg, dtype, device)
+    params = dict(model.named_parameters())
+    slots = weight_slots(cfg)
+    shared = slots["shared.weight"]
+    filled: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in tensors:
+            slot = slots.get(name)
+            if slot is None and name in _SHARED_ALIASES and shared.hf_name not in filled:
+                slot = shared  # a checkpoint that saved only a tied copy of the embedding
+            if slot is None:
+                continue
+            if tuple(tensor.shape) != slot.shape:
+                raise ValueError(f"{name} has shape {list(tensor.shape)} in the checkpoint, "
+                                 f"{list(slot.shape)} expected from the configuration")
+            params[slot.param][slot.start:slot.stop].copy_(tensor)
+            filled.add(slot.hf_name)
+    missing = [name for name in slots if name not in filled]
+    if missing:
+        raise KeyError(", ".join(missing))
+    return model
+
+
+def build_model(cfg: T5Config, hf_state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device) -> T5:
+    """fill_model from an in-memory Hugging Face state dict (the weights are copied)."""
+    return fill_model(cfg, hf_state_dict.items(), dtype, device)
+
+
+def _initial_std(hf_name: str, cfg: T5Config) -> float | None:
+    """Hugging Face's T5 initialisation (T5PreTrainedModel._init_weights, initializer_factor 1):
+    the std of the normal a tensor is drawn from; None for layer norms (ones)."""
+    inner = cfg.num_heads * cfg.d_kv
+    if hf_name.endswith("layer_norm.weight"):
+        return None
+    if hf_name in ("shared.weight", "lm_head.weight"):
+        return 1.0
+    if hf_name.endswith("relative_attention_bias.weight"):
+        return cfg.d_model ** -0.5
+    if hf_name.endswith(("SelfAttention.q.weight", "EncDecAttention.q.weight")):
+        return (cfg.d_model * cfg.d_kv) ** -0.5
+    if hf_name.endswith(("Attention.o.weight", "EncDecAttention.o.weight")):
+        return inner ** -0.5
+    if hf_name.endswith("DenseReluDense.wo.weight"):
+        return cfg.d_ff ** -0.5
+    return cfg.d_model ** -0.5  # k, v, wi, wi_0, wi_1
+
+
+def random_model(cfg: T5Config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> T5:
+    """A model with seeded random weights, drawn as Hugging Face initialises T5 (per tensor, so the
+    same seed gives the same weights on any device and dtype, and host memory holds one tensor at
+    a time). For speed and memory work only: its scores mean nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    slots = weight_slots(cfg)
+
+    def draw() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, slot in slots.items():
+            std = _initial_std(name, cfg)
+            yield name, (torch.ones(slot.shape) if std is None else torch.randn(slot.shape, generator=generator) * std)
+
+    return fill_model(cfg, draw(), dtype, device)

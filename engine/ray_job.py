@@ -1,36 +1,53 @@
-"""The batch job on Ray Data: read_parquet -> map_batches(actors holding one Reranker each) ->
-write_parquet, in input order. Same input contract, same output rows and columns as
-`engine.batch.run_job`; the per-batch work is the very same function (`rank_record_batch`).
+"""The batch job on Ray Data, for inputs past one machine: the same parts, the same output folder,
+the same `--resume` as the in-process job (`engine.batch`), with the parts ranked by a pool of
+Ray actors that each hold one Reranker.
 
-Differences from the in-process job (documented in the README, 'Past one machine: Ray Data'):
-- No --resume: Ray Data writes the whole output in one go; rerun into a fresh folder.
-- Part files are named by Ray (`<uuid>_<task>...parquet`); reading the folder in name order gives
-  input order, which is checked after the write (one pass over the request_id column) so a
-  misordered write fails loudly instead of passing silently.
-- Every input file must have the same contract columns (Ray reads them as one dataset).
+    parts to do -> ray.data.from_items -> map_batches(PartRanker actors, one part per call) -> commit records
+
+- Parts are keyed by input position (input row r is in part r // rows_per_part), so a rerun with
+  `--resume` skips the finished ones and ranks only the missing ones. An actor reads its part's
+  rows straight from the input (only the row groups that overlap it), ranks them in the same
+  chunks as the in-process job and commits the part through `engine.job_output`: the output is
+  the in-process job's, file for file, and either runner can resume the other's output.
+- Worker faults are Ray's to retry: each actor is restarted up to `max_restarts` times after its
+  process dies, and a call it was running is retried up to as many times (a part is rewritten
+  from its start; a half-written temp file is never published). Past that the job fails, its
+  finished parts stay, and `--resume` continues. A model that fails to load fails the job at once
+  (Ray Data does not restart an actor whose constructor raised).
+- The driver resolves the model, checks the schema and the output folder, finds the duplicate
+  ids and writes the manifest before any actor starts; a start that fails before any part is
+  committed removes the manifest again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from pathlib import Path
-from typing import Any, Mapping
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from .batch import (
-    DEFAULT_CHUNK_ROWS, MANIFEST_FORMAT, MANIFEST_NAME, OUTPUT_SCHEMA, SUMMARY_NAME, JobOutputError,
-    _acquire_lock, _model_fingerprint, _write_json_atomically, find_duplicate_request_ids, iter_record_batches,
-    part_name, rank_record_batch, scan_input, summarize_output, LOCK_NAME,
-)
+from .batch import rank_parts
 from .errors import InputError, InstructRecError
+from .job_faults import FaultPlan
+from .job_ids import find_duplicate_request_ids
+from .job_input import JobInput, scan_input
+from .job_model import EngineSettings, JobModel, model_differences
+from .job_output import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART, OutputFolder, PartPlan
+from .job_rows import OUTPUT_SCHEMA, OutputCounts
+from .job_storage import Location
+from .job_summary import job_manifest, job_summary
+from .sources import ModelSource
 
-__all__ = ["RayNotInstalledError", "RerankActor", "run_ray_job"]
+__all__ = ["RayNotInstalledError", "PartRanker", "run_ray_job", "DEFAULT_ACTOR_RESTARTS"]
 
 log = logging.getLogger(__name__)
+
+# Restarts of one actor after its process died, and retries of the call it was running. 3: a
+# node lost now and then is survived; a part that kills its actor every time (a poison input,
+# OOM) stops the job after 4 attempts instead of looping forever.
+DEFAULT_ACTOR_RESTARTS = 3
 
 
 class RayNotInstalledError(InstructRecError):
@@ -48,138 +65,149 @@ def _import_ray():
     return ray
 
 
-class RerankActor:
-    """A Ray Data actor: loads one Reranker at start, then ranks pyarrow batches."""
+class PartRanker:
+    """A Ray Data actor: loads one Reranker at start, then ranks and commits whole parts."""
 
-    def __init__(self, model: str, engine_options: Mapping[str, Any], duplicate_ids: Mapping[str, int]):
-        from .reranker import Reranker
+    def __init__(self, job_model: JobModel, job_input: JobInput, plan: PartPlan, duplicate_ids: Mapping[str, int],
+                 output: Location, faults: FaultPlan):
+        self.reranker = job_model.load()
+        self.job_input, self.plan, self.duplicate_ids, self.faults = job_input, plan, duplicate_ids, faults
+        self.folder = OutputFolder.for_workers(output, schema=OUTPUT_SCHEMA)
 
-        self.reranker = Reranker.from_pretrained(model, **engine_options)
-        self.duplicate_ids = duplicate_ids
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
+        records = []
+        for part in batch["part"]:
+            records += rank_parts(self.reranker, self.job_input, self.plan, [int(part)], self.duplicate_ids,
+                                  self.folder, self.faults)
+        return {"part": [r["part"] for r in records], "record": [json.dumps(r) for r in records]}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_batches([rank_record_batch(self.reranker, batch, self.duplicate_ids)], OUTPUT_SCHEMA)
 
-
-def run_ray_job(model: str | os.PathLike, input: str | os.PathLike, output: str | os.PathLike, *,
-                backend: str = "torch", device: str = "cpu", dtype: str = "float32",
-                batch_tokens: int | None = None, group_size: int = 10, address: str | None = None,
-                actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                chunk_rows: int = DEFAULT_CHUNK_ROWS, reranker_options: Mapping[str, Any] | None = None,
-                ) -> dict[str, Any]:
+def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, output: str | os.PathLike, *,
+                backend: str = "auto", device: str = "cpu", dtype: str = "auto",
+                batch_tokens: int | None = None, group_size: int = 10, resume: bool = False,
+                rows_per_part: int = DEFAULT_ROWS_PER_PART, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                address: str | None = None, actors: int = 1, gpus_per_actor: float | None = None,
+                cpus_per_actor: float = 1.0, max_restarts: int = DEFAULT_ACTOR_RESTARTS,
+                reranker_options: Mapping[str, Any] | None = None, revision: str | None = None,
+                tokenizer: str | os.PathLike | None = None, threads: int | None = None,
+                progress: bool = True) -> dict[str, Any]:
     """Run the job on Ray Data. Uses the Ray instance this process is connected to, or connects
-    to `address`, or starts a local one (shut down at the end). Returns the summary."""
-    ray = _import_ray()
-    started = time.perf_counter()
+    to `address`, or starts a local one (shut down at the end). Returns the summary.
+
+    `threads` defaults to `cpus_per_actor` (rounded down, at least 1) in each actor."""
     if actors < 1:
         raise InputError("actors", f"must be at least 1, got {actors}")
+    if max_restarts < 0:
+        raise InputError("max_restarts", f"must be 0 or more, got {max_restarts}")
+    gpus_per_actor = _gpus_per_actor(device, gpus_per_actor)
+    ray = _import_ray()
+    started = time.perf_counter()
     job_input = scan_input(input)  # schema errors before any work
-    column_sets = {f.columns for f in job_input.files}
-    if len(column_sets) > 1:
-        raise InputError("input", "the input files have different columns ("
-                         + "; ".join(f"{f.path.name}: {', '.join(f.columns)}" for f in job_input.files[:5])
-                         + ")", "give every file the same columns (nulls for unused ones), or run without --ray")
-    output = Path(output).resolve()
-    if output.exists() and not output.is_dir():
-        raise JobOutputError(f"--output {output} is a file; the job writes a folder of parts there")
-    output.mkdir(parents=True, exist_ok=True)
-    lock = _acquire_lock(output)
-    try:
-        existing = [p.name for p in output.iterdir() if p.name != LOCK_NAME]
-        if existing:
-            raise JobOutputError(f"--output {output} is not empty ({sorted(existing)[:3]}); the job never "
-                                 "overwrites. Delete the folder or choose a new --output (--ray has no --resume)")
-        model_path = Path(model).resolve()
-        engine_options = {"backend": backend, "device": device, "dtype": dtype, "group_size": group_size,
-                          **({"batch_tokens": batch_tokens} if batch_tokens is not None else {}),
-                          **(reranker_options or {})}
-        _write_json_atomically(output / MANIFEST_NAME, {
-            "format": MANIFEST_FORMAT, "runner": "ray", "input": job_input.fingerprint(), "chunk_rows": chunk_rows,
-            "options": {"model": str(model_path), "model_files": _model_fingerprint(model_path), **engine_options},
-            "ray": {"address": address, "actors": actors, "gpus_per_actor": gpus_per_actor,
-                    "cpus_per_actor": cpus_per_actor}})
+    settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
+                              group_size=group_size, threads=threads, extra=dict(reranker_options or {}))
+    job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer)  # before any work
+    plan = PartPlan(job_input.rows, rows_per_part, chunk_rows)
+    faults = FaultPlan.from_env()
+    with OutputFolder.claim(output, resume=resume) as folder:
+        previous = folder.previous_manifest or {}
+        job_model = job_model.settle_dtype(previous.get("options"))
+        runtime = {"runner": "ray", "actors": actors, "cpus_per_actor": cpus_per_actor,
+                   "gpus_per_actor": gpus_per_actor, "max_restarts": max_restarts}
+        manifest = job_manifest(job_input, plan, job_model.manifest_entry(), job_model.manifest_options(), runtime)
+        folder.check(manifest, schema=OUTPUT_SCHEMA,
+                     model_change=model_differences(previous.get("model"), manifest["model"]) if previous else None)
         duplicate_ids = find_duplicate_request_ids(job_input)
-        if job_input.rows == 0:
-            pq.ParquetWriter(output / part_name(0), OUTPUT_SCHEMA).close()  # Ray writes no file for 0 rows
-        else:
-            _run_on_ray(ray, job_input, output, str(model_path), engine_options, duplicate_ids, address=address,
-                        actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-                        chunk_rows=chunk_rows)
-            _check_output_order(job_input, output)
-        wall = time.perf_counter() - started
-        counts = summarize_output(output)
-        ok_candidates = _ok_candidates(output)
-        summary = {
-            **counts, "rows_ranked": counts["rows"], "candidates_ranked": ok_candidates, "wall_s": round(wall, 3),
-            "requests_per_s": round(counts["rows"] / wall, 3), "candidates_per_s": round(ok_candidates / wall, 3),
-            "parts": len(_output_files(output)), "parts_written": len(_output_files(output)), "parts_skipped": 0,
-            "resumed": False, "input": str(job_input.path), "input_files": len(job_input.files),
-            "output": str(output), "runner": "ray", "actors": actors,
-        }
-        _write_json_atomically(output / SUMMARY_NAME, summary)
+        folder.start()  # before the actors load the model; removed again if no part gets committed
+        todo = [p for p in range(plan.parts) if p not in folder.finished_parts]
+        this_run = OutputCounts()
+        begun = time.perf_counter()
+        if todo:
+            if job_model.settings.threads is None:  # one engine thread per reserved CPU, not all cores
+                job_model = job_model.with_threads(max(1, int(cpus_per_actor)))
+            for done, record in enumerate(_rank_on_ray(
+                    ray, todo, job_model, job_input, plan, duplicate_ids, folder.location, faults, address=address,
+                    actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+                    max_restarts=max_restarts, progress=progress), start=1):
+                this_run.add_counts(record)
+                faults.at("driver-after-parts", done)
+            folder.remove_debris()  # every part is committed: no write is in flight any more
+        finished = time.perf_counter()
+        summary = job_summary(folder, plan, this_run, parts_written=len(todo), wall_s=finished - started,
+                              load_s=0.0, working_s=finished - begun, input_uri=job_input.uri,
+                              input_files=len(job_input.files), runner="ray", actors=actors)
+        folder.write_summary(summary)
         return summary
-    finally:
-        lock.close()
 
 
-def _run_on_ray(ray, job_input, output: Path, model: str, engine_options: Mapping[str, Any],
-                duplicate_ids: Mapping[str, int], *, address, actors, gpus_per_actor, cpus_per_actor,
-                chunk_rows) -> None:
+def _gpus_per_actor(device: str, gpus_per_actor: float | None) -> float:
+    """--device cuda needs GPUs reserved for each actor: Ray hides the GPUs from an actor that
+    reserved none (CUDA_VISIBLE_DEVICES is empty), and the model load would fail inside it."""
+    on_cuda = device.split(":")[0] == "cuda"
+    if gpus_per_actor is None:
+        if on_cuda:
+            raise InputError("gpus_per_actor", "--ray --device cuda needs GPUs reserved for each actor: without "
+                             "them Ray starts the actors with no GPU visible and the model load fails inside them",
+                             "pass --gpus-per-actor 1 (or a fraction, e.g. 0.5 to put two actors on one GPU)")
+        return 0.0
+    if gpus_per_actor < 0:
+        raise InputError("gpus_per_actor", f"must be 0 or more, got {gpus_per_actor}")
+    if on_cuda and gpus_per_actor == 0:
+        raise InputError("gpus_per_actor", "is 0 with --device cuda: the actors would see no GPU",
+                         "pass --gpus-per-actor 1 (or a fraction), or --device cpu")
+    return float(gpus_per_actor)
+
+
+def _rank_on_ray(ray, todo: Sequence[int], job_model: JobModel, job_input: JobInput, plan: PartPlan,
+                 duplicate_ids: Mapping[str, int], output: Location, faults: FaultPlan, *, address, actors: int,
+                 gpus_per_actor: float, cpus_per_actor: float, max_restarts: int,
+                 progress: bool) -> Iterator[dict[str, Any]]:
+    """The commit records of the parts in `todo`, as the actors finish them."""
     started_here = False
     if not ray.is_initialized():
         if address is None:
-            # Logical CPUs, not cores: the actors plus one for Ray Data's read and write tasks,
-            # or the pipeline waits forever for a free CPU (2 actors on a 2-core machine did).
+            # Logical CPUs, not cores: the actors plus one for Ray Data's own tasks, or the pipeline
+            # waits forever for a free CPU (2 actors on a 2-core machine did).
             num_cpus = max(os.cpu_count() or 1, int(actors * cpus_per_actor + 1.999))
             ray.init(include_dashboard=False, num_cpus=num_cpus, logging_level=logging.WARNING)
         else:
             ray.init(address=address, logging_level=logging.WARNING)
         started_here = True
     try:
-        context = ray.data.DataContext.get_current()
-        # Output rows must come out in input order (the contract); Ray Data reorders otherwise.
-        context.execution_options.preserve_order = True
-        columns = list(job_input.files[0].columns)
-        dataset = ray.data.read_parquet([str(f.path) for f in job_input.files]).select_columns(columns)
-        ranked = dataset.map_batches(
-            RerankActor, fn_constructor_kwargs={"model": model, "engine_options": dict(engine_options),
-                                                "duplicate_ids": dict(duplicate_ids)},
-            batch_size=chunk_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor)
-        ranked.write_parquet(str(output))
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        # One block per part, one part per call: a retried call redoes exactly one part.
+        parts = ray.data.from_items([{"part": p} for p in todo], override_num_blocks=len(todo))
+        with warnings.catch_warnings():
+            # Ray Data takes actor restarts only through its generic remote args, which Ray 2.60
+            # marks deprecated without a named replacement yet.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ranked = parts.map_batches(
+                PartRanker, batch_size=1, batch_format="numpy",
+                fn_constructor_kwargs={"job_model": job_model, "job_input": job_input, "plan": plan,
+                                       "duplicate_ids": dict(duplicate_ids), "output": output, "faults": faults},
+                # One part in flight per actor: a part is minutes of work, so queueing a second one
+                # behind it would only leave another actor idle at the end.
+                compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo)), max_tasks_in_flight_per_actor=1),
+                num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+                max_restarts=max_restarts, max_task_retries=max_restarts)
+        try:
+            for row in ranked.iter_rows():
+                yield json.loads(row["record"])
+        except Exception as exc:  # Ray wraps what failed in an actor; an InstructRecError stays one line
+            cause = _instructrec_cause(exc)
+            if cause is not None:
+                raise cause from None
+            raise
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _output_files(output: Path) -> list[Path]:
-    return sorted(p for p in output.glob("*.parquet") if not p.name.startswith((".", "_")))
-
-
-def _ok_candidates(output: Path) -> int:
-    total = 0
-    for path in _output_files(output):
-        table = pq.read_table(path, columns=["n_candidates", "error"])
-        total += sum(n for n, e in zip(table.column("n_candidates").to_pylist(), table.column("error").to_pylist())
-                     if e is None)
-    return total
-
-
-def _check_output_order(job_input, output: Path) -> None:
-    """The output's request_id sequence (files in name order) must be the input's."""
-    def output_ids():
-        for path in _output_files(output):
-            for batch in pq.ParquetFile(path).iter_batches(columns=["request_id"], batch_size=65_536):
-                yield from batch.column(0).to_pylist()
-
-    written = output_ids()
-    position = 0
-    for _, batch in iter_record_batches(job_input, ["request_id"]):
-        for expected in batch.column(0).to_pylist():
-            got = next(written, StopIteration)
-            if got is StopIteration or got != expected:
-                raise InstructRecError(f"Ray wrote {output} out of input order at row {position} "
-                                       f"(expected request_id {expected!r}, found {got!r})")
-            position += 1
-    if next(written, StopIteration) is not StopIteration:
-        raise InstructRecError(f"Ray wrote more rows to {output} than the input has ({position})")
+def _instructrec_cause(exc: BaseException) -> InstructRecError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, InstructRecError):
+            return exc
+        cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None

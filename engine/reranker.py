@@ -1,5 +1,12 @@
 """Reranker: score candidate titles by log P(title | instruction) with a T5 checkpoint.
 
+The orchestration layer of the engine: requests are validated, their titles tokenized as
+training targets are written, their instructions rendered (engine/formatting.py) and grouped
+into tournaments where they list more candidates than a group holds (engine/tournament.py);
+units of work then go to the device loop (engine/runner.py) and come back as scores to rank.
+Loading lives in engine/loading.py (from_pretrained / from_model), the model behind the
+`Backend` protocol in engine/backend.py (torch) and engine/onnx_backend.py (onnxruntime).
+
 Work done per instruction (per tournament group): one encoder pass and one cross-attention K/V
 computation per decoder layer, shared by all its candidates; the candidates are packed into
 decoder rows (see model.py / packing.py); the LM head and log-softmax-gather run in token chunks
@@ -8,21 +15,23 @@ through `instructrec.kernels.lm_head_log_softmax_gather`, so [tokens x vocab] ne
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
-import shutil
+import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .formatting import build_instruction, lists_candidates
-from .errors import BudgetExceededError, InputError, ModelLoadError
-from .model import T5, T5Config, build_model, read_checkpoint_config
-from .packing import IGNORE, Unit, decoder_arrays, pack_unit, plan_batches, rows_per_pass
+from .backend import Backend
+from .errors import BudgetExceededError, InputError
+from .formatting import MAX_CHARS_PER_TOKEN, lists_candidates, max_source_chars, render, sanitize_text
+from .loading import Loaded, load_from_model, load_pretrained
+from .packing import Unit
+from .runner import DEFAULT_BATCH_TOKENS, DEFAULT_READ_WINDOW, DEFAULT_ROW_TOKENS, DeviceRunner
+from .sources import ModelSource
 from .tournament import Tournament, check_tournament_options
 from .types import EngineStats, RankedResult, Request
 
@@ -32,22 +41,21 @@ log = logging.getLogger(__name__)
 
 _NORMALIZE = ("sum", "mean")
 _ERRORS = ("raise", "return")
-# Decoder row cap in tokens. Rerank-10 candidates (10 titles of ~10-25 tokens) fit one row; for
-# 2,000 candidates, rows of 256 keep the per-row [H, T, T] bias+mask at 1.5 MiB (fp32) while the
-# self-attention waste (T/2 keys per token on average) stays small next to the FFN and head.
-# Not yet swept on a quiet machine: `python -m instructrec.bench.rerank_memory --row-tokens 128 256 512`.
-DEFAULT_ROW_TOKENS = 256
-DEFAULT_BATCH_TOKENS = 8192
-DEFAULT_READ_WINDOW = 4096  # units sorted by length together (a window's scores sync once)
-DEFAULT_CHUNK_TOKENS = 256  # LM-head rows per matmul chunk (kernels' measured default on this CPU)
+# Longest candidate title, in target tokens (closing </s> included). Decoder memory grows with the
+# square of a row's length (a 10,000-character title took 1.8 GiB), so a longer title is an
+# over_budget error of its request instead of a risk to the whole job. Real catalogues sit far
+# below: with the Flan-T5 tokenizer the 17,332 titles of the Video Games 2018 meta have a median of
+# 12 tokens, 99.9% within 75 and a longest of 181 (3 over 128); the 2,553 titles of the 2023
+# sample (24 categories) reach 103. 256 keeps every real title with room to spare.
+DEFAULT_MAX_TARGET_TOKENS = 256
 
 
 def _instruction_text(request: Request, titles: Sequence[str] | None, tokenizer: Any,
-                      max_source_tokens: int) -> str:
+                      max_source_tokens: int) -> tuple[str, list[int] | None]:
     """The one place a request (and, for listed-candidate instructions, the titles of the group
-    being scored) becomes instruction text: engine/formatting.py's build_instruction (raises
-    UnknownTemplateError / BudgetExceededError / InputError)."""
-    return build_instruction(
+    being scored) becomes instruction text, with its token ids when a tokenizer is given:
+    engine/formatting.py's render (raises UnknownTemplateError / BudgetExceededError / InputError)."""
+    return render(
         instruction=request.instruction, history=request.history, preference=request.preference,
         intention=request.intention, intention_kind=request.intention_kind, context=request.context,
         template=request.template, candidates=None if titles is None else list(titles),
@@ -59,75 +67,6 @@ def _lists_candidates(request: Request) -> bool:
         instruction=request.instruction, history=request.history, preference=request.preference,
         intention=request.intention, intention_kind=request.intention_kind, context=request.context,
         template=request.template)
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 (bf16 matmul about 7x fp32 on this project's AMX CPU)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if dtype in ("float16", "fp16", "half", torch.float16):
-        raise InputError("dtype", "float16 is refused: T5 activations overflow in fp16",
-                         "use dtype='bfloat16' or 'float32'")
-    if dtype == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and _cpu_has_fast_bf16())
-        return torch.bfloat16 if fast else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, torch.float32: torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, torch.bfloat16: torch.bfloat16}
-    if dtype not in table:
-        raise InputError("dtype", f"unknown dtype {dtype!r}", "use 'float32', 'bfloat16' or 'auto'")
-    return table[dtype]
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device", f"{device!r} requested but CUDA is not available", "use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError("device", f"unsupported device {device!r}", "use 'cpu' or 'cuda'")
-    return dev
-
-
-def _load_hf_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
-    pt = path / "pytorch_model.bin"
-    if single.exists():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(single)), single
-        except Exception as e:  # safetensors raises several types for truncated/corrupt files
-            raise ModelLoadError(f"{single}: cannot read weights ({e})") from e
-    if index.exists():
-        from safetensors.torch import load_file
-
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{index}: not a valid shard index ({e})") from e
-        sd: dict[str, torch.Tensor] = {}
-        for name in shards:
-            shard = path / name
-            if not shard.exists():
-                raise ModelLoadError(f"{shard}: shard listed in {index.name} is missing")
-            try:
-                sd.update(load_file(str(shard)))
-            except Exception as e:
-                raise ModelLoadError(f"{shard}: cannot read weights ({e})") from e
-        return sd, index
-    if pt.exists():
-        try:
-            return torch.load(pt, map_location="cpu", weights_only=True), pt
-        except Exception as e:
-            raise ModelLoadError(f"{pt}: cannot read weights ({e})") from e
-    raise ModelLoadError(f"{single}: missing (no model.safetensors, model.safetensors.index.json "
-                         f"or pytorch_model.bin in {path})")
 
 
 @dataclass
@@ -143,41 +82,53 @@ class _Prepared:
 class Reranker:
     """Scores and ranks candidate titles under instructions with a T5 / Flan-T5 model."""
 
-    def __init__(self, model: T5, tokenizer: Any, *, device: torch.device, max_source_tokens: int = 512,
+    def __init__(self, backend: Backend, tokenizer: Any, *, device: str | torch.device | None = None,
+                 source: ModelSource | None = None, max_source_tokens: int = 512,
+                 max_target_tokens: int = DEFAULT_MAX_TARGET_TOKENS,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, group_size: int = 10, advance: int = 1,
                  seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
-                 read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int | None = None,
                  compile_model: bool = False):
+        """`backend`: anything that answers engine/backend.py's Backend protocol (the torch model
+        of `from_pretrained` / `from_model`, or an OnnxBackend). Most callers use the class
+        methods, which also resolve the model source and load the tokenizer.
+        chunk_tokens: LM-head rows per matmul chunk (None: the kernels' measured default for
+        the backend's device, instructrec.kernels.default_chunk_tokens)."""
         check_tournament_options(group_size, advance)
-        for name, value in (("max_source_tokens", max_source_tokens), ("batch_tokens", batch_tokens),
+        for name, value in (("max_source_tokens", max_source_tokens), ("max_target_tokens", max_target_tokens),
+                            ("batch_tokens", batch_tokens),
                             ("row_tokens", row_tokens), ("read_window", read_window),
-                            ("chunk_tokens", chunk_tokens)):
+                            ("chunk_tokens", 1 if chunk_tokens is None else chunk_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(name, f"must be a positive int, got {value!r}")
-        # The batch runner calls encode / encoder_kv / decode / head on a backend: the torch
-        # model (wrapped here) or an OnnxBackend (engine/onnx_backend.py). Planning, packing,
-        # counters and results are this class's, shared by both.
-        self.backend = _TorchBackend(model, device) if isinstance(model, T5) else model
+        if device is not None and torch.device(device) != backend.device:
+            raise InputError("device", f"{device!r} given for a backend on {backend.device}",
+                             "leave device out, or load the model on that device")
         if not isinstance(compile_model, bool):
             raise InputError("compile_model", f"must be True or False, got {compile_model!r}")
         if compile_model:
-            if not isinstance(self.backend, _TorchBackend):
+            compile_backend = getattr(backend, "compile", None)  # the torch backend's torch.compile
+            if compile_backend is None:
                 raise InputError("compile_model", "only the torch backend can be compiled",
                                  "drop compile_model, or load the checkpoint with backend='torch'")
-            self.backend.compile()
-        self.model = model
+            compile_backend()
+        self.backend = backend
+        self.source = source  # what the model was loaded from (None for from_model): its identity() for manifests
         self.tokenizer = tokenizer
-        self.device = device
-        self.dtype = self.backend.dtype
+        # Every text the engine tokenizes is counted against its own budgets first, so transformers'
+        # "Token indices sequence length is longer than the specified maximum" warning (about the
+        # tokenizer's model_max_length) would only be noise: verbose=False silences it, per call.
+        self._tokenize = functools.partial(tokenizer, verbose=False)
+        self.device = backend.device
+        self.dtype = backend.dtype
         self.max_source_tokens = max_source_tokens
-        self.batch_tokens = batch_tokens
+        self.max_target_tokens = max_target_tokens
         self.group_size, self.advance, self.seed = group_size, advance, seed
-        self.row_tokens, self.read_window, self.chunk_tokens = row_tokens, read_window, chunk_tokens
+        self._runner = DeviceRunner(backend, batch_tokens=batch_tokens, row_tokens=row_tokens,
+                                    read_window=read_window, chunk_tokens=chunk_tokens)
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
-        cfg = self.backend.cfg
-        self._start_id = cfg.decoder_start_token_id
-        self._pad_id = cfg.pad_token_id
+        cfg = backend.cfg
         # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
         # zero-width or control-character title tokenizes to just ["▁", "</s>"]).
         blank = {cfg.eos_token_id, cfg.pad_token_id}
@@ -188,59 +139,45 @@ class Reranker:
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, path: str | Path, backend: str = "torch", device: str = "cpu",
-                        dtype: str = "float32", **options: Any) -> "Reranker":
-        """Load a Hugging Face T5 checkpoint directory (save_pretrained layout, tokenizer beside it),
-        or with backend="onnx" an `instructrec export` directory (dtype: the export's, or "auto").
-        options: max_source_tokens, batch_tokens, group_size, advance, seed, row_tokens,
-        read_window, chunk_tokens, compile_model (torch only: torch.compile the encoder and
-        decoder; see _TorchBackend.compile); onnx only: threads (onnxruntime intra-op threads),
-        verify_checksums (default True: sha256 of every graph before loading)."""
-        _check_backend(backend)
-        dev = _resolve_device(device)
-        path = Path(path)
-        if backend == "onnx":
-            return cls._from_onnx(path, dev, dtype, options)
-        tdtype = _resolve_dtype(dtype, dev)
-        raw = read_checkpoint_config(path)
-        cfg_file = path / "config.json"
-        try:
-            cfg = T5Config.from_hf(raw)
-        except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{cfg_file}: unsupported configuration ({e})") from e
-        tokenizer = _load_tokenizer(path)
-        sd, weights_file = _load_hf_state_dict(path)
-        model = _build(cfg, sd, tdtype, dev, weights_file)
-        return cls(model, tokenizer, device=dev, **options)
+    def from_pretrained(cls, model: str | os.PathLike | ModelSource, backend: str = "auto", device: str = "cpu",
+                        dtype: str = "auto", *, revision: str | None = None, tokenizer: Any = None,
+                        **options: Any) -> "Reranker":
+        """Load a model: a `save_pretrained` folder (sharded safetensors and pytorch_model.bin
+        included), a Hugging Face Hub id (`google/flan-t5-base`, optionally at `revision`; through
+        the Hugging Face cache), an `instructrec export` folder, `random:<shape>` (random weights,
+        for speed and memory work only; needs `tokenizer=`), or a ModelSource from
+        `instructrec.engine.sources.resolve_model`. It is kept as `reranker.source`.
 
-    @classmethod
-    def _from_onnx(cls, path: Path, dev: torch.device, dtype: Any, options: dict) -> "Reranker":
-        from .onnx_backend import MANIFEST_NAME, OnnxBackend
-
-        if not (path / MANIFEST_NAME).exists() and (path / "config.json").exists() and any(
-                (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
-                                              "pytorch_model.bin")):
-            raise InputError("backend", f"{path} is a Hugging Face checkpoint, not an ONNX export "
-                             f"(no {MANIFEST_NAME})", "run `instructrec export --model DIR --out ONNX_DIR` "
-                             "and load ONNX_DIR, or use backend='torch'")
-        backend = OnnxBackend.load(path, dev, dtype, checksums=options.pop("verify_checksums", True),
-                                   threads=options.pop("threads", None))
-        return cls(backend, _load_tokenizer(path), device=dev, **options)
+        backend: "auto" (torch for a checkpoint or random model, onnx for an export folder),
+        "torch" or "onnx". dtype: "auto" (engine/capabilities.py: bf16 on CUDA and on CPUs where
+        it is native and measured faster, else fp32; an export's own dtype for onnx), "float32"
+        or "bfloat16". tokenizer: a folder or Hub id (or a loaded tokenizer) to use instead of the
+        model folder's. options: max_source_tokens, batch_tokens, group_size, advance, seed,
+        row_tokens, read_window, chunk_tokens, compile_model (torch only: torch.compile the
+        encoder and decoder; see TorchBackend.compile); onnx only: threads (onnxruntime intra-op
+        threads), verify_checksums (default True: sha256 of every graph before loading),
+        allow_cpu_nodes (CUDA: load even if onnxruntime would run graph nodes on the CPU; default
+        False raises DevicePlacementError listing them)."""
+        loaded = load_pretrained(model, backend, device, dtype, revision=revision, tokenizer=tokenizer,
+                                 options=options)
+        return cls._from_loaded(loaded)
 
     @classmethod
     def from_model(cls, hf_model: Any, tokenizer: Any, backend: str = "torch", device: str = "cpu",
-                   dtype: str = "float32", **options: Any) -> "Reranker":
-        """From an in-memory transformers T5ForConditionalGeneration (weights are copied, so later
-        training steps do not change this reranker: build a new one to validate new weights)."""
-        _check_backend(backend)
-        if backend == "onnx":
-            raise InputError("backend", "from_model builds a torch model; the onnx backend loads an export "
-                             "directory", "export with `instructrec export`, then use "
-                             "Reranker.from_pretrained(ONNX_DIR, backend='onnx')")
-        dev = _resolve_device(device)
-        cfg = T5Config.from_hf(hf_model.config)
-        model = _build(cfg, hf_model.state_dict(), _resolve_dtype(dtype, dev), dev, "hf_model.state_dict()")
-        return cls(model, tokenizer, device=dev, **options)
+                   dtype: str = "auto", **options: Any) -> "Reranker":
+        """From an in-memory transformers T5ForConditionalGeneration. Its weights are copied, so
+        later training steps do not change this reranker: build a new one to validate new weights."""
+        return cls._from_loaded(load_from_model(hf_model, tokenizer, backend, device, dtype, options))
+
+    @classmethod
+    def _from_loaded(cls, loaded: Loaded) -> "Reranker":
+        return cls(loaded.backend, loaded.tokenizer, source=loaded.source, **loaded.options)
+
+    # The device loop's budgets (engine/runner.py), fixed at construction.
+    batch_tokens = property(lambda self: self._runner.batch_tokens)
+    row_tokens = property(lambda self: self._runner.row_tokens)
+    read_window = property(lambda self: self._runner.read_window)
+    chunk_tokens = property(lambda self: self._runner.chunk_tokens)
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
@@ -272,8 +209,9 @@ class Reranker:
         def fail(i: int, e: InputError) -> None:
             if errors == "raise":
                 raise e
-            results[i] = RankedResult(request_id=requests[i].request_id, n_candidates=_n(requests[i]),
-                                      error=str(e), error_kind=e.kind)
+            r = requests[i]
+            results[i] = RankedResult(request_id=r.request_id if isinstance(r, Request) else None,
+                                      n_candidates=_n(r), error=str(e), error_kind=e.kind)
 
         prepared = self._prepare(requests, errors)
         for i, p in enumerate(prepared):
@@ -335,7 +273,7 @@ class Reranker:
         live = [p for p in out if isinstance(p, _Prepared)]
         titles = [t for p in live for t in p.titles]
         t0 = time.perf_counter()
-        ids = self.tokenizer(text_target=titles, add_special_tokens=True)["input_ids"] if titles else []
+        ids = self._tokenize(text_target=titles, add_special_tokens=True)["input_ids"] if titles else []
         self.timings["tokenize_s"] += time.perf_counter() - t0
         k = 0
         position = {id(p): n for n, p in enumerate(out)}
@@ -343,12 +281,16 @@ class Reranker:
         for p in live:
             n = len(p.titles)
             p.targets = [np.asarray(x, dtype=np.int64) for x in ids[k:k + n]]
-            bad = np.flatnonzero(blank[k:k + n])
+            long = np.fromiter((len(y) > self.max_target_tokens for y in p.targets), dtype=bool, count=n)
+            bad = np.flatnonzero(blank[k:k + n] | long)
             k += n
             if len(bad):
                 c = int(bad[0])
-                e = InputError(f"candidates[{c}]", f"title {p.titles[c]!r} tokenizes to nothing "
-                               "(no token besides the closing </s>)", "drop or fix this candidate")
+                if long[c]:
+                    e = self._title_over_budget(c, f"{len(p.targets[c])} tokens")
+                else:
+                    e = InputError(f"candidates[{c}]", f"title {list(p.request.candidates)[c]!r} tokenizes to "
+                                   "nothing: no token besides the closing </s>", "drop or fix this candidate")
                 if errors == "raise":
                     raise e
                 out[position[id(p)]] = e
@@ -363,9 +305,14 @@ class Reranker:
         ends = np.cumsum(lengths)
         return text_so_far[ends] - text_so_far[ends - lengths] == 0
 
+    def _title_over_budget(self, c: int, size: str) -> BudgetExceededError:
+        return BudgetExceededError(f"candidates[{c}]", f"title is {size}, over max_target_tokens="
+                                   f"{self.max_target_tokens}", "shorten this title, or raise max_target_tokens")
+
     def _validate(self, i: int, r: Request) -> _Prepared:
         if not isinstance(r, Request):
-            raise InputError("request", f"expected instructrec.engine.Request, got {type(r).__name__}")
+            raise InputError("request", f"expected instructrec.engine.Request, got {type(r).__name__}",
+                             "build each item as Request(instruction=..., candidates=[...])")
         cands = r.candidates
         if cands is None or isinstance(cands, (str, bytes)):
             raise InputError("candidates", "must be a list of titles", "pass e.g. ['Title A', 'Title B']")
@@ -373,9 +320,19 @@ class Reranker:
         if not titles:
             raise InputError("candidates", "empty candidate list", "give at least one candidate title")
         for c, t in enumerate(titles):
-            if t is None or not isinstance(t, str) or not t.strip():
+            if t is not None and not isinstance(t, str):
+                raise InputError(f"candidates[{c}]", f"title must be text, got {type(t).__name__} {t!r}",
+                                 "every candidate title is a string")
+            if t is None or not t.strip():
                 raise InputError(f"candidates[{c}]", f"null or empty title ({t!r})",
                                  "every candidate needs a non-empty title")
+        # Titles are scored as training targets were written and as listed candidates are
+        # (engine/formatting.py): "Game {Deluxe} Edition" is scored as "Game (Deluxe) Edition",
+        # never with the <unk> tokens the model never saw in a target.
+        titles = [sanitize_text(t) for t in titles]
+        for c, t in enumerate(titles):  # refused before tokenizing: no title length costs more than this
+            if len(t) > self.max_target_tokens * MAX_CHARS_PER_TOKEN:
+                raise self._title_over_budget(c, f"{len(t):,} characters")
         if r.candidate_ids is None:
             ids = [str(c) for c in range(len(titles))]
         else:
@@ -408,43 +365,48 @@ class Reranker:
         Texts are rendered without the tokenizer first (no budget check, all of the history), then
         tokenized together. A text within max_source_tokens is exactly what budget-aware rendering
         gives (it only ever drops history when the whole text is over budget). Only the rare text
-        over budget is rendered again with the tokenizer, which drops the oldest history items to
-        fit or raises BudgetExceededError. Per request this saves two tokenizer calls (the budget
-        count and the encoding) and their Python overhead: ~0.2 ms, the engine's largest host cost
-        on small requests."""
+        over budget (or over the character cap, which is not tokenized here at all) is rendered
+        again with the tokenizer, which drops the oldest history items to fit, returning the ids
+        it counted, or raises BudgetExceededError. Per request this saves two tokenizer calls (the
+        budget count and the encoding) and their Python overhead: ~0.2 ms, the engine's largest
+        host cost on small requests."""
         t0 = time.perf_counter()
         out: list[Unit | InputError | None] = [None] * len(work)
         texts: list[str] = []
         rendered: list[int] = []
+        refit: list[int] = []
         for n, (p, members) in enumerate(work):
             titles = [p.titles[c] for c in members] if p.lists else None
             try:
-                texts.append(_instruction_text(p.request, titles, None, self.max_source_tokens))
+                text, _ = _instruction_text(p.request, titles, None, self.max_source_tokens)
+            except InputError as e:
+                out[n] = e
+                continue
+            if len(text) > max_source_chars(self.max_source_tokens):
+                refit.append(n)
+            else:
+                texts.append(text)
                 rendered.append(n)
-            except InputError as e:
-                out[n] = e
-        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        ids = self._tokenize(texts, add_special_tokens=True)["input_ids"] if texts else []
+        sources: dict[int, list[int]] = {}
         for n, src_ids in zip(rendered, ids):
+            if len(src_ids) > self.max_source_tokens:
+                refit.append(n)
+            else:
+                sources[n] = src_ids
+        for n in refit:
             p, members = work[n]
+            titles = [p.titles[c] for c in members] if p.lists else None
             try:
-                if len(src_ids) > self.max_source_tokens:
-                    src_ids = self._fit_to_budget(p, members)
-                out[n] = Unit(source=np.asarray(src_ids, dtype=np.int64), owner=p.index, tag=members,
-                              targets=[p.targets[c] for c in members])
+                sources[n] = _instruction_text(p.request, titles, self._tokenize, self.max_source_tokens)[1]
             except InputError as e:
                 out[n] = e
+        for n, src_ids in sources.items():
+            p, members = work[n]
+            out[n] = Unit(source=np.asarray(src_ids, dtype=np.int64), owner=p.index, tag=members,
+                          targets=[p.targets[c] for c in members])
         self.timings["tokenize_s"] += time.perf_counter() - t0
         return out  # type: ignore[return-value]
-
-    def _fit_to_budget(self, p: _Prepared, members: np.ndarray) -> list[int]:
-        titles = [p.titles[c] for c in members] if p.lists else None
-        text = _instruction_text(p.request, titles, self.tokenizer, self.max_source_tokens)
-        src_ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(src_ids) > self.max_source_tokens:  # formatting's count and this one agree; kept as a guard
-            raise BudgetExceededError(
-                "instruction", f"{len(src_ids)} tokens, over max_source_tokens={self.max_source_tokens}",
-                "shorten the instruction (free text is never truncated) or raise max_source_tokens")
-        return src_ids
 
     def _units_for(self, work: list[tuple[_Prepared, Tournament | None]]) -> "list[list[Unit] | InputError]":
         """The units of each request's next step (the whole request, or the groups of its
@@ -469,129 +431,11 @@ class Reranker:
             return u.scores / np.array([len(y) for y in u.targets], dtype=np.float64)
         return u.scores
 
-    # ------------------------------------------------------------------------------- hot loop
-    @torch.inference_mode()
     def _run_units(self, units: list[Unit]) -> None:
-        """Fill unit.scores (sum of token log-probs per candidate) for every unit."""
+        """Fill unit.scores (sum of token log-probs per candidate) for every unit, on the device."""
         t0 = time.perf_counter()
-        for w in range(0, len(units), self.read_window):
-            window = [pack_unit(u, self.row_tokens) for u in units[w:w + self.read_window]]
-            slot_base = np.cumsum([0] + [len(u.targets) for u in window])
-            sums = torch.zeros(int(slot_base[-1]), dtype=torch.float64, device=self.device)  # [slots]
-            for batch in plan_batches(window, self.batch_tokens):
-                self._run_batch([window[i] for i in batch], [int(slot_base[i]) for i in batch], sums)
-            host = sums.cpu().numpy()  # the one device->host sync of the window
-            for u, base in zip(window, slot_base[:-1]):
-                u.scores = _tie_identical_targets(u.targets, host[base:base + len(u.targets)].copy())
+        self._runner.run(units, self.stats)
         self.timings["model_s"] += time.perf_counter() - t0
-
-    def _run_batch(self, units: list[Unit], slot_base: list[int], sums: torch.Tensor) -> None:
-        backend, dev, st = self.backend, self.device, self.stats
-        B = len(units)
-        S = max(len(u.source) for u in units)
-        src = np.full((B, S), self._pad_id, dtype=np.int64)
-        for b, u in enumerate(units):
-            src[b, :len(u.source)] = u.source
-        src_t = torch.from_numpy(src).to(dev, non_blocking=True)  # [B, S]
-        lengths = torch.tensor([len(u.source) for u in units]).to(dev, non_blocking=True)
-        src_mask = torch.arange(S, device=dev)[None, :] < lengths[:, None]  # [B, S]
-        enc = backend.encode(src_t, src_mask)  # [B, S, D]
-        kv = backend.encoder_kv(enc)  # per decoder layer k, v [B, H, S, dk] (onnx: stacked), shared by all rows
-        st.batches += 1
-        st.encoder_passes += B
-        st.encoder_tokens += sum(len(u.source) for u in units)
-        st.padded_encoder_tokens += B * S
-        st.candidates += sum(len(u.targets) for u in units)
-
-        R = max(len(u.rows) for u in units)
-        T = max(u.row_len for u in units)
-        step = rows_per_pass(B, T, self.batch_tokens)
-        for r0 in range(0, R, step):
-            a = decoder_arrays(units, slot_base, self._start_id, self._pad_id, slice(r0, r0 + step))
-            flat = np.flatnonzero(a.targets.reshape(-1) != IGNORE)  # real tokens, [N]
-            ids = torch.from_numpy(a.ids).to(dev, non_blocking=True)  # [B, Rc, T]
-            seg = torch.from_numpy(a.segments).to(dev, non_blocking=True)  # [B, Rc, T]
-            h = backend.decode(ids, seg, kv, src_mask)  # [B, Rc, T, D]
-            flat_t = torch.from_numpy(flat).to(dev, non_blocking=True)
-            hidden = h.reshape(-1, h.shape[-1]).index_select(0, flat_t)  # [N, D]
-            tgt = torch.from_numpy(a.targets.reshape(-1)[flat]).to(dev, non_blocking=True)  # [N]
-            slots = torch.from_numpy(a.slots.reshape(-1)[flat]).to(dev, non_blocking=True)  # [N]
-            lp = backend.head(hidden, tgt, self.chunk_tokens)  # [N] fp32, in token chunks
-            sums.index_add_(0, slots, lp.double())
-            st.decoder_passes += 1
-            st.decoder_tokens += len(flat)
-            st.padded_decoder_tokens += a.ids.size
-
-
-class _TorchBackend:
-    """The torch model behind the batch runner's four calls (OnnxBackend answers the same ones)."""
-
-    def __init__(self, model: T5, device: torch.device):
-        self.model, self.cfg, self.device = model, model.cfg, device
-        self.dtype = model.shared.weight.dtype
-        self._encode, self._decode = model.encode, model.decode
-
-    def compile(self) -> None:
-        """torch.compile (Inductor, dynamic shapes) of the encoder and the decoder: norms,
-        residual adds, casts, masks and the gated activation fuse into a few generated loops
-        around the matmuls and attention. On a random flan-t5-base shape in bf16 on this
-        project's CPU, one thread, rerank-10 ran 30.0 against 25.7 candidates/s (1.17x, quiet
-        machine; 1.6x less CPU time on a loaded one) after a one-off compile of 100-150 s, plus
-        shorter recompiles when a batch shape first has a dimension of 1. Worth it for long
-        jobs, not for a handful of requests."""
-        if self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
-            raise InputError("compile_model", "torch.compile on CPU needs a C++ compiler (c++, g++ or clang++) "
-                             "on PATH and none was found", "install one (e.g. apt-get install g++) or drop compile_model")
-        log.info("compiling the encoder and decoder with torch.compile: the first batches take minutes on CPU")
-        self._encode = torch.compile(self.model.encode, dynamic=True)
-        self._decode = torch.compile(self.model.decode, dynamic=True)
-
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self._encode(ids, mask)
-
-    def encoder_kv(self, enc: torch.Tensor) -> list:
-        return self.model.encoder_kv(enc)
-
-    def decode(self, ids, segments, kv, src_mask) -> torch.Tensor:
-        return self._decode(ids, segments, kv, src_mask)
-
-    def head(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-        return _lm_head(hidden, self.model.lm_weight, targets, chunk_tokens, check=self.device.type != "cuda")
-
-
-def _lm_head(hidden, weight, targets, chunk_tokens: int, check: bool) -> torch.Tensor:
-    from instructrec.kernels import lm_head_log_softmax_gather
-
-    return lm_head_log_softmax_gather(hidden, weight, targets, chunk_tokens=chunk_tokens,
-                                      ignore_index=IGNORE, check_targets=check)
-
-
-def _build(cfg: T5Config, sd: dict, dtype: torch.dtype, device: torch.device, source: Any) -> T5:
-    try:
-        return build_model(cfg, sd, dtype, device)
-    except KeyError as e:
-        raise ModelLoadError(f"{source}: weights missing from the checkpoint: {e.args[0]}") from e
-    except RuntimeError as e:  # shape mismatch between config.json and the weights
-        raise ModelLoadError(f"{source}: weights do not match config.json ({e})") from e
-
-
-def _load_tokenizer(path: Path) -> Any:
-    if not (path / "tokenizer.json").exists() and not (path / "spiece.model").exists():
-        raise ModelLoadError(f"{path / 'tokenizer.json'}: missing (no tokenizer.json or spiece.model "
-                             "beside the weights; save the tokenizer with save_pretrained)")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelLoadError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({e})") from e
-    except Exception as e:  # the tokenizers library raises its own Exception type for bad JSON
-        raise ModelLoadError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({e})") from e
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in ("torch", "onnx"):
-        raise InputError("backend", f"unknown backend {backend!r}", "use backend='torch' or 'onnx'")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -600,6 +444,9 @@ def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _n(r: Any) -> int:
+    """The candidate count an error result reports (0 where the request has no countable list)."""
+    if not isinstance(r, Request):
+        return 0
     try:
         return 0 if r.candidates is None or isinstance(r.candidates, str) else len(r.candidates)
     except TypeError:
@@ -611,21 +458,6 @@ def _by_owner(units: list[Unit]) -> dict[int, list[Unit]]:
     for u in units:
         out.setdefault(u.owner, []).append(u)
     return out
-
-
-def _tie_identical_targets(targets: list[np.ndarray], scores: np.ndarray) -> np.ndarray:
-    """Give candidates whose titles tokenize to the same ids (titles that differ only in characters
-    the tokenizer drops or maps to <unk>: "Game 東方" / "Game 游戏" with Flan-T5, doubled spaces) the
-    score of the first of them. Their exact scores are equal, but each was computed at its own place
-    in a packed row, and fp32 rounding there differs by ~1e-7 relative: without this the order among
-    them came from the packing, so the same request ranked differently alone, in another batch or
-    in another batch job chunk. Tied, the stable sort keeps their input order everywhere."""
-    first: dict[bytes, int] = {}
-    for c, y in enumerate(targets):
-        k = first.setdefault(y.tobytes(), c)
-        if k != c:
-            scores[c] = scores[k]
-    return scores
 
 
 def _result(p: _Prepared, order: np.ndarray, scores: np.ndarray) -> RankedResult:

@@ -36,6 +36,9 @@ oldest history items; rows that cannot fit (listed candidates alone too long) ar
 counted under `skipped` in the report and logged. Without a tokenizer only the 20-item history
 cap applies. Everything random draws from numpy SeedSequence streams keyed by (seed, purpose,
 user or item), so a user's rows do not depend on which other users are built.
+
+Where things live: this module makes the rows (which rows, their annotation and rendering);
+build_tables.py reads the prepared directory; build_stats.py writes the report's figures.
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ import logging
 import math
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -59,20 +62,18 @@ from instructrec.engine.templates import (
     MAX_HISTORY_ITEMS,
     REGISTRY,
     Intention,
-    Preference,
     Scenario,
     TaskForm,
     Template,
-    TemplateGroup,
     get_template,
 )
 
 from .annotation import Annotator, ItemView, has_sentence
+from .build_stats import split_stats, stats_markdown
+from .build_tables import SPLITS, ItemRecord, PathLike, PreparedTables, load_tables
 
 log = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
-SPLITS = ("train", "valid", "test")
 DEFAULT_PER_USER = 4
 DEFAULT_SEARCH_PER_ITEM = 1
 DEFAULT_NEGATIVES = 9  # as the data layer: 1 positive + 9 sampled negatives
@@ -101,91 +102,6 @@ def output_schema():
         ("user_id", text), ("target_item_id", text), ("candidates", pa.list_(text)),
         ("candidate_ids", pa.list_(text)), ("annotator", text),
     ])
-
-
-# ---- prepared data ------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ItemRecord:
-    item_id: str
-    title: str
-    categories: tuple[str, ...]
-    brand: str | None
-    description: str | None
-
-
-@dataclass(slots=True)
-class Interaction:
-    item_id: str
-    timestamp: int
-    review: str | None
-    position: int
-    split: str
-
-
-@dataclass
-class PreparedTables:
-    items: dict[str, ItemRecord]
-    item_ids: list[str]  # sorted: the sampling universe
-    sequences: dict[str, list[Interaction]]  # per user, by position
-    candidates: list[tuple[str, str, str, list[str]]]  # (user, split, target, candidate_ids)
-    search_split: dict[str, str]
-
-
-_REQUIRED_TABLES = {
-    "items.parquet": ("item_id", "title", "categories"),
-    "interactions.parquet": ("user_id", "item_id", "timestamp", "position", "split"),
-    "search_splits.parquet": ("item_id", "split"),
-    "candidates.parquet": ("user_id", "split", "target_item_id", "candidate_ids"),
-}
-
-
-def load_tables(data_dir: PathLike) -> PreparedTables:
-    import pyarrow.parquet as pq
-
-    data_dir = Path(data_dir)
-    tables = {}
-    for name, needed in _REQUIRED_TABLES.items():
-        path = data_dir / name
-        if not path.exists():
-            raise InputError("data", f"{path} does not exist",
-                             "point --data at a directory written by `instructrec data prepare`")
-        columns = pq.read_schema(path).names
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise InputError("data", f"{path} lacks columns {missing}",
-                             "rebuild it with the current `instructrec data prepare`")
-        wanted = list(needed) + [c for c in ("brand", "description", "review_text") if c in columns]
-        tables[name] = pq.read_table(path, columns=wanted).to_pydict()
-
-    raw = tables["items.parquet"]
-    items = {}
-    for index, item_id in enumerate(raw["item_id"]):
-        items[item_id] = ItemRecord(
-            item_id=item_id, title=raw["title"][index] or "",
-            categories=tuple(raw["categories"][index] or ()),
-            brand=(raw.get("brand") or [None] * len(raw["item_id"]))[index],
-            description=(raw.get("description") or [None] * len(raw["item_id"]))[index])
-
-    raw = tables["interactions.parquet"]
-    reviews = raw.get("review_text") or [None] * len(raw["user_id"])
-    sequences: dict[str, list[Interaction]] = defaultdict(list)
-    for user, item, stamp, review, position, split in zip(raw["user_id"], raw["item_id"], raw["timestamp"],
-                                                          reviews, raw["position"], raw["split"]):
-        if item not in items:
-            raise InputError("data", f"interactions.parquet names item {item!r} that items.parquet lacks",
-                             "rebuild the directory with `instructrec data prepare`")
-        sequences[user].append(Interaction(item, int(stamp), review, int(position), split))
-    for sequence in sequences.values():
-        sequence.sort(key=lambda interaction: interaction.position)
-
-    raw = tables["candidates.parquet"]
-    candidates = list(zip(raw["user_id"], raw["split"], raw["target_item_id"], raw["candidate_ids"]))
-    raw = tables["search_splits.parquet"]
-    search_split = dict(zip(raw["item_id"], raw["split"]))
-    return PreparedTables(items=items, item_ids=sorted(items), sequences=dict(sequences),
-                          candidates=candidates, search_split=search_split)
 
 
 # ---- seeded randomness ------------------------------------------------------------------------
@@ -577,72 +493,6 @@ def _progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, unit="", leave=False)
 
 
-# ---- statistics ---------------------------------------------------------------------------------
-
-
-def split_stats(rows: Mapping[str, list]) -> dict:
-    """Table-2 style figures for one split's columns."""
-    n = len(rows["instruction"])
-    templates_by_group: dict[str, set[str]] = defaultdict(set)
-    rows_by_group: Counter[str] = Counter()
-    for template_id in rows["template"]:
-        group = REGISTRY[template_id].group.value
-        templates_by_group[group].add(template_id)
-        rows_by_group[group] += 1
-    words = [len(text.split()) for text in rows["instruction"]]
-    target_words = [len(text.split()) for text in rows["target"]]
-    groups = [g.value for g in TemplateGroup]
-    return {
-        "instructions": n,
-        "with_preference": sum(1 for p in rows["preference"] if p != Preference.NONE.value),
-        "with_intention": sum(1 for i in rows["intention"] if i != Intention.NONE.value),
-        "mean_instruction_words": round(sum(words) / n, 2) if n else 0.0,
-        "mean_target_words": round(sum(target_words) / n, 2) if n else 0.0,
-        "coarse_templates": len(set(rows["template"])),
-        "coarse_templates_by_group": {g: len(templates_by_group.get(g, ())) for g in groups},
-        "instructions_by_group": {g: rows_by_group.get(g, 0) for g in groups},
-        "by_preference": dict(sorted(Counter(rows["preference"]).items())),
-        "by_intention": dict(sorted(Counter(rows["intention"]).items())),
-        "by_task": dict(sorted(Counter(rows["task"]).items())),
-        "by_strategy": dict(sorted(Counter(rows["strategy"]).items())),
-        "by_scenario": dict(sorted(Counter(rows["scenario"]).items())),
-        "users": len({u for u in rows["user_id"] if u is not None}),
-        "target_items": len(set(rows["target_item_id"])),
-        "yes_targets": sum(1 for t, task in zip(rows["target"], rows["task"]) if task == "T0" and t == "Yes"),
-        "no_targets": sum(1 for t, task in zip(rows["target"], rows["task"]) if task == "T0" and t == "No"),
-    }
-
-
-def stats_markdown(report: dict) -> str:
-    stats = report["splits"]
-    columns = [s for s in SPLITS if s in stats]
-    lines = [f"# Instruction dataset ({report['annotator']}, seed {report['seed']})", "",
-             "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-
-    def row(label: str, get) -> None:
-        lines.append(f"| {label} | " + " | ".join(str(get(stats[s])) for s in columns) + " |")
-
-    row("# fine-grained instructions", lambda s: f"{s['instructions']:,}")
-    row("# with preferences (P1/P2)", lambda s: f"{s['with_preference']:,}")
-    row("# with intentions (I1/I2)", lambda s: f"{s['with_intention']:,}")
-    row("mean words per instruction", lambda s: f"{s['mean_instruction_words']:.2f}")
-    row("mean words per target", lambda s: f"{s['mean_target_words']:.2f}")
-    row("# coarse templates used", lambda s: s["coarse_templates"])
-    for group in TemplateGroup:
-        row(f"- {group.value.replace('_', '-')} templates",
-            lambda s, g=group.value: s["coarse_templates_by_group"][g])
-    for group in TemplateGroup:
-        row(f"# {group.value.replace('_', '-')} instructions",
-            lambda s, g=group.value: f"{s['instructions_by_group'][g]:,}")
-    row("# users", lambda s: f"{s['users']:,}")
-    row("T0 Yes / No", lambda s: f"{s['yes_targets']} / {s['no_targets']}")
-    lines += ["", "Rows by task form: " + "; ".join(f"{s}: {stats[s]['by_task']}" for s in columns),
-              "Rows by strategy: " + "; ".join(f"{s}: {stats[s]['by_strategy']}" for s in columns)]
-    if report.get("skipped"):
-        lines += ["", "Skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items()))]
-    return "\n".join(lines) + "\n"
-
-
 # ---- entry point --------------------------------------------------------------------------------
 
 
@@ -656,6 +506,56 @@ def _load_tokenizer(tokenizer):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+def _row_specs(builder: _Builder, progress: bool) -> dict[str, list[RowSpec]]:
+    """The rows to make, per split, with balanced T0 labels (before annotation and rendering)."""
+    specs_by_split: dict[str, list[RowSpec]] = {
+        "train": builder.train_user_specs(progress) + builder.search_specs("train", progress)}
+    for split in ("valid", "test"):
+        specs_by_split[split] = builder.eval_user_specs(split, progress) + builder.search_specs(split, progress)
+    for split, specs in specs_by_split.items():
+        builder.balance_pointwise(specs, split)
+    return specs_by_split
+
+
+def _render_split(builder: _Builder, specs: list[RowSpec], split: str, preferences: dict, intentions: dict,
+                  token_counter, max_source_tokens: int, skip_examples: dict[str, str],
+                  progress: bool) -> dict[str, list]:
+    """The output columns of one split. A row whose source cannot fit the token budget is
+    skipped and counted in `builder.skipped` (its first message kept in `skip_examples`)."""
+    from instructrec.engine.formatting import render_template
+
+    items = builder.tables.items
+    columns: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+    for spec in _progress(specs, progress, f"render {split}"):
+        template = spec.template
+        try:
+            rendered = render_template(template, builder.slots(spec, preferences, intentions),
+                                       tokenizer=token_counter, max_source_tokens=max_source_tokens)
+        except InputError as exc:
+            reason = f"{split}_{exc.kind}_{exc.field}"
+            builder.skipped[reason] += 1
+            skip_examples.setdefault(reason, str(exc))
+            continue
+        if rendered.target is None:
+            raise InstructRecError(f"template {template.id} made no target for {spec.target}: a builder bug")
+        listed = spec.shown  # T3/T1/T0 items shown; valid/test: the list scored; else None
+        columns["instruction"].append(rendered.source)
+        columns["target"].append(rendered.target)
+        columns["template"].append(template.id)
+        columns["preference"].append(template.preference.value)
+        columns["intention"].append(template.intention.value)
+        columns["task"].append(template.task.value)
+        columns["strategy"].append(template.strategy.value)
+        columns["scenario"].append(template.scenario.value)
+        columns["split"].append(split)
+        columns["user_id"].append(spec.user_id)
+        columns["target_item_id"].append(spec.target)
+        columns["candidate_ids"].append(list(listed) if listed else None)
+        columns["candidates"].append([items[i].title for i in listed] if listed else None)
+        columns["annotator"].append(builder.annotator.name)
+    return columns
 
 
 def build_instructions(data_dir: PathLike, out_dir: PathLike, *, annotator: Annotator,
@@ -674,8 +574,6 @@ def build_instructions(data_dir: PathLike, out_dir: PathLike, *, annotator: Anno
     `max_items`: a seeded subset of users / search items per split, for quick builds."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from instructrec.engine.formatting import render_template
 
     for name, value, low in (("per_user", per_user, 0), ("search_per_item", search_per_item, 0),
                              ("max_users", max_users, 1), ("max_items", max_items, 1), ("negatives", negatives, 1)):
@@ -700,12 +598,7 @@ def build_instructions(data_dir: PathLike, out_dir: PathLike, *, annotator: Anno
     builder = _Builder(tables, annotator, templates=selected, eval_templates=evaluated, per_user=per_user,
                        search_per_item=search_per_item, seed=seed, negatives=negatives, max_users=max_users,
                        max_items=max_items)
-    specs_by_split: dict[str, list[RowSpec]] = {
-        "train": builder.train_user_specs(progress) + builder.search_specs("train", progress)}
-    for split in ("valid", "test"):
-        specs_by_split[split] = builder.eval_user_specs(split, progress) + builder.search_specs(split, progress)
-    for split, specs in specs_by_split.items():
-        builder.balance_pointwise(specs, split)
+    specs_by_split = _row_specs(builder, progress)
     all_specs = [spec for split in SPLITS for spec in specs_by_split[split]]
     preferences, intentions = builder.annotate(all_specs, progress)
 
@@ -715,34 +608,8 @@ def build_instructions(data_dir: PathLike, out_dir: PathLike, *, annotator: Anno
     report_splits = {}
     skip_examples: dict[str, str] = {}
     for split in SPLITS:
-        columns: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
-        for spec in _progress(specs_by_split[split], progress, f"render {split}"):
-            template = spec.template
-            try:
-                rendered = render_template(template, builder.slots(spec, preferences, intentions),
-                                           tokenizer=token_counter, max_source_tokens=max_source_tokens)
-            except InputError as exc:
-                reason = f"{split}_{exc.kind}_{exc.field}"
-                builder.skipped[reason] += 1
-                skip_examples.setdefault(reason, str(exc))
-                continue
-            if rendered.target is None:
-                raise InstructRecError(f"template {template.id} made no target for {spec.target}: a builder bug")
-            listed = spec.shown  # T3/T1/T0 items shown; valid/test: the list scored; else None
-            columns["instruction"].append(rendered.source)
-            columns["target"].append(rendered.target)
-            columns["template"].append(template.id)
-            columns["preference"].append(template.preference.value)
-            columns["intention"].append(template.intention.value)
-            columns["task"].append(template.task.value)
-            columns["strategy"].append(template.strategy.value)
-            columns["scenario"].append(template.scenario.value)
-            columns["split"].append(split)
-            columns["user_id"].append(spec.user_id)
-            columns["target_item_id"].append(spec.target)
-            columns["candidate_ids"].append(list(listed) if listed else None)
-            columns["candidates"].append([tables.items[i].title for i in listed] if listed else None)
-            columns["annotator"].append(annotator.name)
+        columns = _render_split(builder, specs_by_split[split], split, preferences, intentions, token_counter,
+                                max_source_tokens, skip_examples, progress)
         pq.write_table(pa.table(columns, schema=schema), out / f"{split}.parquet")
         report_splits[split] = split_stats(columns)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from .evaluate import METHODS, SCENARIOS
+    from .eval_scenarios import METHODS, SCENARIOS
 
     p = subparsers.add_parser(
         "eval", help="evaluate the tuned model, the untuned model and the baselines per scenario",
@@ -22,7 +22,14 @@ def register(subparsers) -> None:
     p.add_argument("--instructions", type=Path, required=True,
                    help="instruction folder built from --data whose valid/test rows hold the scenarios' T3 "
                         "templates (instructrec instructions build --eval-templates ...)")
-    p.add_argument("--model", type=Path, default=None, help="tuned checkpoint directory (instructrec train)")
+    p.add_argument("--model", default=None,
+                   help="the tuned model: a checkpoint folder (instructrec train), a Hugging Face Hub id such as "
+                        "google/flan-t5-base (with --revision), or random:<shape> (e.g. random:flan-t5-small: "
+                        "the zero-shot reference only, with --tokenizer); its identity (a Hub id's commit) is "
+                        "recorded in metrics.json")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id --model")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer folder for a random:<shape> --model, which brings none")
     p.add_argument("--scenario", action="append", default=None, metavar="NAME",
                    help=f"repeatable: {', '.join(SCENARIOS)}, or all (default: all)")
     p.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)}, or all")
@@ -75,7 +82,8 @@ def run(args) -> int:
         cross_instructions=args.cross_instructions, max_instances=args.max_instances,
         max_instances_100=args.max_instances_100, valid_instances=args.valid_instances,
         baseline_valid=args.baseline_valid, baseline_max_epochs=args.baseline_max_epochs, tune=args.tune,
-        dtype=args.dtype, seed=args.seed, threads=args.threads, add_to=args.add_to,
+        dtype=args.dtype, seed=args.seed, threads=args.threads, add_to=args.add_to, revision=args.revision,
+        tokenizer=args.tokenizer,
         baseline_overrides=parse_baseline_settings(args.baseline_set))
     evaluate(cfg)
     print((args.out / "results.md").read_text())
@@ -86,7 +94,7 @@ def parse_baseline_settings(items: list[str]) -> dict:
     """["tem.pairs_per_user=2"] -> {"tem": {"pairs_per_user": 2}} (numbers parsed as JSON)."""
     from instructrec.engine.errors import InputError
 
-    from .evaluate import BASELINE_METHODS
+    from .eval_scenarios import BASELINE_METHODS
 
     out: dict = {}
     for item in items:
@@ -104,7 +112,7 @@ def parse_baseline_settings(items: list[str]) -> dict:
 
 
 def run_train_set(args) -> int:
-    from .evaluate import restrict_training_set
+    from .eval_train_set import restrict_training_set
 
     print(json.dumps(restrict_training_set(args.instructions, args.data, args.out, args.hold_out), indent=2))
     return 0

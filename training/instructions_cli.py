@@ -1,4 +1,5 @@
-"""`instructrec instructions templates|build`: list the templates, build instruction datasets."""
+"""`instructrec instructions templates|build|catalog`: list the templates, build instruction datasets,
+build the catalogue pretraining corpus."""
 
 from __future__ import annotations
 
@@ -48,6 +49,25 @@ def register(subparsers) -> None:
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)
 
+    catalog = commands.add_parser(
+        "catalog", help="build the catalogue pretraining corpus (next title, category <-> title, span corruption)",
+        description="Write OUT/train.parquet: short rows that teach a randomly initialised T5 the catalogue "
+                    "(which title follows which, how a category path reads as a title) from the TRAIN split "
+                    "only, never targeting a product-search valid/test item. Train on it with `instructrec "
+                    "train --instructions OUT`, then instruction-tune from that checkpoint (docs/training.md).")
+    catalog.add_argument("--data", required=True, type=Path, help="prepared data directory")
+    catalog.add_argument("--out", required=True, type=Path, help="output directory")
+    catalog.add_argument("--valid-from", type=Path, default=None,
+                         help="an `instructions build` folder whose valid.parquet the corpus validates on "
+                              "(linked as OUT/valid.parquet; `instructrec train` needs one)")
+    catalog.add_argument("--history", type=int, default=10, help="newest titles in a next-title source (default 10)")
+    catalog.add_argument("--objectives", default="all",
+                         help="comma-separated: next-title, category-title, title-category, span-corruption, or all")
+    catalog.add_argument("--span-copies", type=int, default=2,
+                         help="span-corruption rows per item (each a different draw; default 2)")
+    catalog.add_argument("--seed", type=int, default=0)
+    catalog.set_defaults(func=_catalog)
+
 
 def _templates(args: argparse.Namespace) -> int:
     from instructrec.engine.templates import describe_templates
@@ -77,7 +97,7 @@ def _build(args: argparse.Namespace) -> int:
             overrides["cache_dir"] = args.teacher_cache
         elif not os.environ.get("INSTRUCTREC_TEACHER_CACHE_DIR", "").strip():
             overrides["cache_dir"] = args.out / ".teacher-cache"
-    annotator = make_annotator(args.annotator, **overrides)
+    annotator = make_annotator(args.annotator, progress=not args.no_progress, **overrides)
     report = build_instructions(
         args.data, args.out, annotator=annotator, templates=args.templates, eval_templates=args.eval_templates,
         per_user=args.per_user, search_per_item=args.search_per_item, seed=args.seed, tokenizer=args.tokenizer,
@@ -85,4 +105,14 @@ def _build(args: argparse.Namespace) -> int:
         progress=not args.no_progress)
     print((args.out / "stats.md").read_text(encoding="utf-8"))
     print(f"rows: {report['rows']} in {report['seconds']}s -> {args.out}")
+    return 0
+
+
+def _catalog(args: argparse.Namespace) -> int:
+    from instructrec.training.catalog_corpus import OBJECTIVES, build_catalog_corpus
+
+    objectives = OBJECTIVES if args.objectives == "all" else tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    report = build_catalog_corpus(args.data, args.out, history=args.history, objectives=objectives,
+                                  span_copies=args.span_copies, seed=args.seed, valid_from=args.valid_from)
+    print(json.dumps(report, indent=2))
     return 0

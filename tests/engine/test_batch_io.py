@@ -97,7 +97,7 @@ def test_directory_input_is_sorted_and_skips_bookkeeping_files(tmp_path):
     (folder / ".a.parquet.crc").write_text("")
     write_requests(folder / "_metadata_like.parquet", 1)
     job_input = scan_input(folder)
-    assert [f.path.name for f in job_input.files] == ["a.parquet", "b.parquet"]
+    assert [f.name for f in job_input.files] == ["a.parquet", "b.parquet"]
     ids = [r for _, b in iter_record_batches(job_input, ["request_id"]) for r in b.column(0).to_pylist()]
     assert ids == ["r0", "r1", "r2", "r10", "r11"]
 

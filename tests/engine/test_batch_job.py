@@ -17,6 +17,9 @@ from instructrec.engine.batch import (
     DUPLICATE_REQUEST_ID, MISSING_REQUEST_ID, OUTPUT_SCHEMA, InputSchemaError, JobOutputError, run_job,
 )
 
+# The engine's dtype="auto" may pick bf16 on this CPU: the references below are fp32.
+FP32 = dict(dtype="float32", progress=False)
+
 INPUT_SCHEMA = pa.schema([
     ("request_id", pa.string()), ("candidates", pa.list_(pa.string())), ("candidate_ids", pa.list_(pa.string())),
     ("instruction", pa.string()), ("history", pa.list_(pa.string())), ("preference", pa.string()),
@@ -84,7 +87,7 @@ def request_of(row: dict) -> Request:
 
 @pytest.fixture(scope="module")
 def reranker(tiny_t5_dir):
-    return Reranker.from_pretrained(tiny_t5_dir)
+    return Reranker.from_pretrained(tiny_t5_dir, dtype="float32")
 
 
 def test_every_bad_row_becomes_an_error_row_in_order_and_scores_equal_rank(tiny_t5_dir, reranker, tmp_path):
@@ -97,7 +100,7 @@ def test_every_bad_row_becomes_an_error_row_in_order_and_scores_equal_rank(tiny_
     write_rows(folder / "b.parquet", rows[17:], row_group_size=6)
     write_rows(folder / "a.parquet", rows[:17], row_group_size=5)
 
-    summary = run_job(tiny_t5_dir, folder, tmp_path / "out", rows_per_part=7, chunk_rows=4, progress=False)
+    summary = run_job(tiny_t5_dir, folder, tmp_path / "out", rows_per_part=7, chunk_rows=4, **FP32)
 
     out = pq.read_table(tmp_path / "out")
     assert out.schema == OUTPUT_SCHEMA
@@ -135,7 +138,7 @@ def test_every_bad_row_becomes_an_error_row_in_order_and_scores_equal_rank(tiny_
 
 def test_empty_input_gives_an_empty_valid_output(tiny_t5_dir, tmp_path):
     write_rows(tmp_path / "empty.parquet", [])
-    summary = run_job(tiny_t5_dir, tmp_path / "empty.parquet", tmp_path / "out", progress=False)
+    summary = run_job(tiny_t5_dir, tmp_path / "empty.parquet", tmp_path / "out", **FP32)
     out = pq.read_table(tmp_path / "out")
     assert out.num_rows == 0 and out.schema == OUTPUT_SCHEMA
     assert [p.name for p in (tmp_path / "out").glob("part-*")] == ["part-00000.parquet"]
@@ -150,7 +153,7 @@ def test_schema_error_stops_the_cli_before_any_work(tiny_t5_dir, tmp_path):
 
     done = subprocess.run(
         [sys.executable, "-m", "instructrec", "rerank", "--model", str(tiny_t5_dir), "--input",
-         str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cli-out")],
+         str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cli-out"), "--dtype", "float32"],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "column 'candidates' must be list<string> but is string in in.parquet" in done.stderr
@@ -161,26 +164,26 @@ def test_schema_error_stops_the_cli_before_any_work(tiny_t5_dir, tmp_path):
 def test_existing_output_is_never_overwritten_and_resume_refuses_another_run(tiny_t5_dir, tmp_path):
     rows = [good_row(i) for i in range(6)]
     write_rows(tmp_path / "in.parquet", rows)
-    run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, progress=False)
+    run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, **FP32)
     first = pq.read_table(tmp_path / "out")
 
     with pytest.raises(JobOutputError, match="is not empty .* Pass --resume .* or choose a new --output"):
-        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, progress=False)
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, **FP32)
     with pytest.raises(JobOutputError, match="incompatible run; it differs in rows_per_part: was 4, now 3"):
-        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=3, resume=True, progress=False)
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=3, resume=True, **FP32)
     with pytest.raises(JobOutputError, match="options.group_size: was 10, now 5"):
         run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, group_size=5,
-                resume=True, progress=False)
+                resume=True, **FP32)
     write_rows(tmp_path / "in.parquet", rows[:5])  # the input changed since
     with pytest.raises(JobOutputError, match="input.files"):
-        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, resume=True, progress=False)
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, resume=True, **FP32)
     assert pq.read_table(tmp_path / "out").equals(first)  # nothing was touched
 
     # A finished run resumed again with the same input: nothing to do, same output.
     write_rows(tmp_path / "in2.parquet", rows)
-    run_job(tiny_t5_dir, tmp_path / "in2.parquet", tmp_path / "out2", rows_per_part=4, progress=False)
+    run_job(tiny_t5_dir, tmp_path / "in2.parquet", tmp_path / "out2", rows_per_part=4, **FP32)
     summary = run_job(tiny_t5_dir, tmp_path / "in2.parquet", tmp_path / "out2", rows_per_part=4, resume=True,
-                      progress=False)
+                      **FP32)
     assert summary["parts_skipped"] == 2 and summary["parts_written"] == 0 and summary["rows"] == 6
     assert pq.read_table(tmp_path / "out2").equals(first)
 
@@ -190,5 +193,5 @@ def test_output_folder_not_written_by_the_job_is_refused_on_resume(tiny_t5_dir, 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(JobOutputError, match="has no _job.json but holds \\['notes.txt'\\]"):
-        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", resume=True, progress=False)
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", resume=True, **FP32)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"

@@ -9,7 +9,8 @@ import pytest
 
 from instructrec.engine.errors import BudgetExceededError, InputError, UnknownTemplateError
 from instructrec.engine.formatting import (
-    build_instruction, format_candidate_list, format_history, lists_candidates, render_template, sanitize_text,
+    build_instruction, format_candidate_list, format_history, lists_candidates, render, render_template,
+    sanitize_text,
 )
 from instructrec.engine.templates import REGISTRY
 
@@ -281,3 +282,66 @@ def test_unknown_template_in_a_request():
     with pytest.raises(UnknownTemplateError) as caught:
         build_instruction(history=["A"], template="pers-search-7")
     assert "pers-search-07" in str(caught.value)
+
+
+# ---- over-budget messages and the character cap -------------------------------------------------
+
+
+def _balanced(message: str) -> bool:
+    depth = 0
+    for char in message:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+@pytest.mark.parametrize("fields", [
+    dict(template="seq-rec-02", candidates=["Tetris", "Doom"]),  # lists its candidates
+    dict(preference="likes racing games"),  # a text field beside the history
+    dict(),  # the history alone
+])
+def test_an_over_long_history_item_is_blamed_not_the_candidates(tokenizer, fields):
+    history = ["Old Game", "Adventure " * 300 + "Saga"]  # the newest item, which is always kept
+    with pytest.raises(BudgetExceededError) as caught:
+        build_instruction(history=history, tokenizer=tokenizer, max_source_tokens=128, **fields)
+    error = caught.value
+    assert error.field == "history" and error.kind == "over_budget"
+    message = str(error)
+    assert "candidates" not in message and "newest history item" in message
+    assert _balanced(message) and message.endswith(")")
+
+
+def test_every_over_budget_message_closes_its_parentheses(tokenizer):
+    candidates = [f"Candidate {index} " + "Extended Collector Bundle " * 4 for index in range(40)]
+    cases = [dict(history=HISTORY, template="seq-rec-02", candidates=candidates),
+             dict(instruction="Choose: {candidates}", candidates=candidates),
+             dict(instruction="word " * 600), dict(preference="likes " + "very " * 600 + "long games")]
+    for fields in cases:
+        with pytest.raises(BudgetExceededError) as caught:
+            build_instruction(tokenizer=tokenizer, **fields)
+        assert _balanced(str(caught.value)) and str(caught.value).endswith(")"), str(caught.value)
+
+
+def test_text_over_the_character_cap_is_refused_without_tokenizing(tokenizer):
+    """A free-text instruction of any size costs no tokenization to refuse; a huge old history
+    item is dropped before anything is tokenized, and the newest items still make the request."""
+    counting = CountingTokenizer(tokenizer)
+    huge = "word " * 200_000  # 1 MB
+    with pytest.raises(BudgetExceededError) as caught:
+        build_instruction(instruction=huge, tokenizer=counting)
+    assert caught.value.field == "instruction" and "1,000,000 characters" in str(caught.value)
+    assert counting.calls == 0
+    text, ids = render(history=[huge, "Tetris", "Halo 3"], tokenizer=counting)
+    assert text == build_instruction(history=["Tetris", "Halo 3"]) and counting.calls <= 2
+    assert ids == tokenizer(text).input_ids  # the ids it counted are the model's input
+    with pytest.raises(BudgetExceededError) as caught:
+        render(history=["Tetris", huge], tokenizer=counting)  # the newest item itself
+    assert caught.value.field == "history" and "characters" in str(caught.value)
+
+
+def test_render_returns_the_ids_it_counted(tokenizer):
+    counting = CountingTokenizer(tokenizer)
+    text, ids = render(history=HISTORY, tokenizer=counting, max_source_tokens=97)
+    assert ids == tokenizer(text).input_ids and len(ids) <= 97
+    assert render(history=HISTORY) == (build_instruction(history=HISTORY), None)  # no tokenizer, no ids

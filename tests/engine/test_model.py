@@ -10,7 +10,11 @@ from transformers import T5Config as HFConfig
 from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from instructrec.engine.model import PRESETS, T5Config, build_model, relative_position_bucket
+from instructrec.engine.model import T5Config, build_model, relative_position_bucket
+from instructrec.engine.presets import SHAPES, shape_config
+
+# The one table of shapes (engine/presets.py), as the engine's configs.
+PRESETS = {name: T5Config.from_hf(shape_config(name)) for name in SHAPES}
 
 
 # Model tests run on one torch thread (see the one_torch_thread fixture in conftest).

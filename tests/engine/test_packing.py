@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from instructrec.engine.model import PRESETS, T5
+from instructrec.engine.model import T5, T5Config
 from instructrec.engine.packing import IGNORE, Unit, decoder_arrays, pack_rows, pack_unit, plan_batches
+from instructrec.engine.presets import shape_config
 
 
 def test_pack_rows_fills_rows_longest_first():
@@ -64,7 +65,7 @@ def test_plan_batches_keeps_to_the_budget():
 def test_block_diagonal_rows_equal_decoding_each_candidate_alone():
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = T5(PRESETS["tiny"]).eval()
+        model = T5(T5Config.from_hf(shape_config("t5-tiny"))).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     src = torch.randint(2, 500, (1, 12))

@@ -48,7 +48,7 @@ def hf_small(small_t5_dir):
 
 @pytest.fixture(scope="module")
 def small(small_t5_dir):
-    return Reranker.from_pretrained(small_t5_dir)
+    return Reranker.from_pretrained(small_t5_dir, dtype="float32")
 
 
 def _build_tied(tmp_path_factory, tokenizer_dir):
@@ -84,7 +84,7 @@ def test_realistic_scores_match_within_1e4_absolute(tmp_path_factory, tokenizer_
     from transformers import T5ForConditionalGeneration
 
     path = _build_tied(tmp_path_factory, tokenizer_dir)
-    ours = Reranker.from_pretrained(path).score(INSTRUCTION, TITLES)
+    ours = Reranker.from_pretrained(path, dtype="float32").score(INSTRUCTION, TITLES)
     ref = hf_reference(T5ForConditionalGeneration.from_pretrained(path).eval(), tokenizer, INSTRUCTION, TITLES)
     assert np.abs(ref).max() < 500  # realistic magnitudes, so the bound below is not vacuous
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
@@ -101,7 +101,7 @@ def test_one_candidate_and_mean(small, hf_small, tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_t5_dir):
-    return Reranker.from_pretrained(tiny_t5_dir)
+    return Reranker.from_pretrained(tiny_t5_dir, dtype="float32")
 
 
 def test_thousand_candidates(tiny, tiny_t5_dir, tokenizer):
@@ -162,7 +162,7 @@ def test_packed_rows_equal_one_candidate_per_row(tiny_t5_dir, tiny):
     """Block-diagonal mask + restarting positions: a row of many candidates scores each exactly as
     a row holding that candidate alone (row_tokens=1 puts every candidate in its own row)."""
     titles = [TITLES[i % len(TITLES)] + f" {i}" for i in range(40)]
-    one_per_row = Reranker.from_pretrained(tiny_t5_dir, row_tokens=1)
+    one_per_row = Reranker.from_pretrained(tiny_t5_dir, dtype="float32", row_tokens=1)
     tiny.reset_stats()
     packed = tiny.score(INSTRUCTION, titles)
     alone = one_per_row.score(INSTRUCTION, titles)

@@ -75,7 +75,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_engine_runs_a_tournament_for_listed_candidates(tiny_t5_dir):
     from instructrec.engine import Reranker
 
-    rr = Reranker.from_pretrained(tiny_t5_dir, group_size=10, seed=1)
+    rr = Reranker.from_pretrained(tiny_t5_dir, dtype="float32", group_size=10, seed=1)
     titles = [f"Racing game number {i}" for i in range(35)]
     listed = Request(instruction="Choose one of: {candidates}", candidates=titles, request_id="listed")
     plain = Request(instruction="A racing game.", candidates=titles, request_id="plain")

@@ -94,7 +94,10 @@ SERVER_LIFETIME_S = 30.0
 class ScriptedChatServer:
     """Answers POST /v1/chat/completions. `script` is consumed one action per request; once it is
     empty every request succeeds. Actions: "ok", "500", ("429", retry_after), ("slow", seconds),
-    "malformed", "no_content", "400", ("hold", seconds) (succeed after a pause)."""
+    "malformed", "no_content", "400", ("hold", seconds) (succeed after a pause), "empty" and
+    "blank" (an empty / whitespace completion), ("trickle", seconds) (a valid answer whose body
+    goes out one byte every `seconds`; `trickled` records how many body bytes were sent and of
+    how many, once the client has gone or the body is out, and `trickle_done` is then set)."""
 
     def __init__(self, script=()):
         self.script = list(script)
@@ -104,6 +107,8 @@ class ScriptedChatServer:
         self.max_in_flight = 0
         self.bodies: list[dict] = []
         self.request_times: list[float] = []
+        self.trickled: list[tuple[int, int]] = []
+        self.trickle_done = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -155,6 +160,11 @@ class ScriptedChatServer:
                     self._send(500, b'{"error": "boom"}')
                 elif kind == "400":
                     self._send(400, b'{"error": "bad request"}')
+                elif kind in ("empty", "blank"):
+                    content = "" if kind == "empty" else "  \n "
+                    self._send(200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
+                elif kind == "trickle":
+                    self._trickle(arg, json.dumps({"choices": [{"message": {"content": "too late"}}]}).encode())
                 elif kind == "slow":
                     time.sleep(arg)
                     self._send(200, b'{"choices": [{"message": {"content": "too late"}}]}')
@@ -164,6 +174,22 @@ class ScriptedChatServer:
                     self._send(200, b'{"choices": []}')
                 else:
                     raise AssertionError(f"unknown action {action!r}")
+
+            def _trickle(self, interval, payload: bytes):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                sent = 0
+                try:
+                    for byte in payload:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        sent += 1
+                        time.sleep(interval)
+                finally:
+                    server.trickled.append((sent, len(payload)))
+                    server.trickle_done.set()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -78,3 +78,19 @@ def test_errors_name_the_field(tmp_path):
         build_catalog_corpus(prepared, tmp_path / "out", objectives=("masked-lm",))
     report = build_catalog_corpus(prepared, tmp_path / "out", objectives=("category-title",))
     assert json.loads((tmp_path / "out" / "corpus.json").read_text())["rows"] == report["rows"]
+
+
+def test_cli_writes_the_corpus_and_links_valid(tmp_path):
+    from instructrec.cli import main
+
+    prepared = fixtures.write_prepared(tmp_path / "prepared")
+    instructions = tmp_path / "instructions"
+    instructions.mkdir()
+    pq.write_table(pq.read_table(prepared / "items.parquet").slice(0, 1), instructions / "valid.parquet")
+    out = tmp_path / "corpus"
+    assert main(["instructions", "catalog", "--data", str(prepared), "--out", str(out), "--valid-from",
+                 str(instructions), "--objectives", "next-title,category-title"]) == 0
+    templates = set(pq.read_table(out / "train.parquet").column("template").to_pylist())
+    assert templates == {"catalog-next-title", "catalog-category-title"}
+    assert (out / "valid.parquet").resolve() == (instructions / "valid.parquet").resolve()
+    assert main(["instructions", "catalog", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2

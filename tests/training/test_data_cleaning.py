@@ -32,6 +32,9 @@ def test_clean_text(raw, clean):
     ("", "item_title_missing"),
     ("- - -", "item_title_unusable"),
     ("var aPageStart = (new Date()).getTime();", "item_title_unusable"),
+    ('<span class="a-size-medium a-color-secondary a-text-normal', "item_title_unusable"),
+    ("Halo 3 <div", "item_title_unusable"), ('Halo class="x"', "item_title_unusable"),
+    ("Tom <3 Jerry", None), ("Pac-Man <Championship Edition", None), ("2 + 2 = 4 Math", None),
 ])
 def test_title_problem(title, problem):
     assert title_problem(title) == problem

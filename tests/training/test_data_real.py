@@ -30,6 +30,9 @@ def test_video_games_2018_matches_the_reference_counts(video_games):
     assert discarded["review_item_without_meta"] == discarded["review_item_title_missing"] == 0
     assert discarded["review_item_title_unusable"] == 0
     assert discarded["review_k_core"] == 342_329 - 261_407
+    # The 5-core trims a tail (23.6% of the interactions): no warning.
+    assert stats["warnings"] == [] and stats["k_core_removed"]["share_of_interactions"] == 0.2364
+    assert stats["cleaning"]["titles_markup_fragment"] == 0
     assert data.candidates.num_rows == 2 * 29_609
 
 
@@ -61,3 +64,15 @@ def test_amazon2023_sample_loads_with_review_texts(tmp_path, shared_dataset):
     assert sum(t is not None for t in data.items.column("review_text").to_pylist()) > 1_500
     assert all(data.items.column("title").to_pylist())
     assert set(data.interactions.column("split").to_pylist()) == {"train", "valid", "test"}
+
+
+def test_amazon2023_sample_under_the_default_k_core_names_the_k_core_that_keeps_it(tmp_path, shared_dataset):
+    """Most items of the sample have one review: the default 5-core keeps nothing, and the error
+    says which --k-core keeps the data instead of only that nothing is left."""
+    from instructrec.training.data.errors import EmptyResultError
+
+    root = shared_dataset("amazon23-review-sample")
+    reviews = sorted(p for p in root.glob("*.jsonl.gz") if not p.name.startswith("meta_"))
+    meta = sorted(root.glob("meta_*.jsonl.gz"))
+    with pytest.raises(EmptyResultError, match=r"--k-core 1 \(no filter\) keeps 2,\d{3} \(100%\)"):
+        prepare(reviews, meta, tmp_path)

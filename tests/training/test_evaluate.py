@@ -243,3 +243,139 @@ def test_errors_name_the_field(world, tiny_t5_dir, tmp_path):
                         add_to=tmp_path / "nothing-here"))
     with pytest.raises(InputError, match="max_instances"):
         evaluate(config(world, tiny_t5_dir, tmp_path / "x", max_instances=-1))
+
+
+# --------------------------------------------------------------------------------------------- model sources
+
+
+SOURCES_RUN = dict(scenarios=("seq-rec",), methods=("instructrec", "zero-shot"), max_instances=8, valid_instances=4)
+
+
+@pytest.fixture(scope="module")
+def folder_run(world, tiny_t5_dir, tmp_path_factory):
+    return evaluate(config(world, tiny_t5_dir, tmp_path_factory.mktemp("eval-folder"), **SOURCES_RUN))
+
+
+def test_a_hub_id_model_scores_as_its_folder_and_records_its_commit(folder_run, world, offline_hf_home, tmp_path):
+    from ..conftest import TINY_HUB_COMMIT, TINY_HUB_ID
+
+    results = evaluate(config(world, TINY_HUB_ID, tmp_path / "hub", revision="main", **SOURCES_RUN))
+    assert without_timings(results["scenarios"]) == without_timings(folder_run["scenarios"])
+    identity = results["model"]["identity"]
+    assert identity == {"spec": TINY_HUB_ID, "kind": "checkpoint", "repo_id": TINY_HUB_ID, "revision": "main",
+                        "commit": TINY_HUB_COMMIT, "path": results["model"]["path"]}
+    assert f"`{TINY_HUB_ID}` at commit `{TINY_HUB_COMMIT}`" in (tmp_path / "hub" / "results.md").read_text()
+    assert json.loads((tmp_path / "hub" / "metrics.json").read_text())["model"]["identity"]["commit"] == TINY_HUB_COMMIT
+
+
+def test_random_shape_is_the_zero_shot_reference_with_its_tokenizer(folder_run, world, tokenizer_dir, tmp_path):
+    """random:t5-tiny is the tiny test checkpoint's architecture: seeded alike, its zero-shot
+    rankings equal those built from the checkpoint folder."""
+    from instructrec.cli import main
+
+    out = tmp_path / "random"
+    assert main(["eval", "--data", str(world / "prepared"), "--instructions", str(world / "instructions"),
+                 "--model", "random:t5-tiny", "--tokenizer", str(tokenizer_dir), "--methods", "zero-shot",
+                 "--scenario", "seq-rec", "--train-instructions", str(world / "instructions"), "--out", str(out),
+                 "--max-instances", "8", "--valid-instances", "4", "--threads", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert without_timings(metrics["scenarios"]["seq-rec"]["methods"]["zero-shot"]) == without_timings(
+        folder_run["scenarios"]["seq-rec"]["methods"]["zero-shot"])
+    assert metrics["model"]["identity"] == {"spec": "random:t5-tiny", "kind": "random", "shape": "t5-tiny"}
+    assert metrics["model"]["tokenizer"] == str(tokenizer_dir)
+    assert "(RANDOM weights" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (dict(model="random:t5-tiny", methods=("instructrec",)), "model", "zero-shot reference"),
+    (dict(model="random:t5-tiny", methods=("zero-shot",)), "tokenizer", "brings no tokenizer"),
+    (dict(model="flan-t5-small", methods=("zero-shot",)), "model", "random:flan-t5-small"),
+    (dict(model=None, methods=("instructrec", "popularity")), "model", "need a model"),
+])
+def test_model_source_mistakes_are_refused_before_the_data_loads(world, tmp_path, overrides, field, words):
+    # A data folder that would fail to load: the refusal must come first.
+    broken = tmp_path / "prepared"
+    broken.mkdir()
+    (broken / "stats.json").write_text("{}")
+    with pytest.raises(InputError) as caught:
+        model = overrides.pop("model")
+        evaluate(config(world, model, tmp_path / "x", scenarios=("seq-rec",), data=broken, **overrides))
+    assert caught.value.field == field and words in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------- inputs checked first
+
+
+def default_build_instructions(world: Path, out: Path) -> Path:
+    """The instruction folder a default build gives (DEFAULT_EVAL_TEMPLATE_IDS in valid/test): the
+    world's rows of those templates, with its stats.json saying so."""
+    from instructrec.training.build import DEFAULT_EVAL_TEMPLATE_IDS
+
+    out.mkdir()
+    for split in ("train", "valid", "test"):
+        table = pq.read_table(world / "instructions" / f"{split}.parquet")
+        if split != "train":
+            table = table.filter(pa_compute().is_in(table["template"], value_set=pa_array(DEFAULT_EVAL_TEMPLATE_IDS)))
+        pq.write_table(table, out / f"{split}.parquet")
+    (out / "stats.json").write_text(json.dumps({"eval_templates": list(DEFAULT_EVAL_TEMPLATE_IDS)}))
+    return out
+
+
+def pa_compute():
+    import pyarrow.compute as pc
+
+    return pc
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(list(values))
+
+
+def test_scenario_all_on_a_default_build_names_everything_missing_before_loading(world, tiny_t5_dir, tmp_path):
+    """The README's evaluation on the README's default build: --scenario all needs --cross-data, and
+    pers-search-p2 and held-out need templates a default build leaves out. One error names all
+    three, with the build command that fixes it, before the data loads (the data folder here
+    would fail to load)."""
+    instructions = default_build_instructions(world, tmp_path / "instructions")
+    broken = tmp_path / "prepared"
+    broken.mkdir()
+    (broken / "stats.json").write_text("{}")
+    with pytest.raises(InputError) as caught:
+        evaluate(config(world, tiny_t5_dir, tmp_path / "x", data=broken, instructions=instructions,
+                        scenarios=("all",)))
+    message = str(caught.value)
+    assert caught.value.field == "scenario"
+    assert "--cross-data DIR --cross-instructions DIR" in message
+    assert "<P1, P2, T3> (scenario pers-search-p2), <P2, I1, T3> (scenario held-out)" in message
+    assert ("--eval-templates seq-rec-02,pers-search-07,pers-search-08,prod-search-03,prod-search-04,"
+            "seq-rec-09,pers-search-09`") in message
+    # Only the cross-domain flags missing: that one field, as before.
+    with pytest.raises(InputError) as caught:
+        evaluate(config(world, tiny_t5_dir, tmp_path / "x", data=broken, instructions=instructions,
+                        scenarios=("seq-rec", "cross-domain")))
+    assert caught.value.field == "cross_data"
+
+
+# --------------------------------------------------------------------------------------------- product search shrink
+
+
+def test_product_search_dropping_training_targets_is_loud_and_recorded(run_a, world, caplog, tmp_path):
+    """run_a evaluates a model whose training rows include product-search test items: those
+    instances are dropped (never ranked), and the run says how many, and the command that fixes it."""
+    train_targets = set(pq.read_table(world / "instructions" / "train.parquet")["target_item_id"].to_pylist())
+    test_rows = pq.read_table(world / "instructions" / "test.parquet").to_pylist()
+    search_targets = {r["target_item_id"] for r in test_rows
+                      if (r["preference"], r["intention"], r["task"]) == ("P0", "I2", "T3")}
+    expected = len(search_targets & train_targets)
+    assert 0 < expected < len(search_targets)
+    results, out = run_a
+    assert results["scenarios"]["product-search"]["dropped_training_targets"] == expected
+    assert f"**{expected} more were dropped" in (out / "results.md").read_text()
+
+    with caplog.at_level("WARNING"):
+        evaluate(config(world, None, tmp_path / "p", scenarios=("product-search",), methods=("popularity",)))
+    [warning] = [r.getMessage() for r in caplog.records if "DROPPED" in r.getMessage()]
+    assert f"{expected} of {len(search_targets)} instances DROPPED" in warning
+    assert f"instructrec eval-train-set --instructions {world / 'instructions'} --data {world / 'prepared'}" in warning

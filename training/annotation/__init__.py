@@ -23,8 +23,9 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-def make_annotator(kind: str, **teacher_overrides) -> Annotator:
-    """"offline" or "teacher" (configured from INSTRUCTREC_TEACHER_* variables)."""
+def make_annotator(kind: str, *, progress: bool = True, **teacher_overrides) -> Annotator:
+    """"offline" or "teacher" (configured from INSTRUCTREC_TEACHER_* variables; `progress`: its
+    progress bar on stderr)."""
     from instructrec.engine.errors import InputError
 
     if kind == "offline":
@@ -32,5 +33,5 @@ def make_annotator(kind: str, **teacher_overrides) -> Annotator:
     if kind == "teacher":
         from .teacher import TeacherAnnotator, TeacherConfig
 
-        return TeacherAnnotator(TeacherConfig.from_env(**teacher_overrides))
+        return TeacherAnnotator(TeacherConfig.from_env(**teacher_overrides), progress=progress)
     raise InputError("annotator", f"unknown annotator {kind!r}", "use 'offline' or 'teacher'")

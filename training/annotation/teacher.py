@@ -8,6 +8,8 @@ JSON file per answer, keyed by sha256(model, messages, sampling params) and writ
 so a rerun pays nothing twice and an interrupted run resumes where it stopped.
 
 Error policy (decided here, relied on by the builder):
+- `timeout_s` bounds a whole request (connect, headers and body), not each socket read: a server
+  that trickles a byte at a time is cut off at the deadline.
 - 429, 408, 409 and 5xx responses, timeouts and connection failures are transient: retried.
 - A 200 response whose body is not JSON, or has no `choices[0].message.content` string, is also
   retried: proxies and overloaded servers do return truncated or HTML bodies, and a second try
@@ -15,6 +17,11 @@ Error policy (decided here, relied on by the builder):
   `last_problem` saying the body was malformed.
 - Any other 4xx (bad request, bad key, unknown model) is not retried: `TeacherRequestError` at once,
   since repeating the same request cannot fix it.
+- An empty or whitespace-only answer is retried once, without waiting; a second one is
+  `TeacherEmptyAnswer` (at temperature 0 the model answers the same prompt the same way).
+- A batch stops early with `TeacherUnavailable` after `max_failure_streak` prompts in a row failed
+  (each after its own retries): a dead endpoint or a wrong URL is reported in about a minute
+  instead of after every prompt has spent its retries.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +57,7 @@ ENV_CONCURRENCY = "INSTRUCTREC_TEACHER_CONCURRENCY"
 ENV_TIMEOUT = "INSTRUCTREC_TEACHER_TIMEOUT_S"
 ENV_MAX_RETRIES = "INSTRUCTREC_TEACHER_MAX_RETRIES"
 ENV_CACHE_DIR = "INSTRUCTREC_TEACHER_CACHE_DIR"
+ENV_MAX_FAILURE_STREAK = "INSTRUCTREC_TEACHER_MAX_FAILURE_STREAK"
 
 _RETRIED_STATUSES = frozenset({408, 409, 429})
 
@@ -82,6 +92,29 @@ class TeacherRetriesExhausted(TeacherError):
             "answers already received are cached, so a rerun resumes)")
 
 
+class TeacherEmptyAnswer(TeacherError):
+    """The model answered nothing (or only whitespace) twice for the same prompt."""
+
+    def __init__(self, url: str, model: str):
+        super().__init__(
+            f"teacher endpoint {url} answered an empty completion twice for the same prompt; "
+            f"check that {ENV_MODEL}={model!r} is a chat model that answers these prompts")
+
+
+class TeacherUnavailable(TeacherError):
+    """A batch stopped early: this many prompts in a row failed, so the endpoint is down or wrong."""
+
+    def __init__(self, streak: int, last: TeacherError, answered: int, not_sent: int, total: int, url: str):
+        self.streak = streak
+        self.last = last
+        self.not_sent = not_sent
+        super().__init__(
+            f"teacher endpoint {url} failed {streak} prompts in a row, so the batch stopped early "
+            f"({not_sent} of {total} prompts not sent, {answered} answered and cached); last: {last} "
+            f"-- check {ENV_BASE_URL} and that the server is up, then rerun: cached answers are not "
+            f"asked again ({ENV_MAX_FAILURE_STREAK} sets how many failures in a row stop a batch)")
+
+
 class TeacherBatchError(TeacherError):
     """Some prompts of a batch failed; the others were answered and cached."""
 
@@ -102,6 +135,11 @@ class _TransientFailure(Exception):
         self.retry_after_s = retry_after_s
 
 
+class _EmptyAnswer(_TransientFailure):
+    def __init__(self):
+        super().__init__("the completion was empty")
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     base_url: str
@@ -117,6 +155,12 @@ class TeacherConfig:
     temperature: float = 0.0
     max_tokens: int = 96
     cache_dir: Path | None = None
+    # Prompts failing in a row (each after all its retries) that stop a batch. 16 is two waves of
+    # the default 8 concurrent requests: with the default backoff (1+2+4+8+16 s between 6
+    # attempts) a dead endpoint is reported after about a minute, where 10,000 prompts spending
+    # their retries one by one took about 8 hours. A live but overloaded server fails a prompt
+    # only when 6 attempts over ~31 s all fail, so 16 in a row with no success means it is down.
+    max_failure_streak: int = 16
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "TeacherConfig":
@@ -124,8 +168,8 @@ class TeacherConfig:
         OpenAI-style base, e.g. https://api.openai.com/v1) and INSTRUCTREC_TEACHER_MODEL.
         Optional: INSTRUCTREC_TEACHER_API_KEY (sent as a Bearer token; local servers often need
         none), INSTRUCTREC_TEACHER_CONCURRENCY (8), INSTRUCTREC_TEACHER_TIMEOUT_S (60),
-        INSTRUCTREC_TEACHER_MAX_RETRIES (5), INSTRUCTREC_TEACHER_CACHE_DIR (none: the builder
-        puts it under its output directory)."""
+        INSTRUCTREC_TEACHER_MAX_RETRIES (5), INSTRUCTREC_TEACHER_MAX_FAILURE_STREAK (16),
+        INSTRUCTREC_TEACHER_CACHE_DIR (none: the builder puts it under its output directory)."""
         env = os.environ if environ is None else environ
         values: dict = {}
         for name, key in ((ENV_BASE_URL, "base_url"), (ENV_MODEL, "model")):
@@ -136,7 +180,8 @@ class TeacherConfig:
             values[key] = value
         values["api_key"] = (env.get(ENV_API_KEY) or "").strip() or None
         for name, key, kind in ((ENV_CONCURRENCY, "max_concurrency", int), (ENV_TIMEOUT, "timeout_s", float),
-                                (ENV_MAX_RETRIES, "max_retries", int)):
+                                (ENV_MAX_RETRIES, "max_retries", int),
+                                (ENV_MAX_FAILURE_STREAK, "max_failure_streak", int)):
             raw = (env.get(name) or "").strip()
             if raw:
                 try:
@@ -152,12 +197,22 @@ class TeacherConfig:
     def validated(self) -> "TeacherConfig":
         if not self.base_url.startswith(("http://", "https://")):
             raise InputError(ENV_BASE_URL, f"{self.base_url!r} is not an http(s) URL", "e.g. http://127.0.0.1:8000/v1")
+        try:
+            parts = urllib.parse.urlsplit(self.base_url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise InputError(ENV_BASE_URL, f"{self.base_url!r} is not a valid URL ({exc})",
+                             "e.g. http://127.0.0.1:8000/v1") from None
+        if not parts.hostname:
+            raise InputError(ENV_BASE_URL, f"{self.base_url!r} names no host", "e.g. http://127.0.0.1:8000/v1")
         if self.max_concurrency < 1:
             raise InputError(ENV_CONCURRENCY, f"must be >= 1, got {self.max_concurrency}", "use 1 to 64")
         if self.timeout_s <= 0:
             raise InputError(ENV_TIMEOUT, f"must be > 0, got {self.timeout_s}", "seconds, e.g. 60")
         if self.max_retries < 0:
             raise InputError(ENV_MAX_RETRIES, f"must be >= 0, got {self.max_retries}", "e.g. 5")
+        if self.max_failure_streak < 1:
+            raise InputError(ENV_MAX_FAILURE_STREAK, f"must be >= 1, got {self.max_failure_streak}", "e.g. 16")
         return self
 
     @property
@@ -200,6 +255,85 @@ class ResponseCache:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
 
 
+class _RequestDeadline:
+    """Bounds a whole request (connect, headers, body) by `seconds`. Socket timeouts bound each
+    read only, so a server sending a byte every 0.5 s held a request 12 s under a 2 s timeout. At
+    the deadline a timer shuts the connection's socket down, which ends any read blocked on it."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:  # the deadline passed while connecting
+                _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+    def __enter__(self) -> "_RequestDeadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        # The plain socket's shutdown (an SSL socket's own would drop its TLS state under a reader).
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the reader: nothing left to interrupt
+
+
+class _WatchedConnection:
+    """An http.client connection that hands its socket to a _RequestDeadline once connected."""
+
+    def __init__(self, *args, deadline: _RequestDeadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.watch(self.sock)
+
+
+class _WatchedHTTPConnection(_WatchedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _RequestDeadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_WatchedHTTPConnection, req, deadline=self.deadline, **kwargs)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _RequestDeadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_WatchedHTTPSConnection, req, deadline=self.deadline, **kwargs)
+
+
 @dataclass
 class ClientStats:
     requests: int = 0
@@ -213,15 +347,41 @@ class ClientStats:
                 setattr(self, key, getattr(self, key) + value)
 
 
+class _FailureStreak:
+    """Prompts failed in a row across a batch's threads; answers from the endpoint reset it (cache
+    hits do not: on a rerun they would hide a dead endpoint between them)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self.last: TeacherError | None = None
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def record(self, failure: TeacherError | None) -> None:
+        with self._lock:
+            if failure is None:
+                self.count = 0
+                return
+            self.count += 1
+            self.last = failure
+            if self.count >= self.limit:
+                self.stopped.set()
+
+
 class ChatCompletionsClient:
-    """A small, thread-safe chat-completions client with retries and an answer cache."""
+    """A small, thread-safe chat-completions client with retries and an answer cache.
+
+    `sleep` and `clock` (unix seconds, read for Retry-After dates) are injectable so that tests
+    drive the backoff without waiting."""
 
     def __init__(self, config: TeacherConfig, *, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None):
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None):
         self.config = config.validated()
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir is not None else None
         self.stats = ClientStats()
         self._sleep = sleep
+        self._clock = clock
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
 
@@ -236,23 +396,28 @@ class ChatCompletionsClient:
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def complete(self, messages: list[dict]) -> str:
+        return self._complete(messages)[0]
+
+    def _complete(self, messages: list[dict]) -> tuple[str, bool]:
+        """(answer, whether it came from the cache)."""
         body = self.request_body(messages)
         key = self.cache_key(body)
         if self.cache is not None:
             cached = self.cache.get(key)
             if cached is not None:
                 self.stats.add(cache_hits=1)
-                return cached
+                return cached, True
         content = self._post_with_retries(body)
         if self.cache is not None:
             self.cache.put(key, content, body)
-        return content
+        return content, False
 
     def complete_many(self, conversations: Sequence[list[dict]], *, progress: bool = False,
                       desc: str = "teacher") -> list[str]:
         """Answers in input order. Identical prompts are sent once. At most `max_concurrency`
         requests are in flight. If some fail, the rest still finish (and are cached) before a
-        `TeacherBatchError` is raised."""
+        `TeacherBatchError` is raised; after `max_failure_streak` failures in a row no new prompt
+        is sent and `TeacherUnavailable` is raised once the ones in flight are done."""
         keys = [self.cache_key(self.request_body(c)) for c in conversations]
         first_index: dict[str, int] = {}
         for index, key in enumerate(keys):
@@ -260,25 +425,47 @@ class ChatCompletionsClient:
         unique = sorted(first_index.values())
         answers: dict[str, str] = {}
         failures: list[tuple[int, TeacherError]] = []
+        streak = _FailureStreak(self.config.max_failure_streak)
         bar = None
         if progress and len(unique) > 1:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(unique), desc=desc, unit="prompt", leave=False)
         with ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix="teacher") as pool:
-            futures = {index: pool.submit(self.complete, conversations[index]) for index in unique}
+            futures = {index: pool.submit(self._complete_in_batch, conversations[index], streak)
+                       for index in unique}
             for index, future in futures.items():
                 try:
-                    answers[keys[index]] = future.result()
+                    answer = future.result()
                 except TeacherError as exc:
                     failures.append((index, exc))
+                else:
+                    if answer is not None:
+                        answers[keys[index]] = answer
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
             bar.close()
+        if streak.stopped.is_set():
+            not_sent = len(unique) - len(answers) - len(failures)
+            raise TeacherUnavailable(streak.count, streak.last, len(answers), not_sent, len(unique),
+                                     self.config.endpoint)
         if failures:
             raise TeacherBatchError(failures, len(unique))
         return [answers[key] for key in keys]
+
+    def _complete_in_batch(self, messages: list[dict], streak: _FailureStreak) -> str | None:
+        """One prompt of a batch; None when the batch stopped before it was sent."""
+        if streak.stopped.is_set():
+            return None
+        try:
+            answer, cached = self._complete(messages)
+        except TeacherError as exc:
+            streak.record(exc)
+            raise
+        if not cached:
+            streak.record(None)
+        return answer
 
     # -- internals ----------------------------------------------------------------------------
     def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
@@ -294,9 +481,18 @@ class ChatCompletionsClient:
     def _post_with_retries(self, body: dict) -> str:
         attempts = self.config.max_retries + 1
         last_problem = "no attempt made"
+        empty_answers = 0
         for attempt in range(attempts):
             try:
                 return self._post_once(body)
+            except _EmptyAnswer:
+                empty_answers += 1
+                if empty_answers == 2 or attempt + 1 == attempts:
+                    raise TeacherEmptyAnswer(self.config.endpoint, self.config.model) from None
+                # The server answered; asking again at once is the one retry an empty answer gets.
+                log.debug("teacher attempt %d answered an empty completion; asking once more", attempt + 1)
+                self.stats.add(retries=1)
+                continue
             except _TransientFailure as failure:
                 last_problem = failure.problem
                 if attempt + 1 == attempts:
@@ -314,28 +510,36 @@ class ChatCompletionsClient:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
         request = urllib.request.Request(self.config.endpoint, data=data, headers=headers, method="POST")
         self.stats.add(requests=1)
+        timeout = self.config.timeout_s
+        deadline = _RequestDeadline(timeout)
+        # build_opener keeps the default handlers (proxies from the environment included) and
+        # puts these two in place of the plain HTTP(S) ones.
+        opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline))
+        late = f"no answer within {timeout}s"
         try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            text = _read_error_body(exc)
-            if status in _RETRIED_STATUSES or status >= 500:
-                raise _TransientFailure(f"HTTP {status}: {text[:200]}",
-                                        _parse_retry_after(exc.headers.get("Retry-After"))) from None
-            raise TeacherRequestError(status, text, self.config.endpoint) from None
+            with deadline:
+                try:
+                    with opener.open(request, timeout=timeout) as response:
+                        raw = response.read()
+                except urllib.error.HTTPError as exc:
+                    status, text = exc.code, _read_error_body(exc)
+                    if status in _RETRIED_STATUSES or status >= 500:
+                        raise _TransientFailure(f"HTTP {status}: {text[:200]}", _parse_retry_after(
+                            exc.headers.get("Retry-After"), self._clock)) from None
+                    raise TeacherRequestError(status, text, self.config.endpoint) from None
         except TimeoutError:
-            raise _TransientFailure(f"no answer within {self.config.timeout_s}s") from None
+            raise _TransientFailure(late) from None
         except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError):
-                raise _TransientFailure(f"no answer within {self.config.timeout_s}s") from None
+            if deadline.expired or isinstance(exc.reason, TimeoutError):
+                raise _TransientFailure(late) from None
             raise _TransientFailure(f"connection failed: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:  # reset or truncated mid-body
-            raise _TransientFailure(f"connection failed: {exc}") from None
+            raise _TransientFailure(late if deadline.expired else f"connection failed: {exc}") from None
         try:
             return _extract_content(raw)
         except _MalformedResponse as exc:
-            raise _TransientFailure(f"malformed response: {exc}") from None
+            # A body cut short by the deadline (no Content-Length: read until the socket closed).
+            raise _TransientFailure(late if deadline.expired else f"malformed response: {exc}") from None
 
 
 def _read_error_body(exc: urllib.error.HTTPError) -> str:
@@ -345,7 +549,7 @@ def _read_error_body(exc: urllib.error.HTTPError) -> str:
         return ""
 
 
-def _parse_retry_after(value: str | None) -> float | None:
+def _parse_retry_after(value: str | None, clock: Callable[[], float] = time.time) -> float | None:
     """Retry-After is delay-seconds or an HTTP date (RFC 9110 10.2.3); fractional seconds are
     accepted too since some gateways send them."""
     if not value:
@@ -360,7 +564,7 @@ def _parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         log.warning("ignoring unparseable Retry-After header %r", value)
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when.timestamp() - clock())
 
 
 def _extract_content(raw: bytes) -> str:
@@ -372,8 +576,10 @@ def _extract_content(raw: bytes) -> str:
         content = payload["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         raise _MalformedResponse("no choices[0].message.content in the body") from None
-    if not isinstance(content, str) or not content.strip():
-        raise _MalformedResponse("choices[0].message.content is empty or not a string")
+    if not isinstance(content, str):
+        raise _MalformedResponse("choices[0].message.content is not a string")
+    if not content.strip():
+        raise _EmptyAnswer()
     return content
 
 

@@ -24,6 +24,15 @@ _MAX_UNESCAPE_PASSES = 3
 
 # Script code that some 2018 metadata carries in place of a title.
 _SCRIPT = re.compile(r"\bvar\s+\w+\s*=|\bfunction\s*\(|getTime\(\)|\bdocument\.\w+")
+# Markup left over from scraping in place of a title, e.g. `<span class="a-size-medium
+# a-color-secondary a-text-normal`: a tag cut before its `>` (text cleaning removes only whole
+# tags, so it survives it) or an HTML attribute. A `<` before a digit or a word that is not an
+# HTML tag name stays text ("Tom <3 Jerry").
+_MARKUP_FRAGMENT = re.compile(
+    r"<\s*/?(?:a|b|br|div|em|font|h[1-6]|i|img|input|li|link|meta|ol|p|script|span|strong|style|"
+    r"table|td|tr|u|ul)(?:\s|/|$)"
+    r"|\b(?:class|style|href|src|alt|id)\s*=\s*[\"']",
+    re.IGNORECASE)
 
 # Category feature-sentence rule (2018 metadata), see is_feature_sentence.
 FEATURE_MAX_WORDS = 6
@@ -65,9 +74,14 @@ def title_problem(title: str) -> str | None:
         return "item_title_missing"
     if not any(ch.isalnum() for ch in title):
         return "item_title_unusable"
-    if _SCRIPT.search(title):
+    if _SCRIPT.search(title) or is_markup_fragment(title):
         return "item_title_unusable"
     return None
+
+
+def is_markup_fragment(title: str) -> bool:
+    """True when a cleaned title still holds HTML: an unclosed tag or an attribute."""
+    return ("<" in title or "=" in title) and _MARKUP_FRAGMENT.search(title) is not None
 
 
 def is_feature_sentence(label: str, earlier: set[str]) -> bool:

@@ -144,4 +144,6 @@ def format_stats(stats: dict) -> str:
     if stats.get("cleaning"):
         lines += [""] + _table("cleaning", [
             (name, num(count)) for name, count in stats["cleaning"].items()])
+    if stats.get("warnings"):
+        lines += [""] + [f"WARNING: {warning}" for warning in stats["warnings"]]
     return "\n".join(lines)

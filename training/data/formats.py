@@ -102,6 +102,8 @@ def decode_object(line: bytes) -> dict:
         raise RecordError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     except RecursionError:
         raise RecordError("invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # a number of more than 4,300 digits: Python refuses to convert it
+        raise RecordError(f"invalid JSON: {str(exc)[:80]}") from None
     if not isinstance(value, dict):
         raise RecordError(f"expected a JSON object, got {type(value).__name__}")
     return value
@@ -144,9 +146,12 @@ def _required_id(obj: dict, key: str) -> str:
         return value  # the common case, checked first: this runs twice per record
     if value is None:
         raise RecordError(f"missing required field {key!r}")
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if not isinstance(value, str):
+        # Numbers are refused too: both releases write every id as a string, and an id that went
+        # through a number has lost its leading zeros (4 of the 17,332 Video Games asins start
+        # with "0"), so it would silently stop matching its meta record.
         raise RecordError(f"field {key!r} must be a string, got {type(value).__name__}")
-    text = str(value).strip()
+    text = value.strip()
     if not text:
         raise RecordError(f"field {key!r} is empty")
     return text
@@ -166,6 +171,27 @@ def _integer(value: Any) -> int | None:
         except ValueError:
             return None
     return None
+
+
+# Times a review may carry, in unix seconds: those a calendar date can express (years 1 to 9999).
+# Every later step needs one: the int64 `timestamp` column, and the instruction context that
+# names the weekday and month of a purchase. Real logs sit far inside (the 2018 Video Games
+# reviews span 1,400,000,000 to 1,456,764,800); a value outside is a damaged line.
+MIN_TIMESTAMP = int(datetime(1, 1, 1, tzinfo=timezone.utc).timestamp())
+MAX_TIMESTAMP = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp())
+
+
+def _timestamp(value: Any, key: str, per_second: int = 1) -> int:
+    """Unix seconds from the integer `value` (in 1/per_second units of a second); RecordError
+    when it is not an integer or not a time a calendar can express."""
+    number = _integer(value)
+    if number is None:
+        raise RecordError(f"field {key!r} is not an integer: {value!r:.40}")
+    seconds = number // per_second
+    if not MIN_TIMESTAMP <= seconds <= MAX_TIMESTAMP:
+        raise RecordError(f"field {key!r} is out of range (not a date between years 1 and 9999): "
+                          f"{value!r:.40}")
+    return seconds
 
 
 def _rating(obj: dict, key: str, nulled: list[str]) -> float | None:
@@ -211,10 +237,7 @@ def parse_review_2018(obj: dict) -> ReviewRecord:
     user = _required_id(obj, "reviewerID")
     item = _required_id(obj, "asin")
     if "unixReviewTime" in obj:
-        timestamp = _integer(obj["unixReviewTime"])
-        if timestamp is None:
-            raise RecordError(
-                f"field 'unixReviewTime' is not an integer: {obj['unixReviewTime']!r:.40}")
+        timestamp = _timestamp(obj["unixReviewTime"], "unixReviewTime")
     else:
         timestamp = _review_time_2018(obj.get("reviewTime"))
         if timestamp is None:
@@ -233,14 +256,12 @@ def parse_review_2023(obj: dict) -> ReviewRecord:
     item = _required_id(obj, "parent_asin" if obj.get("parent_asin") is not None else "asin")
     if "timestamp" not in obj:
         raise RecordError("missing required field 'timestamp'")
-    millis = _integer(obj["timestamp"])
-    if millis is None:
-        raise RecordError(f"field 'timestamp' is not an integer: {obj['timestamp']!r:.40}")
+    timestamp = _timestamp(obj["timestamp"], "timestamp", per_second=1000)
     nulled: list[str] = []
     rating = _rating(obj, "rating", nulled)
     text = _text(obj, "text", nulled)
     summary = _text(obj, "title", nulled)
-    return ReviewRecord(user, item, millis // 1000, rating, text, summary, tuple(nulled))
+    return ReviewRecord(user, item, timestamp, rating, text, summary, tuple(nulled))
 
 
 def _raw_title(obj: dict) -> str:
@@ -307,6 +328,42 @@ def read_records(path: Path, parser: Callable[[dict], Any], malformed: Malformed
 _KEYS_2023 = frozenset({"user_id", "parent_asin", "text", "main_category", "categories", "store"})
 _KEYS_2018 = frozenset({"reviewerID", "asin", "unixReviewTime", "overall", "reviewText",
                         "category", "main_cat"})
+
+
+# Keys that tell a review file from an item metadata file, per release (both kinds carry `asin`
+# and, in 2023, `title` and `parent_asin`, so those decide nothing).
+_KIND_KEYS = {
+    (AMAZON_2018, "reviews"): frozenset({"reviewerID", "unixReviewTime", "reviewTime", "overall",
+                                         "reviewText", "reviewerName"}),
+    (AMAZON_2018, "meta"): frozenset({"category", "main_cat", "also_buy", "also_view", "feature",
+                                      "rank", "brand"}),
+    (AMAZON_2023, "reviews"): frozenset({"user_id", "timestamp", "rating", "text",
+                                         "helpful_vote", "verified_purchase"}),
+    (AMAZON_2023, "meta"): frozenset({"main_category", "categories", "store", "details",
+                                      "average_rating", "rating_number", "features"}),
+}
+
+
+def sniff(path: Path) -> tuple[str, str] | None:
+    """(format, "reviews" | "meta") that the keys of a file's first decodable lines look like,
+    or None when they match neither kind of either release. Used to explain a file that gave no
+    record (swapped --reviews and --meta, or a forced --format that does not fit)."""
+    votes: Counter = Counter()
+    try:
+        for count, (_, line) in enumerate(iter_lines(path)):
+            if count >= _DETECT_LINES:
+                break
+            try:
+                keys = set(decode_object(line))
+            except RecordError:
+                continue
+            scores = {kind: len(keys & wanted) for kind, wanted in _KIND_KEYS.items()}
+            best = max(scores.values())
+            if best:
+                votes.update(kind for kind, score in scores.items() if score == best)
+    except (OSError, DataError):
+        return None
+    return votes.most_common(1)[0][0] if votes else None
 
 
 def detect_format(path: Path) -> str:

@@ -1,0 +1,268 @@
+"""What `instructrec eval` evaluates: the scenarios (each an instruction type, a candidate mode and
+the baselines that apply), the methods, and the instances of a scenario read back from an
+instruction folder's valid/test rows, with the candidate lists every method ranks.
+
+See training/evaluate.py for how a run uses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from instructrec.engine.errors import InputError, InstructRecError
+
+log = logging.getLogger(__name__)
+
+MODEL_METHODS = ("instructrec", "zero-shot")
+BASELINE_METHODS = ("popularity", "sasrec", "bert4rec", "two-tower", "tem")
+METHODS = MODEL_METHODS + BASELINE_METHODS
+CANDIDATE_MODES = ("stored", "hard", "sampled")
+METRIC_KEYS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
+SELECTION_METRIC = "ndcg@5"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    notation: str  # the original's <P, I, T>
+    preference: str  # the preference code of its templates (P0, P1, P2, P1+P2)
+    intention: str  # I0, I1, I2
+    title: str
+    candidates: str = "stored"  # stored | hard (two-tower top 9) | sampled (99 negatives)
+    cross_domain: bool = False
+    baselines: tuple[str, ...] = ("popularity", "sasrec", "bert4rec")
+    query: str | None = None  # what TEM / the search tower read: "category" | "vague"
+    # The original's published HR@1 (Flan-T5-XL 3B on full Games, teacher-LLM annotations;
+    # DESIGN.md "Reference results"): {method: value}. Theirs, not ours.
+    theirs: dict = field(default_factory=dict)
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("seq-rec", "<P1, I0, T3>", "P1", "I0", "sequential recommendation",
+             baselines=("popularity", "sasrec", "bert4rec", "two-tower"),
+             theirs={"instructrec": 0.6947, "sasrec": 0.6663}),
+    Scenario("product-search", "<P0, I2, T3>", "P0", "I2", "product search on items unseen in training",
+             baselines=("popularity", "two-tower"), query="category"),
+    Scenario("pers-search-p2", "<P1, P2, T3>", "P1+P2", "I0",
+             "personalized: history and explicit preference"),
+    Scenario("pers-search-i1", "<P1, I1, T3>", "P1", "I1", "personalized search, vague intention",
+             baselines=("popularity", "sasrec", "bert4rec", "tem"), query="vague"),
+    Scenario("pers-search-i2", "<P1, I2, T3>", "P1", "I2", "personalized search, specific intention",
+             baselines=("popularity", "sasrec", "bert4rec", "tem"), query="category",
+             theirs={"instructrec": 0.9269, "tem": 0.8665}),
+    Scenario("hard-negatives", "<P1, I0, T3>", "P1", "I0",
+             "sequential recommendation, 9 negatives retrieved by the two-tower model", candidates="hard",
+             baselines=("popularity", "sasrec", "bert4rec", "two-tower"),
+             theirs={"instructrec": 0.1841, "sasrec": 0.0355}),
+    Scenario("candidates-100", "<P1, I0, T3>", "P1", "I0",
+             "sequential recommendation, 1 positive + 99 sampled negatives (grouped tournament)",
+             candidates="sampled", baselines=("popularity", "sasrec", "bert4rec", "two-tower"),
+             theirs={"instructrec": 0.3276, "tem": 0.2794}),
+    Scenario("held-out", "<P2, I1, T3>", "P2", "I1",
+             "held-out instruction type (explicit preference + vague intention, every task form "
+             "removed from training)", baselines=("popularity", "sasrec", "bert4rec", "tem"), query="vague"),
+    Scenario("cross-domain", "<P1, I0, T3>", "P1", "I0",
+             "another domain, never trained on (Amazon 2023 sample)", cross_domain=True),
+)}
+
+
+def resolve_scenarios(names: Sequence[str]) -> list[Scenario]:
+    if not names:
+        raise InputError("scenario", "no scenario given", f"pass --scenario NAME (repeatable) or all: {', '.join(SCENARIOS)}")
+    if "all" in names:
+        return list(SCENARIOS.values())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise InputError("scenario", f"unknown scenario(s) {', '.join(unknown)}",
+                         f"use one or more of: {', '.join(SCENARIOS)}, or all")
+    return [SCENARIOS[n] for n in dict.fromkeys(names)]
+
+
+def resolve_methods(names: Sequence[str] | None) -> list[str]:
+    if not names or "all" in names:
+        return list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise InputError("methods", f"unknown method(s) {', '.join(unknown)}", f"use some of: {', '.join(METHODS)}, or all")
+    return [m for m in METHODS if m in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Instances
+
+
+@dataclass
+class Instance:
+    key: str  # user id, or the search item id for product search
+    user_id: str | None
+    target: str
+    candidate_ids: list[str]
+    titles: list[str]
+    prompts: dict[str, str]  # template id -> instruction text (or with {candidates})
+    history: tuple[str, ...] = ()  # item ids, for the baselines
+    query: str | None = None  # for TEM / the search tower
+
+    @property
+    def positive(self) -> int:
+        return self.candidate_ids.index(self.target)
+
+
+def _slot_pattern(source: str) -> re.Pattern:
+    """A regex that reads the slot values back out of a rendered template source."""
+    parts, last = [], 0
+    for match in re.finditer(r"\{([a-z_]+)\}", source):
+        parts.append(re.escape(source[last:match.start()]))
+        name = match.group(1)
+        parts.append(f"(?P<{name}>.*?)" if name not in ("candidates",) else "(?P<candidates>.*)")
+        last = match.end()
+    parts.append(re.escape(source[last:]))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def read_slot(template_id: str, instruction: str, slot: str) -> str:
+    """The value of `slot` in an instruction rendered by `template_id` (e.g. the vague intention)."""
+    from instructrec.engine.templates import REGISTRY
+
+    match = _slot_pattern(REGISTRY[template_id].source).fullmatch(instruction)
+    if match is None or slot not in match.groupdict():
+        raise InstructRecError(f"cannot read {slot!r} back from an instruction of template {template_id}")
+    return match.group(slot)
+
+
+def templates_of(scenario: Scenario) -> list[str]:
+    """The registry's reranking (T3) templates of the scenario's instruction type: those an
+    instruction build needs in --eval-templates for the scenario to be evaluated."""
+    from instructrec.engine.templates import REGISTRY
+
+    return [t.id for t in REGISTRY.values() if t.ranks_titles and t.preference.value == scenario.preference
+            and t.intention.value == scenario.intention and t.task.value == "T3"]
+
+
+def has_rows(table, scenario: Scenario) -> bool:
+    """Whether `table` (columns preference, intention, task) holds reranking rows of the scenario."""
+    import pyarrow.compute as pc
+
+    mask = pc.and_(pc.and_(pc.equal(table["preference"], scenario.preference),
+                           pc.equal(table["intention"], scenario.intention)), pc.equal(table["task"], "T3"))
+    return pc.any(mask).as_py() is True
+
+
+def scenario_templates(instructions: Path, split: str, scenario: Scenario) -> list[str]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = Path(instructions) / f"{split}.parquet"
+    if not path.is_file():
+        raise InputError("instructions", f"{path} does not exist",
+                         "point --instructions at a folder written by `instructrec instructions build`")
+    table = pq.read_table(path, columns=["template", "preference", "intention", "task"])
+    mask = pc.and_(pc.and_(pc.equal(table["preference"], scenario.preference),
+                           pc.equal(table["intention"], scenario.intention)), pc.equal(table["task"], "T3"))
+    found = sorted(set(table.filter(mask).column("template").to_pylist()))
+    if not found:
+        wanted = templates_of(scenario)
+        raise InputError("instructions", f"{path} has no {scenario.notation} reranking rows for scenario "
+                         f"{scenario.name}", "rebuild it with `instructrec instructions build --eval-templates "
+                         f"{','.join(wanted)},...` (the templates of every scenario you evaluate)")
+    return found
+
+
+def load_instances(instructions: Path, split: str, scenario: Scenario, histories: dict[str, tuple[str, ...]],
+                   items) -> list[Instance]:
+    """Every instance of `scenario` in `split`, keyed by user (search item for product search),
+    with the instruction of each of the scenario's templates; only keys every template has."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    templates = scenario_templates(instructions, split, scenario)
+    table = pq.read_table(Path(instructions) / f"{split}.parquet",
+                          columns=["instruction", "template", "user_id", "target_item_id", "candidates",
+                                   "candidate_ids"])
+    table = table.filter(pc.is_in(table["template"], value_set=pa.array(templates)))
+    by_key: dict[str, Instance] = {}
+    for row in table.to_pylist():
+        key = row["user_id"] if row["user_id"] is not None else row["target_item_id"]
+        inst = by_key.get(key)
+        if inst is None:
+            inst = by_key[key] = Instance(key, row["user_id"], row["target_item_id"], list(row["candidate_ids"]),
+                                          list(row["candidates"]), {})
+        elif inst.candidate_ids != list(row["candidate_ids"]) or inst.target != row["target_item_id"]:
+            raise InstructRecError(f"{split}: templates of {scenario.name} list different candidates for {key!r}; "
+                                   "every method must rank the same list (rebuild the instructions)")
+        inst.prompts[row["template"]] = row["instruction"]
+    instances = []
+    for key in sorted(by_key):
+        inst = by_key[key]
+        if len(inst.prompts) != len(templates):
+            continue
+        if inst.user_id is not None:
+            inst.history = histories.get(inst.user_id, ())
+        if scenario.query == "category":
+            inst.query = items.category_path(inst.target)
+        elif scenario.query == "vague":
+            first = templates[0]
+            inst.query = read_slot(first, inst.prompts[first], "intention")
+        instances.append(inst)
+    return instances
+
+
+def sample(instances: list[Instance], n: int, seed: int, label: str) -> list[Instance]:
+    """A seeded subset of `n` instances (all when n is 0 or larger), in key order."""
+    if n <= 0 or n >= len(instances):
+        return list(instances)
+    rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+    keep = np.sort(rng.choice(len(instances), size=n, replace=False))
+    return [instances[i] for i in keep]
+
+
+def _list_placeholder(inst: Instance) -> dict[str, str]:
+    """The instructions with their numbered candidate list replaced by `{candidates}`."""
+    from instructrec.engine.formatting import CANDIDATES_PLACEHOLDER, format_candidate_list
+
+    listed = format_candidate_list(inst.titles)
+    out = {}
+    for template, text in inst.prompts.items():
+        if text.count(listed) != 1:
+            raise InstructRecError(f"the instruction of {inst.key!r} ({template}) does not list its stored "
+                                   "candidates exactly once; cannot swap in another list")
+        out[template] = text.replace(listed, CANDIDATES_PLACEHOLDER)
+    return out
+
+
+def with_candidates(inst: Instance, negatives: list[str], titles_of: dict[str, str], seed: int) -> Instance:
+    """The instance with the target plus `negatives`, the target at a seeded position."""
+    rng = np.random.default_rng([seed, zlib.crc32(inst.key.encode())])
+    ids = list(negatives)
+    ids.insert(int(rng.integers(len(ids) + 1)), inst.target)
+    return with_candidate_list(inst, ids, titles_of)
+
+
+def with_candidate_list(inst: Instance, ids: list[str], titles_of: dict[str, str]) -> Instance:
+    if ids == inst.candidate_ids:
+        return inst
+    if inst.target not in ids:
+        raise InstructRecError(f"candidate list of {inst.key!r} lacks its target {inst.target!r}")
+    return replace(inst, candidate_ids=list(ids), titles=[titles_of[i] for i in ids], prompts=_list_placeholder(inst))
+
+
+def sampled_negatives(inst: Instance, universe: list[str], interacted: set[str], k: int, seed: int) -> list[str]:
+    rng = np.random.default_rng([seed, 100, zlib.crc32(inst.key.encode())])
+    picked: list[str] = []
+    seen = set(interacted) | {inst.target}
+    if len(universe) - len(seen & set(universe)) < k:
+        raise InputError("data", f"the catalog has fewer than {k} items outside user {inst.key!r}'s history",
+                         "lower the candidate count or prepare more items")
+    while len(picked) < k:
+        candidate = universe[int(rng.integers(len(universe)))]
+        if candidate not in seen:
+            seen.add(candidate)
+            picked.append(candidate)
+    return picked
