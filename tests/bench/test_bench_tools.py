@@ -28,7 +28,8 @@ def test_profile_groups_the_operators(tiny_t5_dir, tmp_path, dtype):
     report = profile_engine.profile(str(tiny_t5_dir), dtype, n_requests=2, threads=1, seed=0, cache=tmp_path)
     assert report["candidates"] == 20 and report["model_gflop"] > 0
     assert "matmuls (projections, FFN)" in report["operator_ms"]
-    assert report["operator_total_ms"] == pytest.approx(sum(report["operator_ms"].values()), rel=1e-3)
+    groups = report["operator_ms"]  # each rounded to 0.1 ms
+    assert report["operator_total_ms"] == pytest.approx(sum(groups.values()), abs=0.1 * len(groups))
     if dtype == "float32":  # the fp32 matmuls split by the weight they multiply
         assert {"FFN in (gate and linear fused)", "FFN out", "self-attention q,k,v (fused)"} <= \
             set(report["matmul_by_weight"])
