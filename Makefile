@@ -41,9 +41,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/instructrec demo
 
-# The documented full run (docs/benchmarks.md): flan-t5-small and flan-t5-base shapes, all
+# The documented full run (docs/benchmarks.md): flan-t5-small and flan-t5-base shapes (random weights), all
 # workloads, every installed provider, 2 threads; figures in bench-results/.
-BENCH_ARGS ?= --models flan-t5-small,flan-t5-base --requests 64 --peer-requests 6 --threads 2 --out bench-results
+BENCH_ARGS ?= --models random:flan-t5-small,random:flan-t5-base --requests 64 --peer-requests 6 --threads 2 --out bench-results
 bench: $(STAMP)
 	$(VENV)/bin/instructrec bench $(BENCH_ARGS)
 

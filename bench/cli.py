@@ -12,20 +12,25 @@ def _names(text: str) -> list[str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from instructrec.engine.presets import RANDOM_PREFIX, SHAPES
+
     from .harness import DEFAULT_CACHE, DEFAULT_MODELS
     from .providers import PROVIDERS
-    from .workloads import MODEL_SHAPES, WORKLOADS
+    from .workloads import WORKLOADS
 
     p = subparsers.add_parser(
         "bench", help="benchmark the engine against Hugging Face, Optimum and CTranslate2",
-        description="Every provider on the same random-weight model, seeded inputs and thread count, each in "
-                    "its own subprocess. Writes results.csv, results.md, results.png and results.json to --out.")
+        description="Every provider on the same model, seeded inputs and thread count, each in its own "
+                    "subprocess. Writes results.csv, results.md, results.png and results.json to --out.")
     p.add_argument("--workloads", type=_names, default=list(WORKLOADS),
                    help=f"comma-separated, from {','.join(WORKLOADS)} (default: all)")
     p.add_argument("--providers", type=_names, default=None,
                    help=f"comma-separated, from {','.join(PROVIDERS)} (default: every installed one)")
     p.add_argument("--models", type=_names, default=list(DEFAULT_MODELS),
-                   help=f"comma-separated shapes, from {','.join(MODEL_SHAPES)} (default: {','.join(DEFAULT_MODELS)})")
+                   help=f"comma-separated: {RANDOM_PREFIX}<shape> (random weights, fair for speed only; shapes: "
+                        f"{', '.join(SHAPES)}), a Hub id (org/name) or a checkpoint folder. A bare shape name is "
+                        f"refused, as everywhere: it could mean pretrained or random weights "
+                        f"(default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--requests", type=int, default=64,
                    help="rerank-10 requests for the engine providers "
                         "(rerank-100 and pointwise: a tenth, latency: half)")

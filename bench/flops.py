@@ -1,6 +1,9 @@
 """Matmul FLOPs of T5 work counted from shapes and real token counts, and the measured matmul
 peak of this device: utilisation = FLOPs / wall time / peak.
 
+The peaks of the other libraries a provider runs on (onnxruntime, CTranslate2, torch's dynamic
+int8 linear) are in bench/peaks.py.
+
 Only matrix products are counted (2*m*n*k each), as torch.utils.flop_counter does: projections,
 attention scores and mixing, feed-forward, LM head. Norms, softmax, the relative position bias
 and embedding lookups are left out (well under 1% of the total at these shapes).
@@ -12,7 +15,7 @@ Two conventions:
 - executed FLOPs: what a provider's algorithm computes, e.g. the encoder again for every
   (instruction, candidate) pair, padding, dense n x n self-attention, the head on padding.
 
-    python -m instructrec.bench.flops --model flan-t5-base --dtype bfloat16 --threads 2   # the peak
+    python -m instructrec.bench.flops --model flan-t5-base --dtype bfloat16 --threads 2   # torch's peak
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .workloads import MODEL_SHAPES, Encoding
+from .workloads import Encoding
 
-PEAK_DTYPES = ("float32", "bfloat16", "int8")
+PEAK_DTYPES = ("float32", "bfloat16")
 PEAK_TOKENS = 2048  # GEMM rows: a batch of decoder tokens or instruction tokens
 
 
@@ -42,7 +45,7 @@ class T5Shape:
 
     @classmethod
     def from_config(cls, config: Mapping) -> "T5Shape":
-        """From a T5 config.json dict (or a MODEL_SHAPES entry)."""
+        """From a T5 config.json dict (e.g. `instructrec.engine.presets.shape_config(name)`)."""
         return cls(d_model=config["d_model"], d_ff=config["d_ff"], heads=config["num_heads"], d_kv=config["d_kv"],
                    encoder_layers=config["num_layers"],
                    decoder_layers=config.get("num_decoder_layers") or config["num_layers"],
@@ -152,53 +155,58 @@ def gemm_shapes(shape: T5Shape, tokens: int = PEAK_TOKENS) -> list[tuple[int, in
             (tokens, shape.d_ff, shape.d_model), (tokens, shape.d_model, 4096)]
 
 
+def best_rate(call, flops: float, seconds: float, sync=lambda: None, warmups: int = 3, min_calls: int = 3) -> float:
+    """FLOP/s of the fastest of repeated `call()`s (`warmups` untimed calls, then at least
+    `min_calls` timed ones and about `seconds` of them)."""
+    for _ in range(warmups):
+        call()
+    sync()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < min_calls:
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return flops / min(times)
+
+
 def matmul_peak(shape: T5Shape, dtype: str, threads: int, device: str = "cpu", seconds: float = 0.4) -> dict:
-    """Best FLOP/s over `gemm_shapes`, each timed for about `seconds` after a warm-up, at
-    `threads` torch threads. int8: torch._int_mm (int8 x int8 -> int32)."""
+    """Best FLOP/s of torch.matmul over `gemm_shapes`, each timed for about `seconds` after a
+    warm-up, at `threads` torch threads. The caller's thread count is restored afterwards."""
     import torch
 
     if dtype not in PEAK_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {PEAK_DTYPES}")
-    torch.set_num_threads(threads)
     dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     best: dict = {"flops_per_s": 0.0}
-    for m, k, n in gemm_shapes(shape):
-        g = torch.Generator().manual_seed(0)
-        if dtype == "int8":
-            a = torch.randint(-100, 100, (m, k), dtype=torch.int8, generator=g).to(dev)
-            b = torch.randint(-100, 100, (k, n), dtype=torch.int8, generator=g).to(dev)
-            fn = lambda: torch._int_mm(a, b)  # noqa: E731
-        else:
-            tdtype = getattr(torch, dtype)
-            a = torch.randn(m, k, generator=g).to(dev, tdtype)
-            b = torch.randn(k, n, generator=g).to(dev, tdtype)
-            fn = lambda: a @ b  # noqa: E731
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        with torch.inference_mode():
-            for _ in range(3):
-                fn()
-            sync()
-            times = []
-            start = time.perf_counter()
-            while time.perf_counter() - start < seconds or len(times) < 3:
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - t0)
-        rate = 2 * m * k * n / min(times)
-        if rate > best["flops_per_s"]:
-            best = {"flops_per_s": rate, "m": m, "k": k, "n": n}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m, k, n in gemm_shapes(shape):
+            g = torch.Generator().manual_seed(0)
+            a = torch.randn(m, k, generator=g).to(dev, getattr(torch, dtype))
+            b = torch.randn(k, n, generator=g).to(dev, getattr(torch, dtype))
+            with torch.inference_mode():
+                rate = best_rate(lambda: a @ b, 2 * m * k * n, seconds, sync)
+            if rate > best["flops_per_s"]:
+                best = {"flops_per_s": rate, "m": m, "k": k, "n": n}
+    finally:
+        torch.set_num_threads(previous)
     return {"dtype": dtype, "threads": threads, "device": device, **best}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Measured matmul peak of this device (GEMMs shaped like a model's).")
-    p.add_argument("--model", default="flan-t5-small", choices=sorted(MODEL_SHAPES))
+    from instructrec.engine.presets import SHAPES
+
+    p.add_argument("--model", default="flan-t5-small", choices=sorted(SHAPES), help="a shape of engine/presets.py")
     p.add_argument("--dtype", default="float32", choices=PEAK_DTYPES)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    result = matmul_peak(T5Shape.from_config(MODEL_SHAPES[args.model]), args.dtype, args.threads, args.device)
+    result = matmul_peak(T5Shape.from_config(SHAPES[args.model]), args.dtype, args.threads, args.device)
     print(json.dumps(result))
     return result
 

@@ -1,10 +1,12 @@
 """`instructrec bench`: every provider on every workload and model, each provider in its own
-subprocess, then figures, agreement with the hf-batched fp32 reference, and the reports.
+subprocess, then figures, agreement with the hf-batched fp32 reference and with the fp32 engine,
+and the reports.
 
-Flow per model: build the random-weight checkpoint (cached), prepare each provider (our ONNX
-export, Optimum's export, CTranslate2 conversions; cached), measure the matmul peak of each dtype
-in use (a subprocess each, same thread count), then one worker subprocess per provider runs its
-workloads. A worker sets the thread count (torch, onnxruntime intra-op, CTranslate2
+Flow per model: resolve it (`random:<shape>`, a Hub id or a folder; engine/sources.py), build the
+random-weight checkpoint of a random shape (cached), prepare each provider (our ONNX export,
+Optimum's export, CTranslate2 conversions; cached), run one worker subprocess per provider on its
+workloads, then measure, in one more subprocess at the same thread count, the peak of each kernel
+family the providers ran on (bench/peaks.py: only dtypes this CPU runs natively). A worker sets the thread count (torch, onnxruntime intra-op, CTranslate2
 intra_threads), runs a warm-up on other seeded requests, then times each workload; it resets the
 kernel's peak-RSS mark (/proc/self/clear_refs) before each workload, and the parent reads the
 whole process's peak through wait4 (ru_maxrss).
@@ -27,14 +29,18 @@ from pathlib import Path
 
 from instructrec.engine.errors import InputError
 
-from .flops import T5Shape, matmul_peak, model_flops
+from .flops import T5Shape, model_flops
+from .peaks import measure_peak, plan_peaks
 from .providers import ENGINE_FP32, PROVIDERS, REFERENCE, ProviderSpec, open_provider, prepare, versions
 from .report import CSV_COLUMNS, chart, figures, markdown, write_csv
-from .workloads import GROUP_SIZE, MODEL_SHAPES, WORKLOADS, build_checkpoint, check_names, model_work, workload_inputs
+from .workloads import (
+    GROUP_SIZE, WORKLOADS, architecture_of, cache_key, check_names, model_checkpoint, model_work,
+    resolve_bench_model, workload_inputs,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = ("flan-t5-small", "flan-t5-base")
+DEFAULT_MODELS = ("random:flan-t5-small", "random:flan-t5-base")
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "instructrec-bench-cache"
 
 
@@ -84,6 +90,16 @@ def resolve_providers(names: list[str] | None) -> list[str]:
         if missing:
             raise InputError("--providers", f"{name} needs the package {missing}, which is not installed",
                              "pip install -e '.[bench]', or leave that provider out")
+    return with_engine_reference(names)
+
+
+def with_engine_reference(names: list[str]) -> list[str]:
+    """`names`, with engine-torch-fp32 added where another engine precision runs without it:
+    every engine dtype's rankings are compared with the fp32 engine's on all its requests."""
+    others = [n for n in names if PROVIDERS[n].family == "engine" and n != ENGINE_FP32]
+    if others and ENGINE_FP32 not in names:
+        log.info("adding %s: the agreement reference of %s", ENGINE_FP32, ", ".join(others))
+        return [ENGINE_FP32, *names]
     return names
 
 
@@ -140,7 +156,8 @@ def run_worker(job: dict) -> dict:
         }
         log.info("%s / %s: %.1f candidates/s", spec.name, workload,
                  inputs.n_candidates / max(1e-9, run.wall_s - run.tokenize_s))
-    return {"provider": spec.name, "load_s": load_s, "workloads": out}
+    return {"provider": spec.name, "load_s": load_s, "workloads": out, "peak_kernel": provider.peak_kernel,
+            "dtype": provider.dtype}
 
 
 def _spawn(args: list[str], threads: int, result: Path) -> tuple[dict, float]:
@@ -155,47 +172,72 @@ def _spawn(args: list[str], threads: int, result: Path) -> tuple[dict, float]:
     return json.loads(result.read_text()), usage.ru_maxrss / 1024  # Linux: KiB
 
 
-def _measure_peaks(model: str, checkpoint: Path, dtypes: list[str], cfg: BenchConfig, work: Path) -> dict:
-    """Matmul peak FLOP/s of each dtype with GEMMs shaped like the checkpoint's model, at
-    cfg.threads, in one subprocess of its own (nothing else of ours is loaded beside it)."""
+def _measure_peaks(model: str, checkpoint: Path, kernels: set[str], cfg: BenchConfig, work: Path,
+                   ct2_dirs: dict[str, str]) -> dict[str, dict]:
+    """Peak entry of each kernel family in `kernels` (bench/peaks.py): measured where this CPU runs
+    its dtype natively, at cfg.threads, in one subprocess of its own (nothing else of ours is
+    loaded beside it); otherwise an entry with the reason and no figure."""
+    from instructrec.engine.capabilities import cpu_info
+
+    measure, peaks = plan_peaks(kernels, cpu_info())
+    if not measure:
+        return peaks
     config = checkpoint / "config.json"
+    job = {"kernels": measure, "config": str(config), "threads": cfg.threads, "seconds": cfg.peak_seconds,
+           "ct2_dirs": ct2_dirs}
     if cfg.in_process:
-        shape = T5Shape.from_config(json.loads(config.read_text()))
-        return {d: matmul_peak(shape, d, cfg.threads, seconds=cfg.peak_seconds)["flops_per_s"] for d in dtypes}
-    result, _ = _spawn(["--peak", str(config), "--dtypes", ",".join(dtypes), "--threads", str(cfg.threads),
-                        "--seconds", str(cfg.peak_seconds)], cfg.threads, work / f"peaks-{model}.json")
-    return {d: r["flops_per_s"] for d, r in result.items()}
+        result = _peaks_job(job)
+    else:
+        job_file = work / f"peaks-job-{_file_name(model)}.json"
+        job_file.write_text(json.dumps(job))
+        result, _ = _spawn(["--peaks", str(job_file)], cfg.threads, work / f"peaks-{_file_name(model)}.json")
+    return {**peaks, **result}
+
+
+def _peaks_job(job: dict) -> dict:
+    shape = T5Shape.from_config(json.loads(Path(job["config"]).read_text()))
+    return {k: measure_peak(k, shape, job["threads"], job["seconds"], job["ct2_dirs"]) for k in job["kernels"]}
+
+
+def _file_name(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "--", model).strip("-")
 
 
 # ---- parent --------------------------------------------------------------------------------------
 
 
 def run_bench(cfg: BenchConfig, model_dirs: dict[str, Path] | None = None) -> dict:
-    """Run the benchmark and write results.{csv,md,png,json} into cfg.out. `model_dirs`: use
-    these checkpoints instead of building the named shapes (tests pass a tiny T5)."""
+    """Run the benchmark and write results.{csv,md,png,json} into cfg.out. `model_dirs`: label ->
+    checkpoint folder, used instead of resolving cfg.models (tests pass a tiny T5)."""
+    from instructrec.engine.capabilities import cpu_info
+
     check_names("--workloads", cfg.workloads, WORKLOADS)
-    check_names("--models", cfg.models, tuple(MODEL_SHAPES) if model_dirs is None else tuple(model_dirs))
+    if model_dirs is not None:
+        check_names("--models", cfg.models, tuple(model_dirs))
+        sources = {}
+    else:  # every spec resolved (or refused) before any work
+        sources = {model: resolve_bench_model(model) for model in cfg.models}
     cfg.providers = resolve_providers(cfg.providers)
     for name, value in (("--requests", cfg.requests), ("--peer-requests", cfg.peer_requests),
                         ("--threads", cfg.threads), ("--pairs-per-batch", cfg.pairs_per_batch)):
         if value < 1:
             raise InputError(name, f"must be at least 1, got {value}")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_at_start = os.getloadavg()
     cfg.out.mkdir(parents=True, exist_ok=True)
     work = cfg.out / "raw"
     work.mkdir(exist_ok=True)
     records: list[dict] = []
-    peaks: dict[str, dict[str, float]] = {}
+    peaks: dict[str, dict[str, dict]] = {}
     for model in cfg.models:
-        cache = cfg.cache / model
         if model_dirs is not None:
-            checkpoint = model_dirs[model]
+            checkpoint, cache = Path(model_dirs[model]), cfg.cache / _file_name(model)
         else:
-            checkpoint = build_checkpoint(cache / "checkpoint", MODEL_SHAPES[model], cfg.seed)
+            cache = cfg.cache / cache_key(sources[model], cfg.seed)
+            checkpoint = model_checkpoint(sources[model], cfg.cache, cfg.seed)
+        config = json.loads((checkpoint / "config.json").read_text())
+        architecture = architecture_of(config)
         paths = {name: prepare(PROVIDERS[name], checkpoint, cache) for name in cfg.providers}
-        dtypes = sorted({PROVIDERS[p].peak_dtype for p in cfg.providers} | {"bfloat16"})
-        peaks[model] = _measure_peaks(model, checkpoint, dtypes, cfg, work)
-        log.info("%s: matmul peak %s", model, {d: f"{v / 1e9:.0f} GFLOP/s" for d, v in peaks[model].items()})
         runs: dict[str, dict] = {}
         for name in cfg.providers:
             spec = PROVIDERS[name]
@@ -207,48 +249,55 @@ def run_bench(cfg: BenchConfig, model_dirs: dict[str, Path] | None = None) -> di
             if cfg.in_process:
                 result, process_peak = run_worker(job), None
             else:
-                job_file = work / f"job-{model}-{name}.json"
+                job_file = work / f"job-{_file_name(model)}-{name}.json"
                 job_file.write_text(json.dumps(job))
                 result, process_peak = _spawn(["--worker", str(job_file)], cfg.threads,
-                                              work / f"result-{model}-{name}.json")
+                                              work / f"result-{_file_name(model)}-{name}.json")
             for workload in result["workloads"].values():
                 workload["process_peak_rss_mib"] = process_peak
             # raw rankings and scores, kept for inspection beside the figures
-            (work / f"result-{model}-{name}.json").write_text(json.dumps(result))
+            (work / f"result-{_file_name(model)}-{name}.json").write_text(json.dumps(result))
             runs[name] = result
+        ct2_dirs = {PROVIDERS[n].dtype: str(paths[n]) for n in cfg.providers if PROVIDERS[n].family == "ct2"}
+        peaks[model] = _measure_peaks(model, checkpoint, {r["peak_kernel"] for r in runs.values()}, cfg, work,
+                                      ct2_dirs)
+        log.info("%s: peaks %s", model, {k: f"{v['flops_per_s'] / 1e9:.0f} GFLOP/s" if v["flops_per_s"] else v["note"]
+                                          for k, v in peaks[model].items()})
         for name, result in runs.items():
             spec = PROVIDERS[name]
             for workload, run in result["workloads"].items():
-                run["peak_dtype"] = spec.peak_dtype
                 reference = runs.get(REFERENCE, {}).get("workloads", {}).get(workload)
                 engine_fp32 = runs.get(ENGINE_FP32, {}).get("workloads", {}).get(workload)
-                records.append({"provider": name, "workload": workload, "model": model, "device": "cpu",
-                                "dtype": spec.dtype, "versions": versions(spec),
-                                "figures": figures(run, peaks[model], reference, engine_fp32)})
+                values, note = figures(run, peaks[model].get(result["peak_kernel"]), reference, engine_fp32,
+                                       provider=name)
+                dtype = result["dtype"] if spec.dtype != "auto" else f"{result['dtype']} (auto)"
+                records.append({"provider": name, "workload": workload, "model": model,
+                                "architecture": architecture, "device": "cpu", "dtype": dtype,
+                                "versions": versions(spec), "peak_kernel": result["peak_kernel"],
+                                "utilisation_note": note, "figures": values})
         if REFERENCE not in runs:
-            log.warning("%s was not run: no agreement figures for %s", REFERENCE, model)
+            log.warning("%s was not run: no agreement figures vs Hugging Face for %s", REFERENCE, model)
     rows = [{"provider": r["provider"], "workload": r["workload"], "model": r["model"], "device": r["device"],
              "dtype": r["dtype"], "figure": figure, "value": value, "versions": r["versions"], "time": started}
             for r in records for figure, value in r["figures"].items()]
     write_csv(cfg.out / "results.csv", rows)
-    header = (f"{started}: `{command_line(cfg)}`, {cfg.threads} thread(s), {_cpu_name()}, random weights "
-              "(fair for speed, never for quality)")
+    cpu = cpu_info()
+    random_note = ("random weights (fair for speed, never for quality)"
+                   if model_dirs is not None or any(s.is_random for s in sources.values()) else "trained weights")
+    header = (f"{started}: `{command_line(cfg)}`, {cfg.threads} thread(s), CPU: {cpu.summary()}; load average "
+              f"{load_at_start[0]:.2f} / {load_at_start[1]:.2f} / {load_at_start[2]:.2f} (1 / 5 / 15 min) at the start; "
+              f"{random_note}")
     (cfg.out / "results.md").write_text(markdown(records, peaks, header))
     chart(cfg.out / "results.png", records)
     summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-               "time": started, "peaks": peaks, "records": records}
+               "time": started, "cpu": {"model": cpu.model, "summary": cpu.summary(), "features": cpu.features(),
+                                        "native_bf16": cpu.native_bf16, "native_int8": cpu.native_int8},
+               "load_average_at_start": list(load_at_start),
+               "models": {m: s.identity() for m, s in sources.items()}, "peaks": peaks, "records": records}
     (cfg.out / "results.json").write_text(json.dumps(summary, indent=1))
     log.info("wrote %s", ", ".join(str(cfg.out / f) for f in ("results.csv", "results.md", "results.png",
                                                                "results.json")))
     return summary
-
-
-def _cpu_name() -> str:
-    try:
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return "unknown CPU"
-    return f"{match.group(1).strip()} ({os.cpu_count()} cores)" if match else "unknown CPU"
 
 
 def command_line(cfg: BenchConfig) -> str:
@@ -261,19 +310,15 @@ def _worker_main(argv: list[str]) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description="internal: one benchmark subprocess")
-    p.add_argument("--worker", type=Path)
-    p.add_argument("--peak", type=Path, help="config.json whose shapes the GEMMs take")
-    p.add_argument("--dtypes", help="comma-separated, for --peak")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seconds", type=float)
+    p.add_argument("--worker", type=Path, help="a provider's job file")
+    p.add_argument("--peaks", type=Path, help="a peak-measurement job file (bench/peaks.py)")
     p.add_argument("--result", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker:
         result = run_worker(json.loads(args.worker.read_text()))
     else:
-        shape = T5Shape.from_config(json.loads(args.peak.read_text()))
-        result = {d: matmul_peak(shape, d, args.threads, seconds=args.seconds) for d in args.dtypes.split(",")}
+        result = _peaks_job(json.loads(args.peaks.read_text()))
     args.result.write_text(json.dumps(result))
     return 0
 

@@ -2,6 +2,10 @@
 
 - engine-torch-fp32 / engine-torch-bf16 / engine-onnx-fp32: this engine (`Reranker`), the onnx
   one on our own export (`instructrec.export.export_model`).
+- engine-torch-auto: `dtype="auto"`, the engine's precision policy for this CPU
+  (`instructrec.engine.capabilities`); the report names what it resolved to.
+- engine-torch-int8: the fp32 engine with its linear layers dynamically quantised to int8
+  (`instructrec.engine.quantize`); the LM head stays fp32.
 - hf-per-pair: Hugging Face transformers, one forward per (instruction, candidate).
 - hf-batched: Hugging Face, pairs in padded batches with the encoder run again for every pair,
   full [pairs, n, vocab] logits, log_softmax + gather. The fp32 reference of the agreement figures.
@@ -59,8 +63,10 @@ class WorkloadRun:
 class ProviderSpec:
     name: str
     family: str  # engine | hf | optimum | ct2
-    dtype: str  # the compute dtype reported in the CSV
-    peak_dtype: str  # the matmul peak its utilisation is measured against
+    dtype: str  # the compute dtype reported in the CSV ("auto": the one it resolved to is reported)
+    # the kernels whose peak its utilisation is measured against (bench/peaks.py KERNELS); None:
+    # known only once loaded (engine-torch-auto)
+    peak_kernel: str | None
     repeats_encoder: bool  # runs the encoder per pair: capped by --peer-requests
     package: str | None = None  # the import a peer needs beyond our own dependencies
 
@@ -71,16 +77,18 @@ class ProviderSpec:
 
 
 PROVIDERS: dict[str, ProviderSpec] = {s.name: s for s in (
-    ProviderSpec("engine-torch-fp32", "engine", "float32", "float32", False),
-    ProviderSpec("engine-torch-bf16", "engine", "bfloat16", "bfloat16", False),
+    ProviderSpec("engine-torch-auto", "engine", "auto", None, False),
+    ProviderSpec("engine-torch-fp32", "engine", "float32", "torch:float32", False),
+    ProviderSpec("engine-torch-bf16", "engine", "bfloat16", "torch:bfloat16", False),
     # compile_model=True: torch.compile of encoder and decoder; its compile time is in the warm-up.
-    ProviderSpec("engine-torch-bf16-compiled", "engine", "bfloat16", "bfloat16", False),
-    ProviderSpec("engine-onnx-fp32", "engine", "float32", "float32", False),
-    ProviderSpec("hf-per-pair", "hf", "float32", "float32", True),
-    ProviderSpec("hf-batched", "hf", "float32", "float32", True),
-    ProviderSpec("optimum-ort", "optimum", "float32", "float32", True, "optimum.onnxruntime"),
-    ProviderSpec("ct2-fp32", "ct2", "float32", "float32", True, "ctranslate2"),
-    ProviderSpec("ct2-int8", "ct2", "int8", "int8", True, "ctranslate2"),
+    ProviderSpec("engine-torch-bf16-compiled", "engine", "bfloat16", "torch:bfloat16", False),
+    ProviderSpec("engine-torch-int8", "engine", "int8", "torch:int8-dynamic", False),
+    ProviderSpec("engine-onnx-fp32", "engine", "float32", "onnxruntime:float32", False),
+    ProviderSpec("hf-per-pair", "hf", "float32", "torch:float32", True),
+    ProviderSpec("hf-batched", "hf", "float32", "torch:float32", True),
+    ProviderSpec("optimum-ort", "optimum", "float32", "onnxruntime:float32", True, "optimum.onnxruntime"),
+    ProviderSpec("ct2-fp32", "ct2", "float32", "ctranslate2:float32", True, "ctranslate2"),
+    ProviderSpec("ct2-int8", "ct2", "int8", "ctranslate2:int8", True, "ctranslate2"),
 )}
 
 
@@ -158,7 +166,8 @@ def _convert_ct2(checkpoint: Path, out: Path, quantization: str) -> None:
 
 
 class Provider:
-    """A loaded provider: `run(inputs)` scores a workload."""
+    """A loaded provider: `run(inputs)` scores a workload. `peak_kernel` and `dtype`: what it
+    runs on once loaded (engine-torch-auto resolves them at load)."""
 
     def __init__(self, spec: ProviderSpec, path: Path, checkpoint: Path, threads: int, seed: int,
                  pairs_per_batch: int):
@@ -170,6 +179,7 @@ class Provider:
         self.pairs_per_batch = pairs_per_batch
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.shape = T5Shape.from_config(json.loads((checkpoint / "config.json").read_text()))
+        self.peak_kernel, self.dtype = spec.peak_kernel, spec.dtype
 
     def run(self, inputs: WorkloadInputs) -> WorkloadRun:
         raise NotImplementedError
@@ -185,6 +195,30 @@ def _ranking(scores: np.ndarray) -> list[int]:
     return np.argsort(-np.asarray(scores), kind="stable").tolist()
 
 
+def engine_t5(reranker: Any):
+    """The torch T5 module a torch-backend Reranker runs (`reranker.backend.model`, or
+    `reranker.model` in older layouts)."""
+    from instructrec.engine.model import T5
+
+    for candidate in (getattr(getattr(reranker, "backend", None), "model", None), getattr(reranker, "model", None)):
+        if isinstance(candidate, T5):
+            return candidate
+    raise TypeError(f"{type(reranker).__name__} holds no torch T5 module (onnx backend?)")
+
+
+def _torch_kernel(reranker: Any) -> tuple[str, str]:
+    """(peak kernel, dtype name) of a loaded torch-backend Reranker."""
+    import torch
+
+    from instructrec.engine.quantize import quantized_linear_count
+
+    model = engine_t5(reranker)
+    if quantized_linear_count(model):
+        return "torch:int8-dynamic", "int8"
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[model.shared.weight.dtype]
+    return f"torch:{name}", name
+
+
 class EngineProvider(Provider):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -196,7 +230,17 @@ class EngineProvider(Provider):
             options["threads"] = self.threads
         if self.spec.name.endswith("-compiled"):
             options["compile_model"] = True
-        self.reranker = Reranker.from_pretrained(self.path, backend=backend, dtype=self.spec.dtype, **options)
+        int8 = self.spec.dtype == "int8"
+        # int8: the fp32 engine, its linear layers then quantised in place (the engine itself does
+        # not take dtype="int8" yet).
+        self.reranker = Reranker.from_pretrained(self.path, backend=backend, dtype="float32" if int8 else self.spec.dtype,
+                                                 **options)
+        if int8:
+            from instructrec.engine.quantize import quantize_dynamic_int8
+
+            quantize_dynamic_int8(engine_t5(self.reranker))
+        if self.peak_kernel is None:  # auto: what it resolved to
+            self.peak_kernel, self.dtype = _torch_kernel(self.reranker)
 
     def _requests(self, inputs: WorkloadInputs) -> list:
         from instructrec.engine import Request

@@ -23,11 +23,12 @@ def _child(args) -> None:
     import numpy as np
     import torch
 
-    from instructrec.bench.workloads import MODEL_SHAPES, build_checkpoint, make_title
+    from instructrec.bench.workloads import build_checkpoint, make_title
     from instructrec.engine import Reranker
+    from instructrec.engine.presets import shape_config
 
     torch.set_num_threads(args.threads)
-    path = build_checkpoint(args.model_dir, MODEL_SHAPES["flan-t5-small"])
+    path = build_checkpoint(args.model_dir, shape_config("flan-t5-small"))  # random weights
     rng = np.random.default_rng(0)
     titles = []
     while len(titles) < args.candidates:  # ~25 target tokens each: two generated titles joined

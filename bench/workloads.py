@@ -1,6 +1,10 @@
-"""Benchmark inputs: model shapes, the random-weight checkpoint, seeded requests, and the four
-workloads of `instructrec bench`, each turned into the same (instruction, target) work for every
-provider.
+"""Benchmark inputs: the model (`--models`, resolved by `instructrec.engine.sources`), the
+random-weight checkpoint of a `random:<shape>`, seeded requests, and the four workloads of
+`instructrec bench`, each turned into the same (instruction, target) work for every provider.
+
+Models: `random:<shape>` (the shapes of `instructrec.engine.presets`, random weights: fair for
+speed, never for quality), a Hub id or a checkpoint folder. A bare shape name is refused, as by
+every other command: `flan-t5-base` could mean google/flan-t5-base or random:flan-t5-base.
 
 Every provider sees identical inputs: requests come from `make_requests(seed)`, instruction text
 from the engine's own `build_instruction` / `render_template`, so a peer and the engine score the
@@ -16,7 +20,9 @@ Workloads:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,16 +33,6 @@ from instructrec.engine.errors import InputError
 
 SHARED_TOKENIZER = Path(os.environ.get("INSTRUCTREC_SHARED", Path(__file__).resolve().parents[2] / "shared")) \
     / "assets" / "flan-t5-tokenizer"
-
-_COMMON = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=32128, d_kv=64,
-               relative_attention_num_buckets=32, relative_attention_max_distance=128)
-# The published Flan-T5 architectures (their config.json values); weights are random.
-MODEL_SHAPES: dict[str, dict] = {
-    "flan-t5-small": dict(d_model=512, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6, **_COMMON),
-    "flan-t5-base": dict(d_model=768, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12, **_COMMON),
-    "flan-t5-large": dict(d_model=1024, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16, **_COMMON),
-    "flan-t5-xl": dict(d_model=2048, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32, **_COMMON),
-}
 
 WORKLOADS = ("rerank-10", "rerank-100", "pointwise", "latency")
 HISTORY_ITEMS = 20
@@ -90,8 +86,52 @@ def make_requests(n: int, history: int, candidates: int, seed: int = 0, template
     return out
 
 
-def build_checkpoint(out_dir: Path, shape: dict, seed: int = 0, tokenizer_dir: Path = SHARED_TOKENIZER) -> Path:
-    """A random-weight T5ForConditionalGeneration of `shape` with the real tokenizer beside it
+def resolve_bench_model(spec: str):
+    """`--models` entry -> ModelSource: random:<shape>, a Hub id or a checkpoint folder (every
+    provider needs the Hugging Face weights, so an ONNX export folder is refused)."""
+    from instructrec.engine.sources import CHECKPOINT, RANDOM, ModelSourceError, resolve_model
+
+    try:
+        return resolve_model(spec, allowed=(CHECKPOINT, RANDOM))
+    except ModelSourceError as e:  # the same message, under the flag's name
+        raise InputError("--models", e.problem, e.fix) from e
+
+
+def cache_key(source, seed: int) -> str:
+    """Folder name under --cache for a model's checkpoint, exports and conversions: the shape and
+    seed of a random model; for real weights the spec plus a fingerprint of the resolved folder
+    (file names, sizes, times), so that new weights under the same name never reuse a conversion."""
+    if source.is_random:
+        return f"random-{source.shape}-seed{seed}"
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source.path).iterdir()
+                   if p.is_file())
+    fingerprint = hashlib.sha1(repr((str(source.path), source.commit, files)).encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '--', source.spec).strip('-')}-{fingerprint}"
+
+
+def model_checkpoint(source, cache: Path, seed: int) -> Path:
+    """The Hugging Face checkpoint folder every provider loads: the resolved folder of real weights,
+    or, for random:<shape>, a random-weight checkpoint built once under `cache`."""
+    if not source.is_random:
+        return Path(source.path)
+    return build_checkpoint(Path(cache) / cache_key(source, seed) / "checkpoint", source.config(), seed)
+
+
+def architecture_of(config: dict) -> str | None:
+    """The preset shape (engine/presets.py) whose architecture `config` has, or None."""
+    from instructrec.engine.presets import SHAPES
+
+    keys = ("d_model", "d_ff", "d_kv", "num_layers", "num_heads", "vocab_size")
+    for name, shape in SHAPES.items():
+        if all(config.get(k) == shape[k] for k in keys) and \
+                (config.get("num_decoder_layers") or config["num_layers"]) == shape["num_decoder_layers"]:
+            return name
+    return None
+
+
+def build_checkpoint(out_dir: Path, config: dict, seed: int = 0, tokenizer_dir: Path = SHARED_TOKENIZER) -> Path:
+    """A random-weight T5ForConditionalGeneration of `config` (a config.json dict, e.g.
+    `instructrec.engine.presets.shape_config(name)`) with the real tokenizer beside it
     (save_pretrained layout); reused when already there. Fair for speed, never for quality."""
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
@@ -103,8 +143,8 @@ def build_checkpoint(out_dir: Path, shape: dict, seed: int = 0, tokenizer_dir: P
         raise InputError("tokenizer", f"no tokenizer in {tokenizer_dir}",
                          "set INSTRUCTREC_SHARED to the folder holding assets/flan-t5-tokenizer")
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(T5Config(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                                                **shape)).eval()
+    fields = {k: v for k, v in config.items() if k != "model_type"}  # T5Config sets model_type itself
+    model = T5ForConditionalGeneration(T5Config(**fields)).eval()
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     return out_dir

@@ -107,9 +107,15 @@ def test_unknown_names_are_typed_errors(tmp_path):
     assert e.value.field == "--workloads" and "rerank-1000" in str(e.value) and "rerank-100" in str(e.value)
     with pytest.raises(InputError, match="--providers: unknown name 'vllm'"):
         resolve_providers(["engine-torch-fp32", "vllm"])
-    with pytest.raises(InputError, match="--models: unknown name 'flan-t5-xxxl'"):
-        run_bench(BenchConfig(workloads=["rerank-10"], providers=["engine-torch-fp32"], models=["flan-t5-xxxl"],
+    with pytest.raises(InputError, match="--models: unknown random shape 'flan-t5-xxxl'"):
+        run_bench(BenchConfig(workloads=["rerank-10"], providers=["engine-torch-fp32"], models=["random:flan-t5-xxxl"],
                               out=tmp_path, cache=tmp_path))
+    # a bare shape name is refused, naming both meanings (engine/sources.py), before any work
+    with pytest.raises(InputError) as e:
+        run_bench(BenchConfig(workloads=["rerank-10"], providers=["engine-torch-fp32"], models=["flan-t5-base"],
+                              out=tmp_path / "out", cache=tmp_path / "cache"))
+    assert e.value.field == "--models" and "google/flan-t5-base" in str(e.value) and "random:flan-t5-base" in str(e.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
     with pytest.raises(InputError, match="--workloads: unknown name 'listwise'"):
-        run_bench(BenchConfig(workloads=["listwise"], providers=["engine-torch-fp32"], models=["flan-t5-small"],
+        run_bench(BenchConfig(workloads=["listwise"], providers=["engine-torch-fp32"], models=["random:flan-t5-small"],
                               out=tmp_path, cache=tmp_path))

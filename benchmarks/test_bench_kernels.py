@@ -1,8 +1,8 @@
 """pytest-benchmark suite for the LM head + log-softmax-gather: the chunked path against the naive
 full log_softmax + gather, fp32 and bf16, flan-t5-small's head (D=512, V=32128).
 
-    pytest bench/test_bench_kernels.py                  # timings only; nothing is asserted on them
-    pytest bench/test_bench_kernels.py --benchmark-json=out.json
+    pytest benchmarks/test_bench_kernels.py                  # timings only; nothing is asserted on them
+    pytest benchmarks/test_bench_kernels.py --benchmark-json=out.json
 
 On a CUDA machine the Triton kernel path is added. Peak memory is measured by
 `python -m instructrec.bench.log_softmax_gather` (one subprocess per configuration)."""

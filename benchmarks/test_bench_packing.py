@@ -3,7 +3,7 @@ sizes: rerank-10 batches (64 units of 10 titles), a 2,000-candidate request, and
 decoder arrays of one batch. Peers have no packing step (they pad each pair), so the engine is
 timed alone here; its share of a request's time shows in `instructrec bench`.
 
-    pytest bench/test_bench_packing.py --benchmark-only
+    pytest benchmarks/test_bench_packing.py --benchmark-only
 """
 
 from __future__ import annotations

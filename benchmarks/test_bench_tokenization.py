@@ -3,7 +3,7 @@ inputs: the Hugging Face fast tokenizer one text at a time (as hf-per-pair and a
 against one batched call (as the engine and hf-batched do), and the engine's `build_instruction`
 (template + history budget, which tokenizes to count).
 
-    pytest bench/test_bench_tokenization.py --benchmark-only
+    pytest benchmarks/test_bench_tokenization.py --benchmark-only
 """
 
 from __future__ import annotations
