@@ -390,7 +390,7 @@ def step_commands(python: str, out: Path, tok: str, work: Path) -> dict[str, lis
         "engine": _python_module(python, "instructrec.bench.gpu_check", "engine", "--tokenizer", tok,
                                  "--json", str(out / "engine.json")),
         "bench": _python_module(python, "instructrec", "bench", "--device", "cuda", "--models",
-                                ",".join(ENGINE_MODELS), "--workloads", ",".join(ENGINE_WORKLOADS),
+                                ",".join("random:" + m for m in ENGINE_MODELS), "--workloads", ",".join(ENGINE_WORKLOADS),
                                 "--requests", "64", "--out", str(out / "bench")),
         "train": _python_module(python, "instructrec", "train", "--instructions", str(work / "instructions"),
                                 "--model", "random:flan-t5-xl", "--tokenizer", tok, "--out", str(work / "train"),

@@ -65,11 +65,11 @@ def test_tests_step_reads_a_real_pytest_run(tmp_path):
 
 
 def test_train_inputs_are_what_training_reads(tmp_path):
-    from instructrec.training.tune import TRAIN_COLUMNS, _read_split
+    from instructrec.training.tune_data import TRAIN_COLUMNS, read_split
 
     folder = gpu_check.write_train_instructions(tmp_path / "instructions", rows=16)
     for split in ("train", "valid"):
-        assert _read_split(folder / f"{split}.parquet", TRAIN_COLUMNS, split).num_rows == 16
+        assert read_split(folder / f"{split}.parquet", TRAIN_COLUMNS, split).num_rows == 16
 
 
 def test_train_figures_skip_the_warm_up_step(tmp_path):
