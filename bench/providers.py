@@ -109,7 +109,10 @@ def prepare(spec: ProviderSpec, checkpoint: Path, cache: Path) -> Path:
     if spec.name.startswith("engine-torch") or spec.family == "hf":
         return checkpoint
     if spec.name == "engine-onnx-fp32":
-        return _cached(cache / "engine-onnx", "instructrec_onnx.json",
+        from instructrec.engine.onnx_backend import FORMAT_VERSION
+
+        # One folder per export format version: an export cached by another version is never loaded.
+        return _cached(cache / f"engine-onnx-v{FORMAT_VERSION}", "instructrec_onnx.json",
                        lambda out: _export_ours(checkpoint, out))
     if spec.family == "optimum":
         return _cached(cache / "optimum-onnx", "encoder_model.onnx", lambda out: _export_optimum(checkpoint, out))

@@ -30,7 +30,7 @@ from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 
-from .errors import InputError, InstructRecError
+from .errors import InstructRecError
 from .job_faults import FaultPlan
 from .job_ids import RequestIdSet, find_duplicate_request_ids
 from .job_input import INPUT_COLUMNS, InputFile, InputSchemaError, JobInput, iter_record_batches, scan_input
@@ -116,8 +116,6 @@ class _GivenReranker:
 
 def _run(job_model, input, output, *, resume: bool, rows_per_part: int, chunk_rows: int,
          progress: bool) -> dict[str, Any]:
-    if rows_per_part < 1 or chunk_rows < 1:
-        raise InputError("rows_per_part" if rows_per_part < 1 else "chunk_rows", "must be at least 1")
     started = time.perf_counter()
     job_input = input if isinstance(input, JobInput) else scan_input(input)
     plan = PartPlan(job_input.rows, rows_per_part, chunk_rows)
@@ -125,9 +123,8 @@ def _run(job_model, input, output, *, resume: bool, rows_per_part: int, chunk_ro
     with OutputFolder.claim(output, resume=resume) as folder:
         previous = folder.previous_manifest or {}
         job_model = job_model.settle_dtype(previous.get("options"))
-        options = (job_model.manifest_options() if isinstance(job_model, _GivenReranker)
-                   else job_model.settings.options())
-        manifest = job_manifest(job_input, plan, job_model.manifest_entry(), options, {"runner": "in-process"})
+        manifest = job_manifest(job_input, plan, job_model.manifest_entry(), job_model.manifest_options(),
+                                {"runner": "in-process"})
         folder.check(manifest, schema=OUTPUT_SCHEMA,
                      model_change=model_differences(previous.get("model"), manifest["model"]) if previous else None)
         reranker = job_model.load()  # after the output checks: a refused --resume costs nothing

@@ -102,7 +102,8 @@ def _rerank(args: argparse.Namespace) -> int:
             restarts = DEFAULT_ACTOR_RESTARTS if args.actor_restarts is None else args.actor_restarts
             summary = run_ray_job(args.model, args.input, args.output, address=args.ray_address,
                                   actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                                  cpus_per_actor=args.cpus_per_actor, max_restarts=restarts, **engine_options)
+                                  cpus_per_actor=args.cpus_per_actor, max_restarts=restarts,
+                                  progress=not args.no_progress, **engine_options)
         else:
             from .batch import run_job
 

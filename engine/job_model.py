@@ -14,7 +14,6 @@ actor). Shared by `engine.batch` and `engine.ray_job`: the one definition of the
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InputError
-from .sources import CHECKPOINT, ONNX, RANDOM, ModelSource, ModelSourceError, resolve_model
+from .sources import CHECKPOINT, ONNX, RANDOM, ModelSource, resolve_model
 
 __all__ = ["BACKENDS", "DTYPES", "EngineSettings", "JobModel", "model_differences"]
 
@@ -135,6 +134,9 @@ class JobModel:
             entry["tokenizer"] = self.tokenizer
         return entry
 
+    def manifest_options(self) -> dict[str, Any]:
+        return self.settings.options()
+
     def load(self):
         """The Reranker, loaded on this process's device (a Ray actor calls this on its node)."""
         from .reranker import Reranker
@@ -148,30 +150,14 @@ class JobModel:
         if source.repo_id is not None and (source.path is None or not source.path.exists()):
             # Another node of a cluster: fetch the same commit into this node's Hugging Face cache.
             source = resolve_model(source.repo_id, revision=source.commit or source.revision)
-        kwargs = settings.reranker_kwargs()
-        if _from_pretrained_takes_sources():
-            if self.tokenizer is not None:
-                kwargs["tokenizer"] = self.tokenizer
-            return Reranker.from_pretrained(source, backend=settings.backend, device=settings.device,
-                                            dtype=settings.dtype, **kwargs)
-        # The engine's loader before it took ModelSources: a folder path and an explicit backend.
-        if source.kind == RANDOM or self.tokenizer is not None:
-            raise ModelSourceError(f"{source.spec!r}: this engine version loads only model folders and Hub ids",
-                                   "pass a checkpoint folder or a Hub id")
-        return Reranker.from_pretrained(source.path, backend=settings.backend, device=settings.device,
-                                        dtype=settings.dtype, **kwargs)
+        return Reranker.from_pretrained(source, backend=settings.backend, device=settings.device, dtype=settings.dtype,
+                                        tokenizer=self.tokenizer, **settings.reranker_kwargs())
 
 
 def _cuda_here() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _from_pretrained_takes_sources() -> bool:
-    from .reranker import Reranker
-
-    return "revision" in inspect.signature(Reranker.from_pretrained).parameters
 
 
 def _folder_fingerprint(folder: Path) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .errors import InstructRecError
+from .errors import InputError, InstructRecError
 from .job_storage import Location, is_disk_full, resolve_location, short_error
 
 __all__ = [
@@ -100,6 +100,11 @@ class PartPlan:
     total_rows: int
     rows_per_part: int
     chunk_rows: int
+
+    def __post_init__(self):
+        for name in ("rows_per_part", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise InputError(name, f"must be at least 1, got {getattr(self, name)}")
 
     @property
     def parts(self) -> int:
@@ -278,9 +283,7 @@ class OutputFolder:
         """Compare this run with the one being resumed (refuse any difference, naming it), remove
         the debris of an interrupted run and find the finished parts."""
         self.manifest, self.schema = manifest, schema
-        for name in sorted(n for n in self._entries if _is_debris(n)):
-            log.info("removing %s left by an interrupted run", name)
-            self._delete(name)
+        self._remove_debris(self._entries)
         previous = self.previous_manifest
         if previous is None:
             return
@@ -349,6 +352,16 @@ class OutputFolder:
             return
         self.write_json(MANIFEST_NAME, self.manifest)
         self._wrote_manifest = True
+
+    def remove_debris(self) -> None:
+        """Remove the temp files of interrupted writes (a Ray actor killed mid-part leaves one; the
+        retry wrote the part under another temp name)."""
+        self._remove_debris(self._list())
+
+    def _remove_debris(self, names) -> None:
+        for name in sorted(n for n in names if _is_debris(n)):
+            log.info("removing %s left by an interrupted write", name)
+            self._delete(name)
 
     def part_writer(self, index: int) -> "PartWriter":
         return PartWriter(self, index)

@@ -283,7 +283,8 @@ def load_pretrained(model: str | os.PathLike | ModelSource, backend: str = "auto
 
         # The export is verified first (manifest, hashes, tokenizer files listed), then its tokenizer read.
         onnx = OnnxBackend.load(source.path, dev, dtype, checksums=options.pop("verify_checksums", True),
-                                threads=options.pop("threads", None))
+                                threads=options.pop("threads", None),
+                                allow_cpu_nodes=options.pop("allow_cpu_nodes", False))
         tok = _tokenizer_from(tokenizer, source.path)
         _check_vocabulary(tok, onnx.cfg, str(source.path))
         return Loaded(onnx, tok, source, options)

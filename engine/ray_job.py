@@ -89,7 +89,8 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
                 address: str | None = None, actors: int = 1, gpus_per_actor: float | None = None,
                 cpus_per_actor: float = 1.0, max_restarts: int = DEFAULT_ACTOR_RESTARTS,
                 reranker_options: Mapping[str, Any] | None = None, revision: str | None = None,
-                tokenizer: str | os.PathLike | None = None, threads: int | None = None) -> dict[str, Any]:
+                tokenizer: str | os.PathLike | None = None, threads: int | None = None,
+                progress: bool = True) -> dict[str, Any]:
     """Run the job on Ray Data. Uses the Ray instance this process is connected to, or connects
     to `address`, or starts a local one (shut down at the end). Returns the summary.
 
@@ -98,8 +99,6 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
         raise InputError("actors", f"must be at least 1, got {actors}")
     if max_restarts < 0:
         raise InputError("max_restarts", f"must be 0 or more, got {max_restarts}")
-    if rows_per_part < 1 or chunk_rows < 1:
-        raise InputError("rows_per_part" if rows_per_part < 1 else "chunk_rows", "must be at least 1")
     gpus_per_actor = _gpus_per_actor(device, gpus_per_actor)
     ray = _import_ray()
     started = time.perf_counter()
@@ -114,7 +113,7 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
         job_model = job_model.settle_dtype(previous.get("options"))
         runtime = {"runner": "ray", "actors": actors, "cpus_per_actor": cpus_per_actor,
                    "gpus_per_actor": gpus_per_actor, "max_restarts": max_restarts}
-        manifest = job_manifest(job_input, plan, job_model.manifest_entry(), job_model.settings.options(), runtime)
+        manifest = job_manifest(job_input, plan, job_model.manifest_entry(), job_model.manifest_options(), runtime)
         folder.check(manifest, schema=OUTPUT_SCHEMA,
                      model_change=model_differences(previous.get("model"), manifest["model"]) if previous else None)
         duplicate_ids = find_duplicate_request_ids(job_input)
@@ -128,9 +127,10 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
             for done, record in enumerate(_rank_on_ray(
                     ray, todo, job_model, job_input, plan, duplicate_ids, folder.location, faults, address=address,
                     actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-                    max_restarts=max_restarts), start=1):
+                    max_restarts=max_restarts, progress=progress), start=1):
                 this_run.add_counts(record)
                 faults.at("driver-after-parts", done)
+            folder.remove_debris()  # every part is committed: no write is in flight any more
         finished = time.perf_counter()
         summary = job_summary(folder, plan, this_run, parts_written=len(todo), wall_s=finished - started,
                               load_s=0.0, working_s=finished - begun, input_uri=job_input.uri,
@@ -159,7 +159,8 @@ def _gpus_per_actor(device: str, gpus_per_actor: float | None) -> float:
 
 def _rank_on_ray(ray, todo: Sequence[int], job_model: JobModel, job_input: JobInput, plan: PartPlan,
                  duplicate_ids: Mapping[str, int], output: Location, faults: FaultPlan, *, address, actors: int,
-                 gpus_per_actor: float, cpus_per_actor: float, max_restarts: int) -> Iterator[dict[str, Any]]:
+                 gpus_per_actor: float, cpus_per_actor: float, max_restarts: int,
+                 progress: bool) -> Iterator[dict[str, Any]]:
     """The commit records of the parts in `todo`, as the actors finish them."""
     started_here = False
     if not ray.is_initialized():
@@ -172,6 +173,7 @@ def _rank_on_ray(ray, todo: Sequence[int], job_model: JobModel, job_input: JobIn
             ray.init(address=address, logging_level=logging.WARNING)
         started_here = True
     try:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
         # One block per part, one part per call: a retried call redoes exactly one part.
         parts = ray.data.from_items([{"part": p} for p in todo], override_num_blocks=len(todo))
         with warnings.catch_warnings():

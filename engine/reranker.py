@@ -158,7 +158,9 @@ class Reranker:
         row_tokens, read_window, chunk_tokens, compile_model (torch only: torch.compile the
         encoder and decoder; see TorchBackend.compile), exact_head (torch only: fp32 LM-head
         logits with bf16 weights on CPU); onnx only: threads (onnxruntime intra-op threads),
-        verify_checksums (default True: sha256 of every graph before loading)."""
+        verify_checksums (default True: sha256 of every graph before loading), allow_cpu_nodes
+        (CUDA: load even if onnxruntime would run graph nodes on the CPU; default False raises
+        DevicePlacementError listing them)."""
         loaded = load_pretrained(model, backend, device, dtype, revision=revision, tokenizer=tokenizer,
                                  options=options)
         return cls._from_loaded(loaded)

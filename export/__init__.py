@@ -1,5 +1,6 @@
 """ONNX export with Optimum (custom ONNX configs for the engine's four graphs) and its
-validation against torch. `instructrec export --model DIR --out DIR`.
+validation against torch. `instructrec export --model MODEL --out DIR` (MODEL: a folder, a Hub
+id or random:<shape>).
 
 Names are resolved lazily: the CLI dispatcher imports instructrec.export.cli at startup, and
 torch / optimum load only when an export runs."""

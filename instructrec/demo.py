@@ -72,7 +72,7 @@ class DemoSettings:
     items: int
     per_user: int  # training instructions per user
     search_per_item: int
-    preset: str  # training.presets name, initialised at random
+    preset: str  # random:<shape> (engine.presets), initialised at random
     batch_size: int
     max_steps: int  # the step cap; the time cap (train_minutes) usually ends training first
     train_minutes: float
@@ -87,11 +87,11 @@ class DemoSettings:
 # default) barely moves a random-weight model in ~150 steps, and 1e-2 (T5's pre-training rate,
 # meant for far larger batches) ranked worse after the same time here (test HR@1 0.095 vs 0.12).
 # A constant rate also means a time-capped stop cuts no schedule short.
-FULL = DemoSettings(users=300, items=200, per_user=6, search_per_item=0, preset="t5-mini",
+FULL = DemoSettings(users=300, items=200, per_user=6, search_per_item=0, preset="random:t5-mini",
                     batch_size=8, max_steps=2000, train_minutes=5.0, lr=3e-3, max_source_tokens=512,
                     calibration_steps=10)
 # Quick (the test): tiny data, t5-tiny, a handful of steps; checks the plumbing, not quality.
-QUICK = DemoSettings(users=60, items=40, per_user=1, search_per_item=0, preset="t5-tiny",
+QUICK = DemoSettings(users=60, items=40, per_user=1, search_per_item=0, preset="random:t5-tiny",
                      batch_size=4, max_steps=3, train_minutes=1.0, lr=3e-3, max_source_tokens=512,
                      calibration_steps=3)
 

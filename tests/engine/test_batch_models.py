@@ -111,3 +111,43 @@ def test_backend_auto_is_picked_from_the_folder_kind(tiny_t5_dir, tmp_path):
         JobModel.resolve(export, EngineSettings(backend="torch"))
     with pytest.raises(InputError, match="is not an ONNX export"):
         JobModel.resolve(tiny_t5_dir, EngineSettings(backend="onnx"))
+
+
+def test_a_random_shape_ranks_with_the_tokenizer_given_and_resumes_to_the_same_output(tokenizer_dir, tmp_path,
+                                                                                        caplog):
+    requests = write_requests(tmp_path / "requests.parquet")
+    output = tmp_path / "out"
+    assert rerank("--model", "random:t5-tiny", "--input", requests, "--output", output, "--rows-per-part", 4) == 2
+    assert "tokenizer" in caplog.text  # random weights carry no tokenizer: said, and nothing written
+    assert not output.exists()
+
+    assert rerank("--model", "random:t5-tiny", "--tokenizer", tokenizer_dir, "--input", requests, "--output", output,
+                  "--rows-per-part", 4) == 0
+    first = pq.read_table(output)
+    assert first.num_rows == ROWS and first.column("error").null_count == ROWS
+    model = json.loads((output / "_job.json").read_text())["model"]
+    assert model["kind"] == "random" and model["shape"] == "t5-tiny" and model["tokenizer"] == str(tokenizer_dir)
+    # Seeded weights: a resumed random model ranks a lost part exactly as before.
+    (output / "part-00001.parquet").unlink()
+    assert rerank("--model", "random:t5-tiny", "--tokenizer", tokenizer_dir, "--input", requests, "--output", output,
+                  "--rows-per-part", 4, "--resume") == 0
+    assert pq.read_table(output).equals(first)
+
+
+def test_an_export_folder_ranks_on_onnxruntime_without_backend_flag(tiny_t5_dir, tmp_path):
+    """`rerank --model <instructrec export>`: the backend comes from the folder (onnx), and the
+    rankings are the checkpoint's."""
+    import numpy as np
+
+    from instructrec.export import export_model
+
+    export_model(tiny_t5_dir, tmp_path / "export")
+    requests = write_requests(tmp_path / "requests.parquet")
+    assert rerank("--model", tmp_path / "export", "--input", requests, "--output", tmp_path / "onnx") == 0
+    assert rerank("--model", tiny_t5_dir, "--input", requests, "--output", tmp_path / "torch") == 0
+    options = json.loads((tmp_path / "onnx" / "_job.json").read_text())["options"]
+    assert options["backend"] == "onnx"
+    onnx, torch = pq.read_table(tmp_path / "onnx"), pq.read_table(tmp_path / "torch")
+    assert onnx.column("ranked_ids").to_pylist() == torch.column("ranked_ids").to_pylist()
+    for got, want in zip(onnx.column("scores").to_pylist(), torch.column("scores").to_pylist()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # two runtimes, float32

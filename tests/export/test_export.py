@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from instructrec.engine import InputError, ModelLoadError, Reranker, Request
-from instructrec.engine.onnx_backend import GRAPH_IO, MANIFEST_NAME, OnnxBackend, sha256_file
+from instructrec.engine.onnx_backend import GRAPH_FILES, GRAPH_IO, MANIFEST_NAME, OnnxBackend, sha256_file
 from instructrec.export import ExportError, ExportValidationError, export_model, validate_export
 from instructrec.export.graphs import GRAPH_NAMES, graph_inputs, graph_outputs
 
-GRAPH_FILES = [f"{g}.onnx" for g in GRAPH_NAMES]
 # tests/conftest.py's tiny shape (conftest is not importable under --import-mode=importlib)
 TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
                feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=32128)
@@ -38,14 +37,6 @@ def _other_tiny_checkpoint(out: Path, tokenizer_dir: Path) -> Path:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny_t5_dir, tmp_path_factory):
-    """One export per session (about 10-20 s on 2 shared cores)."""
-    out = tmp_path_factory.mktemp("tiny-onnx") / "export"
-    manifest = export_model(tiny_t5_dir, out)
-    return out, manifest
-
-
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -56,10 +47,11 @@ def test_export_directory_is_self_describing(tiny_onnx, tiny_t5_dir):
     out, manifest = tiny_onnx
     on_disk = json.loads((out / MANIFEST_NAME).read_text())
     assert on_disk == manifest
-    assert manifest["format"] == "instructrec-onnx" and manifest["format_version"] == 1
+    assert manifest["format"] == "instructrec-onnx" and manifest["format_version"] == 2
     assert manifest["dtype"] == "float32" and manifest["opset"] == 18
     assert set(manifest["graphs"]) == set(GRAPH_NAMES)
     for name, entry in manifest["graphs"].items():
+        assert entry["file"] == GRAPH_FILES[name]
         file = out / entry["file"]
         assert entry["sha256"] == sha256_file(file) and entry["bytes"] == file.stat().st_size
         assert tuple(entry["inputs"]) == GRAPH_IO[name][0] and tuple(entry["outputs"]) == GRAPH_IO[name][1]
@@ -68,6 +60,10 @@ def test_export_directory_is_self_describing(tiny_onnx, tiny_t5_dir):
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(manifest["tokenizer_files"])
     assert manifest["t5_config"]["d_model"] == TINY_T5["d_model"]
     assert {"torch", "onnxruntime", "optimum-onnx"} <= set(manifest["versions"])
+    # the config.json dict itself (what ModelSource.config() of an export folder returns)
+    assert manifest["hf_config"] == json.loads((tiny_t5_dir / "config.json").read_text())
+    assert manifest["source"] == {"spec": str(tiny_t5_dir), "kind": "checkpoint", "path": str(tiny_t5_dir.resolve())}
+    assert manifest["random_weights"] is False and manifest["generation_graphs"] == []
 
 
 def test_validation_report_covers_every_graph_and_shape(tiny_onnx):
@@ -143,25 +139,28 @@ def test_rank_many_requests_and_tournament_equal_torch_backend(pair):
 
 
 # ------------------------------------------------------------------- partial / corrupted exports
+SOURCE, CROSS_KV, CANDIDATES, LOGPROBS = (GRAPH_FILES[n] for n in GRAPH_NAMES)
+
+
 @pytest.mark.parametrize("damage, names", [
-    ("delete decoder.onnx", "decoder.onnx"),
-    ("truncate lm_head.onnx", "lm_head.onnx"),
-    ("flip a byte of encoder.onnx", "encoder.onnx"),
+    ("delete the candidates graph", CANDIDATES),
+    ("truncate the logprobs graph", LOGPROBS),
+    ("flip a byte of the source graph", SOURCE),
     ("delete the manifest", MANIFEST_NAME),
     ("delete the tokenizer", "tokenizer.json"),
     ("drop a graph from the manifest", MANIFEST_NAME),
 ])
 def test_broken_export_names_the_file(tiny_onnx, tmp_path, damage, names):
     out = _copy(tiny_onnx[0], tmp_path / "copy")
-    if damage == "delete decoder.onnx":
-        (out / "decoder.onnx").unlink()
-    elif damage == "truncate lm_head.onnx":
-        data = (out / "lm_head.onnx").read_bytes()
-        (out / "lm_head.onnx").write_bytes(data[: len(data) // 2])
-    elif damage == "flip a byte of encoder.onnx":
-        data = bytearray((out / "encoder.onnx").read_bytes())
+    if damage == "delete the candidates graph":
+        (out / CANDIDATES).unlink()
+    elif damage == "truncate the logprobs graph":
+        data = (out / LOGPROBS).read_bytes()
+        (out / LOGPROBS).write_bytes(data[: len(data) // 2])
+    elif damage == "flip a byte of the source graph":
+        data = bytearray((out / SOURCE).read_bytes())
         data[len(data) // 2] ^= 0xFF
-        (out / "encoder.onnx").write_bytes(bytes(data))
+        (out / SOURCE).write_bytes(bytes(data))
     elif damage == "delete the manifest":
         (out / MANIFEST_NAME).unlink()
     elif damage == "delete the tokenizer":
@@ -177,9 +176,9 @@ def test_broken_export_names_the_file(tiny_onnx, tmp_path, damage, names):
 
 def test_truncated_graph_without_checksums_fails_in_onnxruntime_naming_the_file(tiny_onnx, tmp_path):
     out = _copy(tiny_onnx[0], tmp_path / "copy")
-    data = (out / "decoder.onnx").read_bytes()
-    (out / "decoder.onnx").write_bytes(data[:1000])
-    with pytest.raises(ModelLoadError, match=r"decoder\.onnx: onnxruntime cannot load"):
+    data = (out / CANDIDATES).read_bytes()
+    (out / CANDIDATES).write_bytes(data[:1000])
+    with pytest.raises(ModelLoadError, match=rf"{CANDIDATES}: onnxruntime cannot load"):
         OnnxBackend.load(out, torch.device("cpu"), checksums=False)
 
 

@@ -72,7 +72,7 @@ def dataset(tmp_path_factory) -> Path:
 def config(dataset: Path, out: Path, tokenizer_dir: Path, **overrides) -> TrainConfig:
     """t5-tiny in fp32 without progress bar: the deterministic, fast setting of every test. One
     thread: tests share 2 cores with other jobs, where 2 spin-waiting threads run ~5x slower."""
-    base = dict(instructions=dataset, model="t5-tiny", tokenizer=tokenizer_dir, out=out,
+    base = dict(instructions=dataset, model="random:t5-tiny", tokenizer=tokenizer_dir, out=out,
                 precision="fp32", device="cpu", progress=False, batch_size=8, max_steps=2,
                 rank_eval=False, dropout=0.0, threads=1)
     base.update(overrides)
@@ -164,16 +164,18 @@ def test_accumulated_micro_batches_match_one_big_batch(dataset, tmp_path, tokeni
 def test_lora_trains_only_adapters_and_saves_a_merged_model(dataset, tmp_path, tokenizer_dir):
     pytest.importorskip("peft")
     import torch
-    from transformers import T5ForConditionalGeneration
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    from instructrec.training.presets import preset_config
+    from instructrec.engine.presets import shape_config
 
     out = tmp_path / "lora"
-    train(config(dataset, out, tokenizer_dir, max_steps=2, lora_r=4, lora_alpha=8.0,
-                 optimizer="adamw", lr=1e-2))
+    result = train(config(dataset, out, tokenizer_dir, max_steps=2, lora_r=4, lora_alpha=8.0,
+                          optimizer="adamw", lr=1e-2, rank_eval=True))
+    # Validation ranked the merged (CPU) weights through the engine.
+    assert result.evaluations[-1]["n"] == 8 and result.evaluations[-1]["errors"] == 0
     merged = T5ForConditionalGeneration.from_pretrained(out).state_dict()
-    torch.manual_seed(0)  # the preset's seeded init, as train() builds it (seed 0)
-    config_ = preset_config("t5-tiny")
+    torch.manual_seed(0)  # the shape's seeded init, as train() builds it (seed 0)
+    config_ = T5Config.from_dict(shape_config("t5-tiny"))
     config_.dropout_rate = 0.0
     base = T5ForConditionalGeneration(config_).state_dict()
     # Frozen weights are the base init; q and v (the LoRA targets) changed by the merge.
@@ -188,7 +190,7 @@ def test_cli_trains_and_writes_the_outputs(dataset, tmp_path, tokenizer_dir, cap
     from instructrec.cli import main
 
     out = tmp_path / "cli"
-    code = main(["train", "--instructions", str(dataset), "--model", "t5-tiny", "--tokenizer",
+    code = main(["train", "--instructions", str(dataset), "--model", "random:t5-tiny", "--tokenizer",
                  str(tokenizer_dir), "--out", str(out), "--max-steps", "2", "--batch-size", "4",
                  "--precision", "fp32", "--device", "cpu", "--threads", "1", "--no-progress",
                  "--no-rank-eval"])

@@ -1,6 +1,7 @@
-"""`instructrec train --max-minutes`: the run stops after the step that crosses the cap with a
-resumable checkpoint and a loadable final model holding the same weights, and the resumed run
-finishes the step budget."""
+"""`instructrec train --max-minutes`: the schedule is fitted into the cap (the step budget lowered
+to what fits, so the learning rate completes its decay inside it), tested with an injected clock;
+and a run that crosses the cap anyway stops after that step with a resumable checkpoint and a
+loadable final model holding the same weights, and the resumed run finishes the step budget."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from instructrec.engine.errors import InputError
 from instructrec.training.tune import TrainConfig, train
+from instructrec.training.tune_schedule import TimeBudget, lr_factor
 
 TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8", "Portal 2 - PC", "Tetris Effect", "Stardew Valley",
           "Forza Horizon 4", "Animal Crossing", "Dark Souls III"]
@@ -27,7 +29,7 @@ def write_instructions(directory: Path) -> Path:
 
 
 def config(instructions: Path, out: Path, tokenizer_dir: Path, **overrides) -> TrainConfig:
-    base = dict(instructions=instructions, model="t5-tiny", tokenizer=tokenizer_dir, out=out, precision="fp32",
+    base = dict(instructions=instructions, model="random:t5-tiny", tokenizer=tokenizer_dir, out=out, precision="fp32",
                 device="cpu", progress=False, batch_size=4, max_steps=4, rank_eval=False, dropout=0.0,
                 threads=1, eval_max_rows=4)
     base.update(overrides)
@@ -58,3 +60,62 @@ def test_a_non_positive_cap_is_refused_before_training(tmp_path, tokenizer_dir, 
     with pytest.raises(InputError, match="max_minutes"):
         train(config(data, tmp_path / "run", tokenizer_dir, max_minutes=bad))
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- the schedule fits the cap
+
+
+class SteppingClock:
+    """A clock that advances `tick` seconds each time it is read: every duration the trainer
+    measures becomes a pure function of its own control flow, never of the machine's speed."""
+
+    def __init__(self, tick: float = 1.0):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_a_capped_run_completes_its_schedule_inside_the_cap(tmp_path, tokenizer_dir, one_torch_thread):
+    import json
+
+    data = write_instructions(tmp_path / "data")
+    out = tmp_path / "run"
+    # 200 planned steps, a cap of 90 clock-seconds: at a few ticks per step, far fewer fit.
+    result = train(config(data, out, tokenizer_dir, max_steps=200, max_minutes=1.5, optimizer="adamw",
+                          lr=1e-2, warmup_steps=2, schedule="linear", eval_every=7), clock=SteppingClock())
+    assert not result.stopped_early and not result.time_capped
+    assert result.planned_steps == 200 and 8 < result.total_steps < 60
+    assert result.steps_done == result.total_steps
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in steps] == list(range(1, result.total_steps + 1))
+    assert steps[-1]["elapsed_s"] <= 90.0  # the last step ends inside the cap (by the injected clock)
+    # The rate decayed all the way: the last step ran at the schedule's last value, 1/(T - warm-up)
+    # of the peak, and never rose after the warm-up.
+    total = result.total_steps
+    assert steps[-1]["lr"] == pytest.approx(1e-2 * lr_factor(total - 1, 2, total, "linear"))
+    assert steps[-1]["lr"] == pytest.approx(1e-2 / (total - 2))
+    rates = [r["lr"] for r in steps[1:]]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert json.loads((out / "training_config.json").read_text())["planned_steps"] == 200
+    assert (out / "model.safetensors").is_file()
+
+
+def test_the_budget_estimate_by_hand():
+    budget = TimeBudget(deadline=100.0)
+    # Iterations start at 0, 10 (the first one, 10 s, is left out), 12, 14, 16, 18.
+    for start in (0.0, 10.0, 12.0, 14.0, 16.0):
+        budget.iteration_started(start)
+    assert not budget.ready and budget.fit(step=4, total=50, now=17.0) == 50
+    budget.iteration_started(18.0)
+    assert budget.ready and budget.step_times == [2.0, 2.0, 2.0, 2.0]
+    # 82 s left at 2 s per step with a 5% margin: 39 more steps.
+    assert budget.fit(step=5, total=50, now=18.0) == 5 + int(82 // 2.1)
+    # A 6 s evaluation: spread over the 6 iterations (+1 s each) and reserved once at the end.
+    budget.record_overhead(6.0, evaluation=True)
+    assert budget.fit(step=5, total=50, now=24.0) == 5 + int((100 - 24 - 6) // (3 * 1.05))
+    # Never above the planned total, never below the steps already run.
+    assert budget.fit(step=5, total=8, now=24.0) == 8
+    assert budget.fit(step=5, total=50, now=99.0) == 5

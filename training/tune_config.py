@@ -1,0 +1,209 @@
+"""The settings of one training run: `TrainConfig`, each field one `instructrec train` flag.
+
+The dataclass is the single definition of every flag's name, default, type and help text:
+tune_cli.py builds the parser from these fields (as `HfArgumentParser` does), so a new setting is
+one field here. `validate_config` checks them all before any work. Imports nothing heavy: the CLI
+reads this module on every `instructrec` invocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from instructrec.engine.errors import InputError
+
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+# Trackers accelerate logs to (`--report-to`); each needs its own package installed.
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+# Defaults per optimiser. Adafactor 1e-3 constant is the T5 fine-tuning recipe (T5 paper, sec.
+# 3.1.2; the settings transformers documents for Adafactor fine-tuning); AdamW 3e-4 is the usual
+# safe value for encoder-decoders of this size.
+DEFAULT_LR = {"adafactor": 1e-3, "adamw": 3e-4}
+# Fields that change the loss curve: a resumed run must agree with its checkpoint on all of them.
+# The per-process batch size, accumulation and process count are not among them, only their
+# product (`global_batch_size`): a run saved with 2 processes x 4 rows resumes with 1 x 8.
+_CURVE_FIELDS = ("model", "revision", "max_source_length", "max_target_length", "max_steps", "epochs",
+                 "optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm",
+                 "precision", "dropout", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                 "length_grouped", "seed")
+
+
+_REQUIRED = object()
+
+
+def _flag(default, help: str, group: str, **cli):
+    """A field with its CLI metadata: `help`, `group` and argparse extras (`flag` for a name other
+    than --field-name, `type`, `choices`, `metavar`, `exclusive` for a mutually exclusive group).
+    `_REQUIRED` as the default: a field without default, a required flag."""
+    metadata = dict(help=help, group=group, required=default is _REQUIRED, **cli)
+    if default is _REQUIRED:
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+IO, DATA, OPT, LORA, EVAL = ("inputs and outputs", "data", "optimisation",
+                             "LoRA (needs the `lora` extra: peft)", "validation and checkpoints")
+
+
+@dataclass
+class TrainConfig:
+    instructions: Path = _flag(_REQUIRED, "folder with train.parquet and valid.parquet from `instructrec "
+                               "instructions build`", IO, type=Path)
+    model: str = _flag(_REQUIRED, "a save_pretrained folder, a Hugging Face Hub id (org/name, see "
+                       "--revision) or random:<shape> (random weights; shapes: {shapes})", IO)
+    out: Path = _flag(_REQUIRED, "output folder", IO, type=Path)
+    revision: str | None = _flag(None, "Hub revision (branch, tag or commit) of a Hub id --model", IO)
+    tokenizer: Path | None = _flag(None, "tokenizer folder (default: the model's folder)", IO, type=Path)
+    resume: bool = _flag(False, "continue from the newest checkpoint under OUT/checkpoints (any "
+                         "number of processes, same global batch)", IO)
+    stop_after: int | None = _flag(None, "save a checkpoint and stop after this many steps (split a run "
+                                   "into jobs)", IO, metavar="STEPS")
+    # Wall-clock cap in minutes from the start of `train`. The schedule is fitted into it: after a
+    # few steps the step time is measured and the step budget lowered to what fits, so the
+    # learning rate completes its decay. If the cap is crossed anyway, the run saves a resumable
+    # checkpoint, validates and writes the current weights to OUT as the final model.
+    max_minutes: float | None = _flag(None, "wall-clock cap: the step budget is lowered to what fits "
+                                      "(measured after a few steps) so the schedule ends inside it",
+                                      IO, metavar="MINUTES")
+    device: str = _flag("auto", "auto, cpu, cuda or cuda:N (one process; launchers assign devices "
+                        "per process)", IO)
+    threads: int | None = _flag(None, "torch CPU threads per process (default: torch's). On a machine "
+                                "shared with other jobs use 1: OpenMP threads spin-wait on busy cores "
+                                "(at load 10 on 2 cores a t5-mini step took 16 s with 2 threads, 2.7 s "
+                                "with 1)", IO)
+    progress: bool = _flag(True, "no progress bar", IO, flag="--no-progress")
+    report_to: str = _flag("none", "also log metrics to this tracker through accelerate (needs its "
+                           "package, e.g. pip install tensorboard); logs go under OUT/runs",
+                           IO, choices=TRACKERS)
+
+    max_source_length: int = _flag(512, "instruction tokens kept per row", DATA)
+    max_target_length: int = _flag(64, "target tokens kept per row", DATA)
+    batch_size: int = _flag(8, "rows per micro-batch per process (global batch: batch size x "
+                            "processes x grad accum)", DATA)
+    grad_accum: int = _flag(1, "micro-batches per optimiser step", DATA)
+    length_grouped: bool = _flag(True, "plain shuffled batches (default groups rows of similar "
+                                 "length)", DATA, flag="--no-length-grouping")
+    seed: int = _flag(0, "seed of the initialisation and of the data order", DATA)
+
+    max_steps: int | None = _flag(None, "optimiser steps", OPT, exclusive="budget")
+    epochs: float = _flag(1.0, "passes over train.parquet", OPT, exclusive="budget")
+    optimizer: str = _flag("adafactor", "optimiser", OPT, choices=OPTIMIZERS)
+    lr: float | None = _flag(None, "peak learning rate (default: 1e-3 Adafactor, 3e-4 AdamW)", OPT)
+    weight_decay: float = _flag(0.0, "decoupled weight decay", OPT)
+    warmup_steps: int = _flag(0, "linear warm-up steps", OPT)
+    schedule: str = _flag("linear", "decay after warm-up", OPT, choices=SCHEDULES)
+    max_grad_norm: float | None = _flag(1.0, "gradient clipping norm; 0 or none: no clipping", OPT,
+                                        type=_float_or_none)
+    precision: str = _flag("auto", "auto: bf16 mixed precision on CUDA with bf16 and on CPUs that run "
+                           "bf16 natively and faster (engine.capabilities), else fp32", OPT,
+                           choices=PRECISIONS)
+    gradient_checkpointing: bool = _flag(False, "recompute activations in the backward pass", OPT)
+    dropout: float | None = _flag(None, "override the model's dropout_rate", OPT)
+
+    lora_r: int = _flag(0, "adapter rank; 0: train all weights", LORA)
+    lora_alpha: float = _flag(16.0, "adapter scaling", LORA)
+    lora_dropout: float = _flag(0.05, "dropout on the adapter input", LORA)
+    lora_targets: tuple[str, ...] = _flag(("q", "v"), "comma-separated T5 linear layer names", LORA,
+                                          type=_csv)
+
+    eval_every: int = _flag(0, "steps between validations; 0: at the end only", EVAL)
+    eval_max_rows: int = _flag(512, "valid rows for the loss; 0: all", EVAL)
+    eval_max_instances: int = _flag(500, "sequential-recommendation instances ranked through the "
+                                    "engine; 0: all", EVAL)
+    rank_eval: bool = _flag(True, "validate the loss only (no HR/NDCG through the engine)", EVAL,
+                            flag="--no-rank-eval")
+    save_every: int = _flag(0, "steps between checkpoints; 0: only when stopped early", EVAL)
+    keep_checkpoints: int = _flag(2, "checkpoints kept (the newest)", EVAL)
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def curve_fields(self, global_batch_size: int) -> dict:
+        values = {name: getattr(self, name) for name in _CURVE_FIELDS}
+        values["lr"] = self.resolved_lr()
+        values["lora_targets"] = list(self.lora_targets)
+        values["global_batch_size"] = global_batch_size
+        return values
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise `InputError` for the first bad setting, naming its flag."""
+    def positive_int(name, value):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(name, f"must be a positive integer, got {value!r}")
+
+    def non_negative_int(name, value):
+        if not isinstance(value, int) or value < 0:
+            raise InputError(name, f"must be an integer >= 0, got {value!r}")
+
+    for name in ("max_source_length", "max_target_length", "batch_size", "grad_accum", "keep_checkpoints"):
+        positive_int(name, getattr(cfg, name))
+    if cfg.threads is not None:
+        positive_int("threads", cfg.threads)
+    for name in ("warmup_steps", "eval_every", "save_every", "eval_max_rows", "eval_max_instances", "lora_r"):
+        non_negative_int(name, getattr(cfg, name))
+    if cfg.max_source_length < 2 or cfg.max_target_length < 2:
+        raise InputError("max_source_length/max_target_length",
+                         "must leave room for at least one token plus </s>", "use 2 or more")
+    if cfg.max_steps is not None:
+        positive_int("max_steps", cfg.max_steps)
+    elif not (isinstance(cfg.epochs, (int, float)) and math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise InputError("epochs", f"must be a positive number, got {cfg.epochs!r}", "or set max_steps")
+    if cfg.stop_after is not None:
+        positive_int("stop_after", cfg.stop_after)
+        if cfg.max_steps is not None and cfg.stop_after >= cfg.max_steps:
+            raise InputError("stop_after", f"{cfg.stop_after} >= max_steps {cfg.max_steps}: it would never "
+                             "stop early", "drop --stop-after or lower it")
+    if cfg.max_minutes is not None and not (
+            isinstance(cfg.max_minutes, (int, float)) and math.isfinite(cfg.max_minutes) and cfg.max_minutes > 0):
+        raise InputError("max_minutes", f"must be a positive number of minutes, got {cfg.max_minutes!r}",
+                         "drop it to train for the full step budget")
+    _check_choices(cfg)
+    lr = cfg.resolved_lr()
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise InputError("lr", f"must be a positive finite number, got {lr!r}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise InputError("weight_decay", f"must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):
+        raise InputError("max_grad_norm", f"must be >= 0 (0: no clipping), got {cfg.max_grad_norm!r}")
+    for name in ("dropout", "lora_dropout"):
+        value = getattr(cfg, name)
+        if value is not None and not (0.0 <= value < 1.0):
+            raise InputError(name, f"must lie in [0, 1), got {value!r}")
+    if cfg.lora_r and not cfg.lora_targets:
+        raise InputError("lora_targets", "is empty", "name T5 linear layers, e.g. q,v or q,k,v,o")
+    if cfg.lora_r and not (cfg.lora_alpha > 0):
+        raise InputError("lora_alpha", f"must be positive, got {cfg.lora_alpha!r}")
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise InputError("optimizer", f"unknown optimiser {cfg.optimizer!r}", f"use one of: {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise InputError("schedule", f"unknown schedule {cfg.schedule!r}", f"use one of: {', '.join(SCHEDULES)}")
+    if cfg.precision == "fp16":
+        raise InputError("precision", "fp16 is not supported: T5 activations overflow float16", "use bf16 or fp32")
+    if cfg.precision not in PRECISIONS:
+        raise InputError("precision", f"unknown precision {cfg.precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    if cfg.report_to not in TRACKERS:
+        raise InputError("report_to", f"unknown tracker {cfg.report_to!r}", f"use one of: {', '.join(TRACKERS)}")
+    if cfg.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", cfg.device):
+        raise InputError("device", f"unknown device {cfg.device!r}", "use auto, cpu, cuda or cuda:N")

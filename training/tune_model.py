@@ -1,0 +1,169 @@
+"""The model side of training: where the weights come from (`engine.sources.resolve_model`), the
+tokenizer, the precision, the trainable model (full or LoRA), the optimiser and the loss.
+
+Every check here runs before the first step and raises an `InputError` naming the flag.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from instructrec.engine.errors import InputError, ModelLoadError
+from instructrec.engine.sources import CHECKPOINT, RANDOM, ModelSource, resolve_model
+
+from .tune_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_source(cfg: TrainConfig) -> tuple[ModelSource, object]:
+    """(ModelSource, T5Config) of `--model`: a folder, a Hub id (at `--revision`) or random:<shape>.
+    A bare shape name is refused by the resolver (it could mean pretrained or random weights)."""
+    from transformers import AutoConfig, T5Config
+
+    source = resolve_model(cfg.model, revision=cfg.revision, allowed=(CHECKPOINT, RANDOM))
+    if source.is_random:
+        config = T5Config.from_dict(source.config())
+    else:
+        config = AutoConfig.from_pretrained(source.path)
+        if config.model_type != "t5":
+            raise InputError("model", f"{source.describe()} is a {config.model_type!r} model, not T5",
+                             "pass a T5 / Flan-T5 checkpoint")
+    if cfg.dropout is not None:
+        config.dropout_rate = cfg.dropout
+    config.use_cache = False
+    return source, config
+
+
+def load_tokenizer(cfg: TrainConfig, source: ModelSource):
+    from transformers import AutoTokenizer
+
+    folder = cfg.tokenizer if cfg.tokenizer is not None else source.path
+    if folder is None:
+        raise InputError("tokenizer", f"model {cfg.model!r} has random weights and no tokenizer",
+                         "pass --tokenizer DIR (e.g. ../shared/assets/flan-t5-tokenizer)")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("tokenizer", f"{folder} is not a directory", "pass a tokenizer folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise InputError("tokenizer", f"cannot load a tokenizer from {folder}: {exc}",
+                         "pass a folder written by save_pretrained (tokenizer.json or spiece.model)") from exc
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise InputError("tokenizer", f"{folder} defines no pad or eos token", "use a T5 tokenizer")
+    return tokenizer
+
+
+def check_vocabulary(tokenizer, model_config) -> None:
+    """The tokenizer's ids must all index the model's embedding (T5: 32100 tokens in 32128 rows)."""
+    if len(tokenizer) > model_config.vocab_size:
+        raise InputError(
+            "tokenizer", f"has {len(tokenizer)} tokens but the model's vocabulary holds "
+            f"{model_config.vocab_size} (ids past it would index outside the embedding)",
+            "use the tokenizer the model was trained with, or a model of vocab_size >= "
+            f"{len(tokenizer)}")
+
+
+def resolve_device(cfg: TrainConfig, world_size: int) -> bool:
+    """Whether the processes run on CPU (accelerate's `cpu=`); GPUs are assigned per process by
+    accelerate (local rank), so `cuda:N` is for a single process only."""
+    import torch
+
+    if cfg.device == "cpu":
+        return True
+    if not torch.cuda.is_available():
+        if cfg.device != "auto":
+            raise InputError("device", f"{cfg.device} asked for but CUDA is not available", "use --device cpu or auto")
+        return True
+    if cfg.device.startswith("cuda:"):
+        if world_size > 1:
+            raise InputError("device", f"{cfg.device} names one GPU but {world_size} processes run",
+                             "use --device cuda (each process takes the GPU of its local rank)")
+        torch.cuda.set_device(int(cfg.device.split(":")[1]))
+    return False
+
+
+def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
+    """"bf16" or "fp32": `auto` follows engine.capabilities, the project's one precision policy."""
+    import torch
+
+    from instructrec.engine.capabilities import auto_dtype_name
+
+    if cfg.precision == "auto":
+        return "bf16" if auto_dtype_name(device_type, cfg.threads or torch.get_num_threads()) == "bfloat16" else "fp32"
+    if cfg.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError("precision", "bf16 asked for but this GPU has no bf16 support", "use --precision fp32")
+    return cfg.precision
+
+
+def require_peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise InputError("lora_r", "LoRA needs the peft package, which is not installed",
+                         "pip install 'instructrec[lora]' (or pip install peft)") from exc
+    return peft
+
+
+def build_model(cfg: TrainConfig, source: ModelSource, config):
+    """The trainable model on CPU in fp32: the source's weights, or a seeded random init; LoRA
+    adapters around it when lora_r > 0. A resumed run overwrites the weights from its checkpoint
+    (accelerate's load_state), so this is the same for new and resumed runs."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(cfg.seed)
+    if source.is_random:
+        model = T5ForConditionalGeneration(config)
+        # HF draws an untied LM head with std 1.0, so initial logits have std ~sqrt(d_model)
+        # (16 for t5-mini) and the first losses are 35-70 nats; std d_model^-0.5 (the Mesh TF
+        # init of T5 v1.1's separate logits layer) starts near log(32128) = 10.4 instead.
+        with torch.no_grad():
+            model.lm_head.weight.mul_(config.d_model ** -0.5)
+    else:
+        try:
+            model = T5ForConditionalGeneration.from_pretrained(source.path, config=config, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model: cannot load weights from {source.describe()}: {exc}") from exc
+    if cfg.lora_r:
+        peft = require_peft()
+        lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               target_modules=list(cfg.lora_targets), task_type="SEQ_2_SEQ_LM")
+        try:
+            model = peft.get_peft_model(model, lora)
+        except ValueError as exc:
+            raise InputError("lora_targets", str(exc), "T5 linear layers are q, k, v, o, wi_0, wi_1, wo") from exc
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and keeps dropout's RNG.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.resolved_lr()
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed external lr (relative_step False) so warm-up and decay come from the schedule,
+        # and scale_parameter False: with it Adafactor multiplies lr by each tensor's RMS, which on
+        # a random init ranges 0.05 (embeddings) to 1 (norms) and would make lr mean a different
+        # thing per tensor. Update clipping at RMS 1.0 and decay -0.8 are the paper's defaults.
+        return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                         clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels):
+    """Summed token NLL of `labels` (-100 ignored), a 0-d fp32 tensor. Summed, not averaged, so
+    that the caller weights micro-batches and processes by their target tokens; log-softmax runs
+    in fp32 even under bf16 mixed precision."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")

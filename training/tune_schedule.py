@@ -1,0 +1,96 @@
+"""The learning-rate schedule, and fitting it into a wall-clock cap (`--max-minutes`).
+
+A capped run that simply stops leaves the rate wherever it was (a Video Games run stopped with
+the rate at 36% of its peak). Here the cap shortens the schedule instead: after a few measured
+steps the step budget is lowered to the steps that fit before the deadline, and lowered again
+after each evaluation or checkpoint (their time is known only once they ran), so the decay ends
+inside the cap. The budget only ever goes down, so the rate never climbs back. The clock is
+injected, so this is tested without timing anything.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak lr for optimiser step `step` (0-based): linear warm-up reaching the
+    peak at step warmup-1, then linear / cosine decay towards 0 at step `total`, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StepSchedule:
+    """`lr_factor` as a LambdaLR function whose `total` may be lowered during the run. An object,
+    not a closure: LambdaLR saves a callable object's attributes in its state_dict, so the
+    lowered total travels with the scheduler through checkpoints."""
+
+    def __init__(self, warmup: int, total: int, schedule: str):
+        self.warmup, self.total, self.schedule = warmup, total, schedule
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup, self.total, self.schedule)
+
+
+# Steps measured before the first estimate; the first step of a process is left out of it (it
+# carries one-off costs: allocator growth, lazy initialisation; 3-10x a later step here).
+ESTIMATE_AFTER_STEPS = 4
+# Step times the estimate reads (the median of the newest ones): recent enough to follow a
+# machine whose load changes, long enough that one slow step does not cut the budget.
+STEP_TIME_WINDOW = 32
+# The estimate plans for steps this much slower than measured: between two refits the median
+# step time of a shared machine drifts by a few percent, and a run that overshoots is cut by the
+# hard stop with its schedule unfinished.
+FIT_MARGIN = 0.05
+
+
+@dataclass
+class TimeBudget:
+    """Fits the step budget into `deadline` (a clock value). Tell it when each loop iteration
+    starts and how long the evaluations and checkpoints inside the loop took; ask `fit` for the
+    new total. An iteration's time is everything between two starts but those evaluations and
+    checkpoints (the step, the logging, the progress bar)."""
+
+    deadline: float
+    step_times: list[float] = field(default_factory=list)
+    overhead_s: float = 0.0  # evaluations and checkpoints inside the loop so far
+    last_eval_s: float = 0.0  # the final validation and save happen after the last step
+    iterations: int = 0  # started by this process
+    _started_at: float | None = None
+    _overhead_in_iteration: float = 0.0
+
+    def iteration_started(self, now: float) -> None:
+        if self._started_at is not None and self.iterations > 1:
+            self.step_times.append(now - self._started_at - self._overhead_in_iteration)
+            del self.step_times[:-STEP_TIME_WINDOW]
+        self.iterations += 1
+        self._started_at, self._overhead_in_iteration = now, 0.0
+
+    def record_overhead(self, seconds: float, evaluation: bool = False) -> None:
+        self.overhead_s += seconds
+        self._overhead_in_iteration += seconds
+        if evaluation:
+            self.last_eval_s = seconds
+
+    @property
+    def ready(self) -> bool:
+        return len(self.step_times) >= ESTIMATE_AFTER_STEPS
+
+    def fit(self, step: int, total: int, now: float) -> int:
+        """The step budget that ends by the deadline: `total` or less, never below `step`
+        (the steps already run). Unchanged until ESTIMATE_AFTER_STEPS steps were measured."""
+        if not self.ready:
+            return total
+        # Evaluations and checkpoints spread over the steps run so far, plus the final one.
+        per_step = statistics.median(self.step_times) + self.overhead_s / max(1, self.iterations)
+        left = self.deadline - now - self.last_eval_s
+        fits = step + int(max(0.0, left) // (per_step * (1.0 + FIT_MARGIN)))
+        return max(step, min(total, fits))
