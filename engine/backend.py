@@ -79,7 +79,8 @@ class TorchBackend:
     def decode(self, ids: torch.Tensor, segments: torch.Tensor, kv: list, src_mask: torch.Tensor) -> torch.Tensor:
         return self._decode(ids, segments, kv, src_mask)
 
-    def head(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, exact: bool = False) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+             exact: bool = False) -> torch.Tensor:
         """exact: fp32 logits whatever the weights' dtype. Only bf16 weights on CPU differ: there
         the default GEMM writes a bf16 logits tile (torch has no bf16 x bf16 -> fp32 GEMM on CPU),
         which moves a token's log-prob by 1.6e-2 nats on average (up to ~6e-2); exact runs the head

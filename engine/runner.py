@@ -46,8 +46,8 @@ from .errors import InputError
 from .packing import BatchPlan, PassPlan, Unit, pack_unit, plan_batch, plan_batches, write_batch
 from .types import EngineStats
 
-__all__ = ["DeviceRunner", "PassInputs", "DEFAULT_ROW_TOKENS", "DEFAULT_BATCH_TOKENS", "CPU_BATCH_TOKENS", "CUDA_BATCH_TOKENS",
-           "DEFAULT_READ_WINDOW", "default_batch_tokens", "default_pad_multiple"]
+__all__ = ["DeviceRunner", "PassInputs", "DEFAULT_ROW_TOKENS", "DEFAULT_BATCH_TOKENS", "CPU_BATCH_TOKENS",
+           "CUDA_BATCH_TOKENS", "DEFAULT_READ_WINDOW", "default_batch_tokens", "default_pad_multiple"]
 
 # Decoder row cap in tokens. Rerank-10 candidates (10 titles of ~10-25 tokens) fit one row; for
 # 2,000 candidates, rows of 256 keep the per-row [H, T, T] bias+mask at 1.5 MiB (fp32) while the

@@ -175,7 +175,8 @@ def test_exact_head_brings_bf16_scores_to_the_fp32_head(tiny_t5_dir):
         for title in titles:  # one at a time: the engine decodes it alone, as the reference does
             default.append(bf16.score(instruction, [title])[0])
             precise.append(exact.score(instruction, [title])[0])
-            unit = Unit(source=np.array(tok(instruction).input_ids), targets=[np.array(tok(text_target=title).input_ids)])
+            unit = Unit(source=np.array(tok(instruction).input_ids),
+                        targets=[np.array(tok(text_target=title).input_ids)])
             want.append(_alone(model, unit)[0])  # the same bf16 hidden states, head in float64
     err_default = np.abs(np.array(default) - want).max()
     err_exact = np.abs(np.array(precise) - want).max()
