@@ -65,9 +65,10 @@ CUDA_WHEEL_INDEXES = (((13, 0), "cu130"), ((12, 8), "cu128"), ((12, 6), "cu126")
 ENGINE_MODELS = ("flan-t5-base", "flan-t5-xl")
 ENGINE_WORKLOADS = ("rerank-10", "rerank-100", "latency")
 # rerank-10 requests per model (rerank-100: a tenth, latency: a quarter): a few seconds each on one
-# H100-class GPU. batch_tokens: the engine's default (sized for a 2-core CPU) and GPU-sized ones.
+# H100-class GPU. Batch tokens: the engine's default for the device (engine/runner.py's
+# default_batch_tokens, 32,768 on CUDA), a quarter of it and four times it.
 ENGINE_REQUESTS = {"flan-t5-base": 1024, "flan-t5-xl": 256}
-ENGINE_BATCH_TOKENS = (None, 32768, 131072)
+ENGINE_BATCH_TOKEN_FACTORS = (0.25, 4)
 TRAIN_STEPS = 12
 # What `instructrec bench` needs before it can measure a GPU (checked against its --help).
 BENCH_GPU_NEEDS = ("--device cuda for every provider (engine torch bf16, engine onnx on ORT's CUDA provider, "
@@ -513,10 +514,12 @@ def bf16_peaks(shape_name: str, device: str = "cuda", square: int = 8192) -> dic
 
 
 def engine_measure(tok: Path, models: list[str], device: str = "cuda", requests: dict | None = None,
-                   batch_tokens: tuple = ENGINE_BATCH_TOKENS, square: int = 8192, seed: int = 0) -> list[dict]:
+                   batch_tokens: tuple | None = None, square: int = 8192, seed: int = 0) -> list[dict]:
     """This engine in bf16 on `device`, one row per (model, batch tokens, workload): rerank-10 at
-    every batch size, rerank-100 and latency at the largest. `requests`: rerank-10 requests per
-    model (default ENGINE_REQUESTS; rerank-100 takes a tenth, latency a quarter)."""
+    every batch size, rerank-100 and latency at the last. batch_tokens: None in it is the engine's
+    default; None for the whole tuple: ENGINE_BATCH_TOKEN_FACTORS times the default, then the
+    default itself. `requests`: rerank-10 requests per model (default ENGINE_REQUESTS; rerank-100
+    takes a tenth, latency a quarter)."""
     import numpy as np
     import torch
     from transformers import AutoTokenizer
@@ -526,9 +529,12 @@ def engine_measure(tok: Path, models: list[str], device: str = "cuda", requests:
     from instructrec.engine import Reranker
     from instructrec.engine.backend import TorchBackend
     from instructrec.engine.presets import shape_config
+    from instructrec.engine.runner import default_batch_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(tok)
     dev = torch.device(device)
+    if batch_tokens is None:
+        batch_tokens = (*(int(default_batch_tokens(dev) * f) for f in ENGINE_BATCH_TOKEN_FACTORS), None)
     on_gpu = dev.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     requests = requests or ENGINE_REQUESTS

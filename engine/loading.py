@@ -72,10 +72,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise InputError("device", f"unknown device {device!r}", "use 'cpu' or 'cuda'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device", f"{device!r} requested but CUDA is not available", "use device='cpu'")
     if dev.type not in ("cpu", "cuda"):
         raise InputError("device", f"unsupported device {device!r}", "use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device", f"{device!r} requested but CUDA is not available", "use device='cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            # Caught here, typed: torch would only fail later, inside the first allocation on it.
+            raise InputError("device", f"{device!r} requested but this machine has {count} CUDA "
+                             f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})",
+                             f"use one of cuda:0 to cuda:{count - 1}, or 'cuda' for the current one")
     return dev
 
 

@@ -1,6 +1,12 @@
 """Host-side planning: candidates packed into decoder rows, units batched by a token budget, and
 the padded index arrays of one batch. Pure numpy, no model: the tests check it directly.
 
+The device loop (engine/runner.py) does not upload padded [B, R, T] arrays: pack_unit also lays
+each unit's candidates out flat in row order (`RowLayout`), and the runner sends only the
+concatenated target ids and a few numbers per candidate, from which the device builds the padded
+decoder inputs itself. `decoder_arrays` builds the same padded arrays on the host: the exporter
+uses it, and the tests check the device construction against it.
+
 A *unit* is one instruction encoding and the candidates scored under it (a whole request, or one
 tournament group). A candidate with target ids [y_1 .. y_n] (closing </s> included) contributes
 decoder inputs [start, y_1 .. y_{n-1}] and targets [y_1 .. y_n] to a row; rows hold several
@@ -10,12 +16,26 @@ candidates up to `row_tokens` tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
-__all__ = ["Unit", "pack_rows", "plan_batches", "DecoderArrays", "decoder_arrays", "IGNORE"]
+__all__ = ["Unit", "RowLayout", "pack_rows", "pack_unit", "plan_batches", "rows_per_pass", "BatchPlan", "PassPlan",
+           "plan_batch", "write_batch", "DecoderArrays", "decoder_arrays", "IGNORE"]
 
 IGNORE = -100  # target id of padding slots (the LM-head kernel's ignore_index)
+
+
+@dataclass
+class RowLayout:
+    """A packed unit's candidates in row order (row 0's candidates first, each row's in its order),
+    so that a batch's decoder inputs are a few vector operations away. Plain lists: a rerank-10
+    unit has ten entries, for which numpy's per-call overhead would cost more than the work."""
+
+    candidates: list[int]  # [C] candidate numbers, row by row
+    rows: list[int]  # [C] row of each
+    offsets: list[int]  # [C] first token of each within its row
+    lengths: list[int]  # [C] tokens of each (its target ids, closing </s> included)
 
 
 @dataclass
@@ -26,6 +46,7 @@ class Unit:
     tag: object = None  # the caller's bookkeeping (e.g. the tournament group)
     rows: list[list[int]] = field(default_factory=list)  # candidate numbers per row, set by pack
     row_len: int = 0  # longest row, in tokens
+    layout: RowLayout | None = None  # the rows as flat lists, set by pack
     scores: np.ndarray | None = None  # [n_candidates] float64 sums of token log-probs, once run
 
     @property
@@ -51,9 +72,22 @@ def pack_rows(lengths: list[int] | np.ndarray, row_tokens: int) -> list[list[int
 
 
 def pack_unit(unit: Unit, row_tokens: int) -> Unit:
+    """Sets unit.rows, unit.row_len and unit.layout."""
     lengths = [len(t) for t in unit.targets]
     unit.rows = pack_rows(lengths, row_tokens)
-    unit.row_len = max(sum(lengths[c] for c in row) for row in unit.rows)
+    layout = RowLayout([], [], [], [])
+    row_len = 0
+    for r, row in enumerate(unit.rows):
+        used = 0
+        for c in row:
+            layout.candidates.append(c)
+            layout.rows.append(r)
+            layout.offsets.append(used)
+            layout.lengths.append(lengths[c])
+            used += lengths[c]
+        row_len = max(row_len, used)
+    unit.row_len = row_len
+    unit.layout = layout
     return unit
 
 
@@ -83,6 +117,101 @@ def plan_batches(units: list[Unit], batch_tokens: int) -> list[list[int]]:
 
 def rows_per_pass(n_units: int, row_len: int, batch_tokens: int) -> int:
     return max(1, batch_tokens // max(1, n_units * row_len))
+
+
+@dataclass
+class PassPlan:
+    """One decoder pass of a batch: rows [r0, r0 + rows) of every unit, its tokens [t0, t1) and
+    candidates [c0, c1) within the batch's upload, and each candidate's output slot."""
+
+    r0: int
+    rows: int
+    t0: int
+    t1: int
+    c0: int
+    c1: int
+    longest: int  # tokens of its longest candidate
+    slots: np.ndarray  # [c1 - c0] int64 output slot of each candidate
+
+
+@dataclass
+class BatchPlan:
+    """A batch's one int64 upload and where its parts lie: instruction ids [B, S] (padded with the
+    pad id) at 0, their lengths [B] at lengths_at, the target ids of every pass's candidates
+    [N] at targets_at, then per candidate (pass by pass) its length, its first token's index in its
+    pass's token list, and its first token's flat position in that pass's [B, rows, T] decoder
+    slots minus that index (so a token's flat position is its index plus its candidate's shift)."""
+
+    B: int
+    S: int  # instruction slots (longest instruction, rounded up to the pad multiple)
+    T: int  # decoder row slots (longest row, rounded up to the pad multiple)
+    lengths_at: int
+    targets_at: int
+    cand_lengths_at: int
+    cand_starts_at: int
+    cand_shifts_at: int
+    size: int
+    passes: list[PassPlan]
+    parts: list[np.ndarray]  # what follows the lengths, in upload order
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plan_batch(units: list[Unit], slot_base: np.ndarray, batch_tokens: int, pad_multiple: int = 1) -> BatchPlan:
+    """The decoder passes of a batch of packed units (rows_per_pass rows of every unit per pass)
+    and the parts of its upload. Candidate c of unit b has output slot slot_base[b] + c."""
+    B = len(units)
+    S = _round_up(max(len(u.source) for u in units), pad_multiple)
+    T = _round_up(max(u.row_len for u in units), pad_multiple)
+    R = max(len(u.rows) for u in units)
+    step = rows_per_pass(B, T, batch_tokens)
+    layouts = [u.layout for u in units]
+    counts = [len(lay.lengths) for lay in layouts]
+    n_all = sum(counts)
+
+    def flat(name: str) -> np.ndarray:  # [C] one layout field of every unit, in batch order
+        return np.fromiter(chain.from_iterable(getattr(lay, name) for lay in layouts), np.int64, n_all)
+
+    unit_of = np.repeat(np.arange(B, dtype=np.int64), counts)  # [C] unit of each candidate
+    rows, offsets, lengths = flat("rows"), flat("offsets"), flat("lengths")
+    slots = np.repeat(np.asarray(slot_base, dtype=np.int64), counts) + flat("candidates")  # [C]
+    targets = np.concatenate([u.targets[c] for u, lay in zip(units, layouts) for c in lay.candidates])
+    passes: list[PassPlan] = []
+    parts_t, parts_len, parts_start, parts_shift = [], [], [], []
+    t0 = c0 = 0
+    for r0 in range(0, R, step):
+        rc = min(step, R - r0)
+        if rc == R:  # the usual case: one pass holds every row
+            pick, tok = slice(None), targets
+        else:  # the candidates (and tokens) of rows [r0, r0 + rc), in batch order
+            keep = (rows >= r0) & (rows < r0 + rc)
+            pick, tok = np.flatnonzero(keep), targets[np.repeat(keep, lengths)]
+        n_len = lengths[pick]
+        starts = np.cumsum(n_len) - n_len  # [Cp] first token of each in this pass's token list
+        flat_first = (unit_of[pick] * rc + rows[pick] - r0) * T + offsets[pick]  # [Cp] in [B, rc, T]
+        parts_t.append(tok)
+        parts_len.append(n_len)
+        parts_start.append(starts)
+        parts_shift.append(flat_first - starts)
+        t1, c1 = t0 + len(tok), c0 + len(n_len)
+        passes.append(PassPlan(r0, rc, t0, t1, c0, c1, int(n_len.max()), slots[pick]))
+        t0, c0 = t1, c1
+    at = B * S + B
+    return BatchPlan(B=B, S=S, T=T, lengths_at=B * S, targets_at=at, cand_lengths_at=at + t0,
+                     cand_starts_at=at + t0 + c0, cand_shifts_at=at + t0 + 2 * c0, size=at + t0 + 3 * c0,
+                     passes=passes, parts=[*parts_t, *parts_len, *parts_start, *parts_shift])
+
+
+def write_batch(buf: np.ndarray, units: list[Unit], plan: BatchPlan, pad_id: int) -> None:
+    """Write the batch's upload into buf ([plan.size] int64), in place."""
+    src = buf[:plan.B * plan.S].reshape(plan.B, plan.S)
+    src.fill(pad_id)
+    for b, u in enumerate(units):
+        src[b, :len(u.source)] = u.source
+    buf[plan.lengths_at:plan.targets_at] = [len(u.source) for u in units]
+    np.concatenate(plan.parts, out=buf[plan.targets_at:plan.size])
 
 
 @dataclass

@@ -30,7 +30,7 @@ from .errors import BudgetExceededError, InputError
 from .formatting import MAX_CHARS_PER_TOKEN, lists_candidates, max_source_chars, render, sanitize_text
 from .loading import Loaded, load_from_model, load_pretrained
 from .packing import Unit
-from .runner import DEFAULT_BATCH_TOKENS, DEFAULT_READ_WINDOW, DEFAULT_ROW_TOKENS, DeviceRunner
+from .runner import DEFAULT_READ_WINDOW, DEFAULT_ROW_TOKENS, DeviceRunner
 from .sources import ModelSource
 from .tournament import Tournament, check_tournament_options
 from .types import EngineStats, RankedResult, Request
@@ -85,18 +85,20 @@ class Reranker:
     def __init__(self, backend: Backend, tokenizer: Any, *, device: str | torch.device | None = None,
                  source: ModelSource | None = None, max_source_tokens: int = 512,
                  max_target_tokens: int = DEFAULT_MAX_TARGET_TOKENS,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS, group_size: int = 10, advance: int = 1,
+                 batch_tokens: int | None = None, group_size: int = 10, advance: int = 1,
                  seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
                  read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int | None = None,
-                 compile_model: bool = False):
+                 compile_model: bool = False, exact_head: bool = False):
         """`backend`: anything that answers engine/backend.py's Backend protocol (the torch model
         of `from_pretrained` / `from_model`, or an OnnxBackend). Most callers use the class
         methods, which also resolve the model source and load the tokenizer.
         chunk_tokens: LM-head rows per matmul chunk (None: the kernels' measured default for
-        the backend's device, instructrec.kernels.default_chunk_tokens)."""
+        the backend's device, instructrec.kernels.default_chunk_tokens). batch_tokens: token slots
+        per batch (None: engine/runner.py's default_batch_tokens for the device). exact_head: fp32
+        LM-head logits with bf16 weights on CPU (torch backend; see TorchBackend.head for its cost)."""
         check_tournament_options(group_size, advance)
         for name, value in (("max_source_tokens", max_source_tokens), ("max_target_tokens", max_target_tokens),
-                            ("batch_tokens", batch_tokens),
+                            ("batch_tokens", 1 if batch_tokens is None else batch_tokens),
                             ("row_tokens", row_tokens), ("read_window", read_window),
                             ("chunk_tokens", 1 if chunk_tokens is None else chunk_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -125,7 +127,7 @@ class Reranker:
         self.max_target_tokens = max_target_tokens
         self.group_size, self.advance, self.seed = group_size, advance, seed
         self._runner = DeviceRunner(backend, batch_tokens=batch_tokens, row_tokens=row_tokens,
-                                    read_window=read_window, chunk_tokens=chunk_tokens)
+                                    read_window=read_window, chunk_tokens=chunk_tokens, exact_head=exact_head)
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
         cfg = backend.cfg
@@ -154,10 +156,11 @@ class Reranker:
         or "bfloat16". tokenizer: a folder or Hub id (or a loaded tokenizer) to use instead of the
         model folder's. options: max_source_tokens, batch_tokens, group_size, advance, seed,
         row_tokens, read_window, chunk_tokens, compile_model (torch only: torch.compile the
-        encoder and decoder; see TorchBackend.compile); onnx only: threads (onnxruntime intra-op
-        threads), verify_checksums (default True: sha256 of every graph before loading),
-        allow_cpu_nodes (CUDA: load even if onnxruntime would run graph nodes on the CPU; default
-        False raises DevicePlacementError listing them)."""
+        encoder and decoder; see TorchBackend.compile), exact_head (torch only: fp32 LM-head
+        logits with bf16 weights on CPU); onnx only: threads (onnxruntime intra-op threads),
+        verify_checksums (default True: sha256 of every graph before loading), allow_cpu_nodes
+        (CUDA: load even if onnxruntime would run graph nodes on the CPU; default False raises
+        DevicePlacementError listing them)."""
         loaded = load_pretrained(model, backend, device, dtype, revision=revision, tokenizer=tokenizer,
                                  options=options)
         return cls._from_loaded(loaded)

@@ -1,7 +1,8 @@
 """The engine on a CUDA GPU (`pytest -m gpu`, part of `make gpu-check`), against the CPU fp32
 engine as reference: fp32 and bf16 scores within per-dtype tolerances, bf16 top-1 agreement on
-200 requests, repeatable scores, a resumed GPU job equal to an uninterrupted one, a second GPU,
-and the onnx backend on onnxruntime's CUDA provider. Elsewhere these are collected and skipped."""
+200 requests, repeatable scores, the device loop's pinned staging and one wait per read window,
+torch's deterministic mode, a resumed GPU job equal to an uninterrupted one, a second GPU, and the
+onnx backend on onnxruntime's CUDA provider. Elsewhere these are collected and skipped."""
 
 from __future__ import annotations
 
@@ -91,6 +92,56 @@ def test_cuda_scores_repeat_bit_for_bit(tiny_t5_dir):
     requests = _requests(60, seed=1)
     first, second = _scores(rr.rank(requests)), _scores(rr.rank(requests))
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_small_batches_and_windows_on_cuda_match_one_big_batch(tiny_t5_dir):
+    """Many batches and read windows in flight: the pinned staging buffers are refilled while
+    earlier copies and batches are still queued, and window sums are read one window late; a
+    buffer reused too early would change scores far beyond fp32 rounding."""
+    requests = _requests(60, seed=5)
+    big = _scores(Reranker.from_pretrained(tiny_t5_dir, device="cuda", dtype="float32").rank(requests))
+    rr = Reranker.from_pretrained(tiny_t5_dir, device="cuda", dtype="float32", batch_tokens=512, read_window=7)
+    small = _scores(rr.rank(requests))
+    assert rr.stats.batches >= 20
+    for a, b in zip(small, big):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-3)
+
+
+def test_device_loop_waits_for_the_gpu_once_per_window(tiny_t5_dir):
+    """torch's sync debug mode raises on every synchronising call (.cpu(), .item(), a blocking copy,
+    a repeat_interleave without output_size, ...). The loop's only wait is an event per read window
+    (and per staging buffer), which that mode does not count."""
+    rr = Reranker.from_pretrained(tiny_t5_dir, device="cuda", dtype="bfloat16", read_window=8)
+    requests = _requests(40, seed=6)
+    warm = _scores(rr.rank(requests))  # Triton autotuning (which synchronises) happens here
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = _scores(rr.rank(requests))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(np.array_equal(a, b) for a, b in zip(again, warm))
+
+
+def test_engine_runs_under_torch_deterministic_algorithms(tiny_t5_dir, monkeypatch):
+    """No op in the scoring path lacks a deterministic CUDA implementation (torch raises if one does)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for determinism
+    requests = _requests(20, seed=7)
+    rr = Reranker.from_pretrained(tiny_t5_dir, device="cuda", dtype="bfloat16")
+    free = _scores(rr.rank(requests))
+    torch.use_deterministic_algorithms(True)
+    try:
+        strict = _scores(rr.rank(requests))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(strict, free):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=0.05)
+
+
+def test_a_gpu_number_past_the_count_is_a_typed_error(tiny_t5_dir):
+    from instructrec.engine.errors import InputError
+
+    with pytest.raises(InputError, match="CUDA device"):
+        Reranker.from_pretrained(tiny_t5_dir, device=f"cuda:{torch.cuda.device_count()}")
 
 
 @two_gpus
