@@ -32,7 +32,7 @@ from instructrec.engine.errors import InputError
 from .flops import T5Shape, model_flops
 from .peaks import measure_peak, plan_peaks
 from .providers import ENGINE_FP32, PROVIDERS, REFERENCE, ProviderSpec, open_provider, prepare, versions
-from .report import CSV_COLUMNS, chart, figures, markdown, write_csv
+from .report import chart, figures, markdown, write_csv
 from .workloads import (
     GROUP_SIZE, WORKLOADS, architecture_of, cache_key, check_names, model_checkpoint, model_work,
     resolve_bench_model, workload_inputs,

@@ -33,9 +33,6 @@ def compare(model: str, n_requests: int, rounds: int, threads: int, seed: int, c
 
     from instructrec.engine import Reranker
     from instructrec.engine.capabilities import auto_dtype_name, cpu_info
-    from instructrec.engine.quantize import quantize_dynamic_int8
-
-    from .providers import engine_t5
     from .workloads import make_requests, model_checkpoint, resolve_bench_model, workload_inputs
 
     checkpoint = model_checkpoint(resolve_bench_model(model), cache, seed)
@@ -44,10 +41,7 @@ def compare(model: str, n_requests: int, rounds: int, threads: int, seed: int, c
     try:
         engines = {}
         for name in PRECISIONS:
-            engines[name] = Reranker.from_pretrained(checkpoint, dtype="float32" if name == "int8" else name,
-                                                     seed=seed)
-            if name == "int8":
-                quantize_dynamic_int8(engine_t5(engines[name]))
+            engines[name] = Reranker.from_pretrained(checkpoint, dtype=name, seed=seed)
         inputs = workload_inputs("rerank-10", n_requests, seed, engines["float32"].tokenizer)
         warm = make_requests(2, 20, 10, seed=seed + 1)
         rates: dict[str, list[float]] = {name: [] for name in PRECISIONS}

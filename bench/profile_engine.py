@@ -72,7 +72,6 @@ def profile(model: str, dtype: str, n_requests: int, threads: int, seed: int, ca
     from instructrec.engine import Reranker
 
     from .flops import T5Shape, model_flops
-    from .providers import engine_t5
     from .workloads import make_requests, model_checkpoint, model_work, resolve_bench_model, workload_inputs
 
     checkpoint = model_checkpoint(resolve_bench_model(model), cache, seed)  # as `instructrec bench` caches it
@@ -80,11 +79,7 @@ def profile(model: str, dtype: str, n_requests: int, threads: int, seed: int, ca
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        reranker = Reranker.from_pretrained(checkpoint, dtype="float32" if dtype == "int8" else dtype, seed=seed)
-        if dtype == "int8":
-            from instructrec.engine.quantize import quantize_dynamic_int8
-
-            quantize_dynamic_int8(engine_t5(reranker))
+        reranker = Reranker.from_pretrained(checkpoint, dtype=dtype, seed=seed)
         reranker.rank(make_requests(8, 20, 10, seed=seed + 1))  # warm-up on other inputs
         inputs = workload_inputs("rerank-10", n_requests, seed, reranker.tokenizer)
         reranker.reset_stats()

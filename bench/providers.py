@@ -230,15 +230,7 @@ class EngineProvider(Provider):
             options["threads"] = self.threads
         if self.spec.name.endswith("-compiled"):
             options["compile_model"] = True
-        int8 = self.spec.dtype == "int8"
-        # int8: the fp32 engine, its linear layers then quantised in place (the engine itself does
-        # not take dtype="int8" yet).
-        self.reranker = Reranker.from_pretrained(self.path, backend=backend, dtype="float32" if int8 else self.spec.dtype,
-                                                 **options)
-        if int8:
-            from instructrec.engine.quantize import quantize_dynamic_int8
-
-            quantize_dynamic_int8(engine_t5(self.reranker))
+        self.reranker = Reranker.from_pretrained(self.path, backend=backend, dtype=self.spec.dtype, **options)
         if self.peak_kernel is None:  # auto: what it resolved to
             self.peak_kernel, self.dtype = _torch_kernel(self.reranker)
 

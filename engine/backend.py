@@ -51,8 +51,13 @@ class TorchBackend:
     has_exact_head = True
 
     def __init__(self, model: T5, device: torch.device):
+        from .quantize import quantized_linear_count
+
         self.model, self.cfg, self.device = model, model.cfg, device
         self.dtype = model.shared.weight.dtype
+        # What the matmuls run in: "int8" when the linear layers are quantised (the weights' dtype,
+        # fp32, is then only that of the embedding, head and norms).
+        self.precision = "int8" if quantized_linear_count(model) else str(self.dtype).removeprefix("torch.")
         self._encode, self._decode = model.encode, model.decode
 
     def compile(self) -> None:
@@ -63,6 +68,10 @@ class TorchBackend:
         machine; 1.6x less CPU time on a loaded one) after a one-off compile of 100-150 s, plus
         shorter recompiles when a batch shape first has a dimension of 1. Worth it for long
         jobs, not for a handful of requests."""
+        if self.precision == "int8":
+            raise InputError("compile_model", "torch.compile of the int8-quantised model is not supported here "
+                             "(its quantised linear ops are untested under Inductor)",
+                             "drop compile_model, or use dtype='bfloat16' / 'float32' with it")
         if self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
             raise InputError("compile_model", "torch.compile on CPU needs a C++ compiler (c++, g++ or clang++) "
                              "on PATH and none was found", "install one (e.g. apt-get install g++) or drop compile_model")

@@ -40,11 +40,15 @@ def register(subparsers) -> None:
     parser.add_argument("--output", required=True, help="result folder (part-NNNNN.parquet, _job.json, _summary.json)")
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                         help="auto (default): onnx for an `instructrec export` folder, torch otherwise")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "int8"), default="auto",
                         help="auto (default): bf16 on CUDA and on CPUs where it is native and measured faster, "
-                             "else float32 (an ONNX export: its own dtype); --resume continues in the precision "
-                             "of the run it resumes")
+                             "else float32 (an ONNX export: its own dtype); int8: dynamic int8 linear layers on "
+                             "CPU (opt-in; check its agreement with float32 on your model with `instructrec bench`); "
+                             "--resume continues in the precision of the run it resumes")
+    parser.add_argument("--exact-head", action="store_true",
+                        help="torch backend: fp32 LM-head logits with bf16 weights on CPU (about +15%% CPU time, "
+                             "log-probs exact to ~1e-5 instead of ~2e-2 nats per token)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of the engine (torch.set_num_threads, or onnxruntime's for the "
                              "onnx backend; default: the runtime's, all cores; with --ray: --cpus-per-actor)")
@@ -84,6 +88,15 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N (whether that GPU exists is checked when the engine loads)."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N")
+    return text
+
+
 def _rerank(args: argparse.Namespace) -> int:
     from .errors import InstructRecError
 
@@ -91,7 +104,8 @@ def _rerank(args: argparse.Namespace) -> int:
                           batch_tokens=args.batch_tokens, group_size=args.group_size, threads=args.threads,
                           revision=args.revision, tokenizer=args.tokenizer, resume=args.resume,
                           rows_per_part=args.rows_per_part, chunk_rows=args.chunk_rows,
-                          reranker_options={"compile_model": True} if args.compile else None)
+                          reranker_options={k: True for k, on in (("compile_model", args.compile),
+                                                                  ("exact_head", args.exact_head)) if on} or None)
     resume_hint = (f"finished parts are kept in {args.output}: rerun the same command with --resume to finish "
                    "the job")
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -28,7 +28,7 @@ __all__ = ["BACKENDS", "DTYPES", "EngineSettings", "JobModel", "model_difference
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)

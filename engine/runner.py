@@ -301,7 +301,7 @@ class PassInputs:
     def build(cls, data: torch.Tensor, batch: BatchPlan, p: PassPlan, start_id: int, pad_id: int) -> "PassInputs":
         """data: the batch's upload (write_batch's buffer) on the device."""
         dev = data.device
-        n, c = p.t1 - p.t0, p.c1 - p.c0
+        n = p.t1 - p.t0
         targets = data[batch.targets_at + p.t0:batch.targets_at + p.t1]  # [N]
         lengths = data[batch.cand_lengths_at + p.c0:batch.cand_lengths_at + p.c1]  # [C]
         starts = data[batch.cand_starts_at + p.c0:batch.cand_starts_at + p.c1]  # [C]

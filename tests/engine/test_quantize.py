@@ -138,3 +138,32 @@ def test_refuses_what_it_cannot_quantise(tiny_t5_dir):
     with pytest.raises(InputError) as e:
         quantize_dynamic_int8(bf16)
     assert e.value.field == "dtype" and "fp32" in str(e.value)
+
+
+def test_reranker_int8_against_hugging_face_fp32(tiny_t5_dir, hf_log_likelihoods):
+    """dtype="int8" through the public API: every linear quantised, scores near Hugging Face's own
+    fp32 forward of the same checkpoint (the bound test_quantize measures per layer: a few %)."""
+    from instructrec.engine import Reranker
+
+    reranker = Reranker.from_pretrained(tiny_t5_dir, dtype="int8")
+    assert reranker.backend.precision == "int8"
+    assert quantized_linear_count(reranker.backend.model) > 0
+    instruction = "Recommend the next game for a fan of racing games."
+    titles = ["Turbo Kart Racer", "Puzzle Island", "Galaxy Command", "Soccer Stars"]
+    got = reranker.score(instruction, titles)
+    want = hf_log_likelihoods(tiny_t5_dir, instruction, titles)
+    assert np.all(np.abs(got - want) <= 0.05 * np.abs(want) + 0.05), (got, want)
+    fp32 = Reranker.from_pretrained(tiny_t5_dir, dtype="float32")
+    assert fp32.backend.precision == "float32"
+
+
+def test_int8_is_refused_where_it_cannot_run(tiny_t5_dir):
+    from instructrec.engine import Reranker
+
+    with pytest.raises(InputError, match="compile_model"):
+        Reranker.from_pretrained(tiny_t5_dir, dtype="int8", compile_model=True)
+    from instructrec.engine.loading import weights_precision
+
+    with pytest.raises(InputError, match="int8 runs on the CPU"):
+        weights_precision("int8", torch.device("cuda"))
+    assert weights_precision("int8", torch.device("cpu")) == (torch.float32, True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from instructrec.engine.presets import shape_config
 from instructrec.training.loss import T5SequenceLoss, linear_cross_entropy
