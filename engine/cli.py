@@ -25,7 +25,7 @@ def register(subparsers) -> None:
         "rerank", help="rank the candidates of every request in a Parquet file or folder",
         description="Rank the candidates of every request of a requests Parquet (file or folder) into a "
                     "folder of result parts, one output row per input row, in input order. "
-                    "See the README, 'The nightly job', for the columns, error kinds and resume semantics.")
+                    "See docs/batch-job.md for the columns, error kinds and resume semantics.")
     parser.add_argument("--model", required=True,
                         help="the model, one of: a folder (a save_pretrained checkpoint, or an `instructrec export` "
                              "folder); a Hugging Face Hub id org/name (e.g. google/flan-t5-base, fetched into the "

@@ -53,7 +53,7 @@ class InputSchemaError(InputError):
         problem = "; ".join(f"column {column!r} {text}" for column, text in self.problems)
         super().__init__(
             columns, problem,
-            "the input must follow the request table of DESIGN.md / the README (Input columns): "
+            "the input must follow the request table of docs/batch-job.md (Input columns): "
             "request_id string, candidates list<string>, optional candidate_ids list<string>, "
             "instruction or the structured fields")
 

@@ -50,7 +50,8 @@ def register(subparsers) -> None:
                    help="repeatable: one baseline config field, e.g. tem.pairs_per_user=2 (fields: "
                         "training/baselines configs)")
     p.add_argument("--tune", action="store_true", help="grid-search every baseline (training/baselines/README.md)")
-    p.add_argument("--dtype", default="auto", help="engine dtype: auto (bf16 on AMX CPUs), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help="engine dtype: auto (bf16 on CUDA and on CPUs where it is native and measured "
+                        "faster, else float32; docs/engine.md), float32, bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-to", type=Path, default=None, metavar="DIR",
                    help="a previous run's --out: rank exactly its instances and add this run's methods to its "
