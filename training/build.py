@@ -497,15 +497,12 @@ def _progress(iterable, enabled: bool, desc: str):
 
 
 def _load_tokenizer(tokenizer):
+    """A folder or Hub id through the engine's one loader; a loaded tokenizer (or None) as it is."""
     if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    path = Path(tokenizer)
-    if not path.is_dir():
-        raise InputError("tokenizer", f"{path} is not a directory",
-                         "pass a checkpoint or tokenizer directory, e.g. /work/shared/assets/flan-t5-tokenizer")
-    from transformers import AutoTokenizer
+    from instructrec.engine.loading import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(tokenizer)
 
 
 def _row_specs(builder: _Builder, progress: bool) -> dict[str, list[RowSpec]]:

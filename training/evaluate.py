@@ -149,11 +149,13 @@ def build_untuned(source: ModelSource, tokenizer: Path | None, seed: int):
     """The model's architecture with random weights (seeded): the zero-shot reference. The
     tokenizer is the checkpoint's, or `tokenizer` for a random:<shape> source."""
     import torch
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from instructrec.engine.loading import load_tokenizer
 
     config = T5Config.from_dict(source.config())
     torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config).eval(), AutoTokenizer.from_pretrained(tokenizer or source.path)
+    return T5ForConditionalGeneration(config).eval(), load_tokenizer(tokenizer or source.path)
 
 
 def _metrics(ranks: list[int]) -> dict:

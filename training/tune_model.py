@@ -7,7 +7,6 @@ Every check here runs before the first step and raises an `InputError` naming th
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from instructrec.engine.errors import InputError, ModelLoadError
 from instructrec.engine.sources import CHECKPOINT, RANDOM, ModelSource, resolve_model
@@ -37,22 +36,16 @@ def resolve_source(cfg: TrainConfig) -> tuple[ModelSource, object]:
 
 
 def load_tokenizer(cfg: TrainConfig, source: ModelSource):
-    from transformers import AutoTokenizer
+    """`--tokenizer` (a folder or Hub id) or the checkpoint's own, through the engine's one loader."""
+    from instructrec.engine.loading import load_tokenizer as engine_load_tokenizer
 
-    folder = cfg.tokenizer if cfg.tokenizer is not None else source.path
-    if folder is None:
+    spec = cfg.tokenizer if cfg.tokenizer is not None else source.path
+    if spec is None:
         raise InputError("tokenizer", f"model {cfg.model!r} has random weights and no tokenizer",
                          "pass --tokenizer DIR (e.g. ../shared/assets/flan-t5-tokenizer)")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError("tokenizer", f"{folder} is not a directory", "pass a tokenizer folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise InputError("tokenizer", f"cannot load a tokenizer from {folder}: {exc}",
-                         "pass a folder written by save_pretrained (tokenizer.json or spiece.model)") from exc
+    tokenizer = engine_load_tokenizer(spec)
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise InputError("tokenizer", f"{folder} defines no pad or eos token", "use a T5 tokenizer")
+        raise InputError("tokenizer", f"{spec} defines no pad or eos token", "use a T5 tokenizer")
     return tokenizer
 
 
