@@ -38,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cap for the peers that run the encoder per pair: they score the first N of the same "
                         "requests, and agreement is computed on that shared prefix")
     p.add_argument("--threads", type=int, default=2, help="torch / onnxruntime / CTranslate2 threads, all alike")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:N: every provider runs there or is skipped with the reason "
+                        "in the report (never run on the CPU instead); on a GPU the report adds peak GPU memory "
+                        "and model-FLOP utilisation against the GPU's measured bf16 tensor-core peak")
     p.add_argument("--seed", type=int, default=0, help="inputs, weights and tournament groups")
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests per workload (other seeded inputs)")
     p.add_argument("--pairs-per-batch", type=int, default=40,
@@ -54,7 +58,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(workloads=args.workloads, providers=args.providers, models=args.models,
                       requests=args.requests, peer_requests=args.peer_requests, threads=args.threads,
                       seed=args.seed, warmup=args.warmup, pairs_per_batch=args.pairs_per_batch, out=args.out,
-                      cache=args.cache)
+                      cache=args.cache, device=args.device)
     summary = run_bench(cfg)
     print((cfg.out / "results.md").read_text())
-    return 0 if summary["records"] else 1
+    failed = any(entry["status"] == "failed" for entry in summary["not_run"].values())
+    return 0 if summary["records"] and not failed else 1

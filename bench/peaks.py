@@ -14,6 +14,10 @@ kernels, and the rules that decide which utilisation a report may print.
      includes CTranslate2's attention, norms and copies, so it is a lower bound of its GEMM peak;
      the GEMM backend CTranslate2 picked (its own log: oneDNN on AMD, MKL on Intel) is recorded.
    Each runs on GEMMs shaped like the model's (flops.gemm_shapes) at the run's thread count.
+   On a GPU (`--device cuda`) every provider is read against one peak, `cuda:bfloat16`: the
+   GPU's bf16 tensor-core matmul rate, measured on the device (torch.matmul, cuBLAS), so that
+   the figure is model-FLOP utilisation (MFU) as usually reported, whatever precision a provider
+   computes in (an fp32 provider's MFU is low by construction).
 2. A peak is measured, and a utilisation printed, only where the CPU runs that dtype natively:
    bf16 with AVX512-BF16 or AMX, int8 with VNNI (`instructrec.engine.capabilities.cpu_info()`);
    fp32 everywhere. Elsewhere the report says "n/a (no native <dtype> on this CPU)".
@@ -41,6 +45,14 @@ log = logging.getLogger(__name__)
 PEAK_CT2_TOKENS = 256  # source tokens per CT2 peak sequence: about a rerank-10 instruction (~230)
 PEAK_CT2_BATCH = 2  # sequences per call: 512 GEMM rows
 NOT_MEASURABLE = "n/a (peak not measurable)"
+# The GPU peak: GEMMs shaped like the model's with 8,192 rows (a GPU batch of tokens) and one
+# 8,192^3 square product (1.1 TFLOP, ~1.5 ms on an H100-class GPU); each timed over
+# GPU_PEAK_REPEATS back-to-back products between two CUDA events, best of GPU_PEAK_TRIALS. No
+# host synchronisation between the products: a sync per product would count its ~10 us latency
+# against a 2048 x 2048 x 5120 GEMM of ~60 us.
+GPU_PEAK_TOKENS = 8192
+GPU_PEAK_SQUARE = 8192
+GPU_PEAK_REPEATS, GPU_PEAK_TRIALS = 20, 5
 
 
 @dataclass(frozen=True)
@@ -63,11 +75,17 @@ KERNELS: dict[str, PeakKernel] = {k.name: k for k in (
     PeakKernel("ctranslate2:int8", "ctranslate2", "int8",
                f"CTranslate2 score_batch, {PEAK_CT2_BATCH} x {PEAK_CT2_TOKENS}-token sources, 1-token targets "
                "(encoder-bound; a lower bound of its GEMM peak)"),
+    PeakKernel("cuda:bfloat16", "torch-cuda", "bfloat16",
+               f"torch.matmul bf16 on the GPU (tensor cores), CUDA-event timed: best of GEMMs shaped like the "
+               f"model's at {GPU_PEAK_TOKENS:,} rows and a {GPU_PEAK_SQUARE:,}^3 square"),
 )}
 
 
 def not_native_reason(kernel: str, cpu) -> str | None:
-    """Why `kernel`'s dtype has no peak on `cpu` (a CpuInfo), or None when the CPU runs it natively."""
+    """Why `kernel`'s dtype has no peak on `cpu` (a CpuInfo), or None when the CPU runs it natively
+    (a GPU kernel: None; its own measurement says when the GPU lacks bf16)."""
+    if KERNELS[kernel].library == "torch-cuda":
+        return None
     dtype = KERNELS[kernel].dtype
     if dtype == "bfloat16" and not cpu.native_bf16:
         return "n/a (no native bfloat16 on this CPU: no AVX512-BF16, no AMX)"
@@ -89,10 +107,16 @@ def plan_peaks(kernels: set[str], cpu) -> tuple[list[str], dict[str, dict]]:
     return measure, decided
 
 
-def measure_peak(kernel: str, shape: T5Shape, threads: int, seconds: float, ct2_dirs: dict[str, str]) -> dict:
+def measure_peak(kernel: str, shape: T5Shape, threads: int, seconds: float, ct2_dirs: dict[str, str],
+                 device: str = "cpu") -> dict:
     """One kernel's peak: {"kernel", "flops_per_s", "how", ...details}. `ct2_dirs`: dtype -> the
-    converted CTranslate2 model folder (the CT2 kernels need the model itself)."""
+    converted CTranslate2 model folder (the CT2 kernels need the model itself). `device`: the GPU
+    of a torch-cuda kernel."""
     spec = KERNELS[kernel]
+    if spec.library == "torch-cuda":
+        rate, detail = cuda_bf16_peak(shape, device)
+        note = None if rate else detail.pop("note")
+        return {"kernel": kernel, "flops_per_s": rate, "note": note, "how": spec.how, "device": device, **detail}
     if spec.library == "torch" and spec.dtype != "int8":
         result = matmul_peak(shape, spec.dtype, threads, seconds=seconds)
         detail = {"m": result["m"], "k": result["k"], "n": result["n"]}
@@ -105,6 +129,53 @@ def measure_peak(kernel: str, shape: T5Shape, threads: int, seconds: float, ct2_
         # the backend lines come from the same folder for every CT2 kernel (logged once per process)
         rate, detail = _ct2_peak(Path(ct2_dirs[spec.dtype]), spec.dtype, shape, threads, min(ct2_dirs.values()))
     return {"kernel": kernel, "flops_per_s": rate, "note": None, "how": spec.how, "threads": threads, **detail}
+
+
+def gpu_facts(device: str) -> dict:
+    """The GPU a figure was measured on: name, compute capability, memory, torch's CUDA version."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return {"name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": props.total_memory / 2 ** 30, "cuda": torch.version.cuda, "device": device}
+
+
+def cuda_bf16_peak(shape: T5Shape, device: str, repeats: int = GPU_PEAK_REPEATS,
+                   trials: int = GPU_PEAK_TRIALS) -> tuple[float | None, dict]:
+    """(FLOP/s, where) of the best bf16 torch.matmul on the GPU `device` over GEMMs shaped like the
+    model's at GPU_PEAK_TOKENS rows and one GPU_PEAK_SQUARE cube; (None, {"note": why}) on a GPU
+    without bf16. Timed with CUDA events around `repeats` products queued back to back."""
+    import torch
+
+    dev = torch.device(device)
+    facts = {"gpu": gpu_facts(device)}
+    if not torch.cuda.is_bf16_supported():
+        return None, {**facts, "note": f"n/a (no bfloat16 on {facts['gpu']['name']})"}
+    best, where = 0.0, {}
+    gemms = gemm_shapes(shape, GPU_PEAK_TOKENS) + [(GPU_PEAK_SQUARE,) * 3]
+    with torch.cuda.device(dev), torch.inference_mode():
+        for m, k, n in gemms:
+            generator = torch.Generator(device=dev).manual_seed(0)
+            a = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=generator)
+            b = torch.randn(k, n, device=dev, dtype=torch.bfloat16, generator=generator)
+            c = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+            for _ in range(3):  # cuBLAS heuristics and workspace
+                torch.matmul(a, b, out=c)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            seconds = float("inf")
+            for _ in range(trials):
+                start.record()
+                for _ in range(repeats):
+                    torch.matmul(a, b, out=c)
+                end.record()
+                end.synchronize()
+                seconds = min(seconds, start.elapsed_time(end) / 1e3 / repeats)  # elapsed_time: ms
+            rate = 2 * m * k * n / seconds
+            if rate > best:
+                best, where = rate, {"m": m, "k": k, "n": n}
+            del a, b, c
+        torch.cuda.empty_cache()
+    return best, {**facts, **where}
 
 
 def _best_over_shapes(shape: T5Shape, make_call, seconds: float) -> tuple[float, dict]:

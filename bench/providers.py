@@ -9,10 +9,24 @@
 - hf-per-pair: Hugging Face transformers, one forward per (instruction, candidate).
 - hf-batched: Hugging Face, pairs in padded batches with the encoder run again for every pair,
   full [pairs, n, vocab] logits, log_softmax + gather. The fp32 reference of the agreement figures.
-- optimum-ort: Optimum's ORTModelForSeq2SeqLM on Optimum's own export, batched like hf-batched.
+- optimum-ort: Optimum's ORTModelForSeq2SeqLM on Optimum's own export, batched like hf-batched,
+  with IO binding (the same logits as without it on CPU, bit for bit; the GPU path on CUDA).
 - ct2-fp32 / ct2-int8: CTranslate2 `Translator.score_batch` on models converted by its
   TransformersConverter (float32; int8 weights). CTranslate2's CPU build offers no bfloat16
-  compute type on this machine (get_supported_compute_types("cpu") has none), so there is no ct2-bf16.
+  compute type on the CPUs measured (get_supported_compute_types("cpu") has none).
+
+Devices (`--device`, `instructrec bench --device cuda`): every provider runs on the device asked
+for, or is skipped with the reason in the report; none ever runs on the CPU in place of the GPU.
+- On CUDA only: engine-onnx-bf16 (a bf16 export on onnxruntime's CUDA provider; its CPU provider
+  has no bf16 MatMul/Add kernels), ct2-bf16, ct2-int8-bf16 and ct2-int8-fp16 (CTranslate2's
+  GPU compute types: bfloat16 needs compute capability >= 8.0; int8_float16 is CTranslate2's
+  usual fastest GPU type, reported with its agreement since T5 activations can overflow fp16).
+- On CPU only: engine-torch-int8 (torch's dynamic int8 linear has CPU kernels only).
+- hf-batched-bf16: Hugging Face batched in bf16 (on CPU only where the CPU runs bf16 natively).
+- On CUDA the engine's onnx backend and optimum-ort run on onnxruntime's CUDAExecutionProvider
+  with IO binding (optimum: `use_io_binding=True`, inputs on the device); CTranslate2 runs with
+  device="cuda" and the compute type of its provider, when get_supported_compute_types("cuda")
+  lists it for that GPU.
 
 A provider's `prepare` (export, conversion) runs once in the parent and is cached; `open` loads it
 in the worker process; `run` scores one workload and returns rankings, timings and FLOP counts.
@@ -64,11 +78,13 @@ class ProviderSpec:
     name: str
     family: str  # engine | hf | optimum | ct2
     dtype: str  # the compute dtype reported in the CSV ("auto": the one it resolved to is reported)
-    # the kernels whose peak its utilisation is measured against (bench/peaks.py KERNELS); None:
-    # known only once loaded (engine-torch-auto)
+    # the kernels whose peak its utilisation is measured against on CPU (bench/peaks.py KERNELS;
+    # on a GPU every provider is read against CUDA_PEAK_KERNEL); None: known only once loaded
+    # (engine-torch-auto)
     peak_kernel: str | None
     repeats_encoder: bool  # runs the encoder per pair: capped by --peer-requests
     package: str | None = None  # the import a peer needs beyond our own dependencies
+    devices: tuple[str, ...] = ("cpu", "cuda")  # device types it can run on (DEVICE_ONLY_REASONS says why not)
 
     def missing_package(self) -> str | None:
         if self.package and importlib.util.find_spec(self.package) is None:
@@ -76,29 +92,97 @@ class ProviderSpec:
         return None
 
 
+# The peak every provider's model-FLOP utilisation is read against on a GPU (bench/peaks.py).
+CUDA_PEAK_KERNEL = "cuda:bfloat16"
+
 PROVIDERS: dict[str, ProviderSpec] = {s.name: s for s in (
     ProviderSpec("engine-torch-auto", "engine", "auto", None, False),
     ProviderSpec("engine-torch-fp32", "engine", "float32", "torch:float32", False),
     ProviderSpec("engine-torch-bf16", "engine", "bfloat16", "torch:bfloat16", False),
     # compile_model=True: torch.compile of encoder and decoder; its compile time is in the warm-up.
     ProviderSpec("engine-torch-bf16-compiled", "engine", "bfloat16", "torch:bfloat16", False),
-    ProviderSpec("engine-torch-int8", "engine", "int8", "torch:int8-dynamic", False),
+    ProviderSpec("engine-torch-int8", "engine", "int8", "torch:int8-dynamic", False, devices=("cpu",)),
     ProviderSpec("engine-onnx-fp32", "engine", "float32", "onnxruntime:float32", False),
+    ProviderSpec("engine-onnx-bf16", "engine", "bfloat16", CUDA_PEAK_KERNEL, False, devices=("cuda",)),
     ProviderSpec("hf-per-pair", "hf", "float32", "torch:float32", True),
     ProviderSpec("hf-batched", "hf", "float32", "torch:float32", True),
+    ProviderSpec("hf-batched-bf16", "hf", "bfloat16", "torch:bfloat16", True),
     ProviderSpec("optimum-ort", "optimum", "float32", "onnxruntime:float32", True, "optimum.onnxruntime"),
     ProviderSpec("ct2-fp32", "ct2", "float32", "ctranslate2:float32", True, "ctranslate2"),
     ProviderSpec("ct2-int8", "ct2", "int8", "ctranslate2:int8", True, "ctranslate2"),
+    # the dtype of a CTranslate2 provider is its compute_type
+    ProviderSpec("ct2-bf16", "ct2", "bfloat16", CUDA_PEAK_KERNEL, True, "ctranslate2", devices=("cuda",)),
+    ProviderSpec("ct2-int8-bf16", "ct2", "int8_bfloat16", CUDA_PEAK_KERNEL, True, "ctranslate2", devices=("cuda",)),
+    ProviderSpec("ct2-int8-fp16", "ct2", "int8_float16", CUDA_PEAK_KERNEL, True, "ctranslate2", devices=("cuda",)),
 )}
+# Why a provider does not run on a device type it does not list.
+DEVICE_ONLY_REASONS = {
+    "engine-torch-int8": "CPU only: torch's dynamically quantised int8 linear has no CUDA kernels",
+    "engine-onnx-bf16": "CUDA only: onnxruntime's CPU provider has no bfloat16 kernels for MatMul and Add",
+    "ct2-bf16": "CUDA only here: CTranslate2 is measured on CPU in float32 and int8 (its CPU builds list no "
+                "bfloat16 compute type on the CPUs measured)",
+    "ct2-int8-bf16": "CUDA only here: a GPU compute type of CTranslate2 (int8 weights, bfloat16 activations)",
+    "ct2-int8-fp16": "CUDA only here: a GPU compute type of CTranslate2 (int8 weights, float16 activations)",
+}
 
 
-def versions(spec: ProviderSpec) -> str:
-    """Package versions that produced a provider's figures, "name=version;..."."""
+def unavailable_reason(spec: ProviderSpec, device: str) -> str | None:
+    """Why `spec` cannot run on `device` ("cpu", "cuda:N") on this machine, or None when it can.
+    Checked before anything is prepared, so that no provider is ever run elsewhere than asked, and
+    without a CUDA context in this (the parent) process: a GPU without bfloat16 is found by the
+    provider's own process (Provider.__init__), which then fails with that reason."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type not in spec.devices:
+        return DEVICE_ONLY_REASONS.get(spec.name, f"does not run on {dev.type}")
+    if spec.dtype == "bfloat16" and spec.family == "hf" and dev.type == "cpu":
+        from instructrec.engine.capabilities import cpu_info
+
+        if not cpu_info().native_bf16:
+            return "this CPU has no native bfloat16 (no AVX512-BF16, no AMX): bf16 matmuls run hundreds of times slower"
+    if spec.name.startswith("engine-onnx") or spec.family == "optimum":
+        return _onnxruntime_reason(dev)
+    if spec.family == "ct2":
+        return _ct2_reason(spec, dev)
+    return None
+
+
+def _onnxruntime_reason(dev) -> str | None:
+    if dev.type != "cuda":
+        return None
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        return (f"onnxruntime has no CUDAExecutionProvider here (installed: {', '.join(available)}; "
+                "pip install 'instructrec[gpu]' brings onnxruntime-gpu)")
+    return None
+
+
+def _ct2_reason(spec: ProviderSpec, dev) -> str | None:
+    import ctranslate2
+
+    index = dev.index or 0
+    if dev.type == "cuda" and ctranslate2.get_cuda_device_count() <= index:
+        return (f"CTranslate2 sees {ctranslate2.get_cuda_device_count()} CUDA device(s) "
+                "(a CPU-only build, or no CUDA runtime it can load)")
+    supported = ctranslate2.get_supported_compute_types(dev.type, index)
+    if spec.dtype not in supported:
+        return (f"CTranslate2 does not offer compute type {spec.dtype} on this {dev.type} "
+                f"(get_supported_compute_types: {', '.join(sorted(supported))})")
+    return None
+
+
+def versions(spec: ProviderSpec, device: str = "cpu") -> str:
+    """Package versions that produced a provider's figures, "name=version;..." (on CUDA also the
+    CUDA version torch was built with; onnxruntime is the onnxruntime-gpu distribution there)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    ort = "onnxruntime-gpu" if device.startswith("cuda") else "onnxruntime"
     names = ["instructrec", "torch"]
-    names += {"engine": ["onnxruntime"] if spec.name.startswith("engine-onnx") else [],
-              "hf": ["transformers"], "optimum": ["transformers", "optimum-onnx", "onnxruntime"],
+    names += {"engine": [ort] if spec.name.startswith("engine-onnx") else [],
+              "hf": ["transformers"], "optimum": ["transformers", "optimum-onnx", ort],
               "ct2": ["ctranslate2"]}[spec.family]
     out = []
     for name in names:
@@ -106,26 +190,39 @@ def versions(spec: ProviderSpec) -> str:
             out.append(f"{name}={version(name)}")
         except PackageNotFoundError:
             out.append(f"{name}=absent")
+    if device.startswith("cuda"):
+        import torch
+
+        out.append(f"cuda={torch.version.cuda}")
     return ";".join(out)
 
 
 # ---- preparation (parent process, cached) -----------------------------------------------------
 
 
-def prepare(spec: ProviderSpec, checkpoint: Path, cache: Path) -> Path:
-    """The directory `open` loads for this provider, made once under `cache`."""
+def ct2_weights(spec: ProviderSpec) -> str:
+    """The conversion a CTranslate2 provider loads: int8 weights for its int8 compute types,
+    float32 otherwise (CTranslate2 converts the weights to the compute type when it loads them)."""
+    return "int8" if spec.dtype.startswith("int8") else "float32"
+
+
+def prepare(spec: ProviderSpec, checkpoint: Path, cache: Path, device: str = "cpu") -> Path:
+    """The directory `open` loads for this provider, made once under `cache`. `device`: where a
+    bf16 export is validated (onnxruntime runs bf16 graphs on CUDA only)."""
     if spec.name.startswith("engine-torch") or spec.family == "hf":
         return checkpoint
-    if spec.name == "engine-onnx-fp32":
+    if spec.name.startswith("engine-onnx"):
         from instructrec.engine.onnx_backend import FORMAT_VERSION
 
-        # One folder per export format version: an export cached by another version is never loaded.
-        return _cached(cache / f"engine-onnx-v{FORMAT_VERSION}", "instructrec_onnx.json",
-                       lambda out: _export_ours(checkpoint, out))
+        # One folder per export format version and dtype: an export cached by another version is never loaded.
+        dtype = spec.dtype
+        folder = f"engine-onnx-v{FORMAT_VERSION}" + ("" if dtype == "float32" else f"-{dtype}")
+        return _cached(cache / folder, "instructrec_onnx.json",
+                       lambda out: _export_ours(checkpoint, out, dtype, device))
     if spec.family == "optimum":
         return _cached(cache / "optimum-onnx", "encoder_model.onnx", lambda out: _export_optimum(checkpoint, out))
     if spec.family == "ct2":
-        quantization = {"float32": "float32", "int8": "int8"}[spec.dtype]
+        quantization = ct2_weights(spec)
         return _cached(cache / f"ct2-{quantization}", "model.bin",
                        lambda out: _convert_ct2(checkpoint, out, quantization))
     raise InputError("--providers", f"no preparation for {spec.name!r}")
@@ -144,10 +241,18 @@ def _cached(out: Path, marker: str, make: Callable[[Path], None]) -> Path:
     return out
 
 
-def _export_ours(checkpoint: Path, out: Path) -> None:
+def _export_ours(checkpoint: Path, out: Path, dtype: str = "float32", device: str = "cpu") -> None:
+    import torch
+
     from instructrec.export import export_model
 
-    export_model(checkpoint, out)
+    if dtype == "float32":
+        export_model(checkpoint, out)
+        return
+    # bf16 graphs are validated on the GPU (the exporter's "cuda" is the current device)
+    with torch.cuda.device(torch.device(device)):
+        export_model(checkpoint, out, dtype=dtype, validation_device="cuda")
+    torch.cuda.empty_cache()  # the parent keeps no GPU memory beyond its context while workers run
 
 
 def _export_optimum(checkpoint: Path, out: Path) -> None:
@@ -166,29 +271,50 @@ def _convert_ct2(checkpoint: Path, out: Path, quantization: str) -> None:
 
 
 class Provider:
-    """A loaded provider: `run(inputs)` scores a workload. `peak_kernel` and `dtype`: what it
-    runs on once loaded (engine-torch-auto resolves them at load)."""
+    """A loaded provider: `run(inputs)` scores a workload on `device`. `peak_kernel` and `dtype`:
+    what it runs on once loaded (engine-torch-auto resolves them at load).
+
+    Timing on CUDA: every timed region starts and ends with `sync()`, torch.cuda.synchronize of
+    the device, which waits for every stream of this process on it (torch's, onnxruntime's,
+    CTranslate2's: one CUDA context per device and process). Wall time between the two is what a
+    caller waits for; CUDA events on torch's stream would miss the other libraries' streams."""
 
     def __init__(self, spec: ProviderSpec, path: Path, checkpoint: Path, threads: int, seed: int,
-                 pairs_per_batch: int):
+                 pairs_per_batch: int, device: str = "cpu"):
         import json
 
+        import torch
         from transformers import AutoTokenizer
 
         self.spec, self.path, self.threads, self.seed = spec, path, threads, seed
         self.pairs_per_batch = pairs_per_batch
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.on_gpu = self.device.type == "cuda"
+        if self.on_gpu and "bfloat16" in spec.dtype and not torch.cuda.is_bf16_supported():
+            raise RuntimeError(f"{torch.cuda.get_device_name(self.device)} has no bfloat16 (compute capability "
+                               f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))} < 8.0)")
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.shape = T5Shape.from_config(json.loads((checkpoint / "config.json").read_text()))
-        self.peak_kernel, self.dtype = spec.peak_kernel, spec.dtype
+        self.peak_kernel = CUDA_PEAK_KERNEL if self.on_gpu else spec.peak_kernel
+        self.dtype = spec.dtype
+
+    def sync(self) -> None:
+        """Wait for everything queued on the device (no-op on CPU)."""
+        if self.on_gpu:
+            import torch
+
+            torch.cuda.synchronize(self.device)
 
     def run(self, inputs: WorkloadInputs) -> WorkloadRun:
         raise NotImplementedError
 
 
 def open_provider(spec: ProviderSpec, path: Path, checkpoint: Path, threads: int, seed: int,
-                  pairs_per_batch: int) -> Provider:
+                  pairs_per_batch: int, device: str = "cpu") -> Provider:
     cls = EngineProvider if spec.family == "engine" else PairProvider
-    return cls(spec, path, checkpoint, threads, seed, pairs_per_batch)
+    return cls(spec, path, checkpoint, threads, seed, pairs_per_batch, device)
 
 
 def _ranking(scores: np.ndarray) -> list[int]:
@@ -227,12 +353,16 @@ class EngineProvider(Provider):
         backend = "onnx" if "onnx" in self.spec.name else "torch"
         options: dict = {"seed": self.seed}
         if backend == "onnx":
-            options["threads"] = self.threads
+            options["threads"] = self.threads  # onnxruntime's intra-op threads (its CPU side on CUDA)
         if self.spec.name.endswith("-compiled"):
             options["compile_model"] = True
-        self.reranker = Reranker.from_pretrained(self.path, backend=backend, dtype=self.spec.dtype, **options)
-        if self.peak_kernel is None:  # auto: what it resolved to
-            self.peak_kernel, self.dtype = _torch_kernel(self.reranker)
+        # On CUDA the onnx backend loads strictly: a graph that would run nodes on the CPU raises
+        # DevicePlacementError (engine/onnx_backend.py) and the provider is reported as failed.
+        self.reranker = Reranker.from_pretrained(self.path, backend=backend, device=str(self.device),
+                                                 dtype=self.spec.dtype, **options)
+        if self.spec.dtype == "auto":  # what it resolved to
+            kernel, self.dtype = _torch_kernel(self.reranker)
+            self.peak_kernel = CUDA_PEAK_KERNEL if self.on_gpu else kernel
 
     def _requests(self, inputs: WorkloadInputs) -> list:
         from instructrec.engine import Request
@@ -247,15 +377,18 @@ class EngineProvider(Provider):
         requests = self._requests(inputs)
         rr.reset_stats()
         latencies: list[float] = []
+        self.sync()
         t0 = time.perf_counter()
         if inputs.name == "latency":
             results = []
             for r in requests:
                 start = time.perf_counter()
                 results += rr.rank([r])
+                self.sync()
                 latencies.append(time.perf_counter() - start)
         else:
             results = rr.rank(requests)
+        self.sync()
         wall = time.perf_counter() - t0
         if inputs.name == "pointwise":
             flat = np.array([res.scores[0] for res in results])
@@ -294,7 +427,8 @@ class PairProvider(Provider):
             import torch
             from transformers import T5ForConditionalGeneration
 
-            self.model = T5ForConditionalGeneration.from_pretrained(self.path, dtype=torch.float32).eval()
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.spec.dtype]
+            self.model = T5ForConditionalGeneration.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
             self._score_pairs = self._hf_pairs
             self.batch = 1 if name == "hf-per-pair" else self.pairs_per_batch
         elif family == "optimum":
@@ -304,13 +438,23 @@ class PairProvider(Provider):
             so = ort.SessionOptions()
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
-            self.model = ORTModelForSeq2SeqLM.from_pretrained(self.path, use_cache=False, session_options=so)
+            # IO binding on both devices, one code path: Optimum binds the torch tensors it is given
+            # where they live (on CUDA the inputs and the [pairs, n, V] logits stay on the GPU; on
+            # CPU it skips a numpy round trip and gives the same logits bit for bit).
+            gpu = {}
+            if self.on_gpu:
+                gpu = {"provider": "CUDAExecutionProvider", "provider_options": {"device_id": self.device.index}}
+            self.model = ORTModelForSeq2SeqLM.from_pretrained(self.path, use_cache=False, session_options=so,
+                                                              use_io_binding=True, **gpu)
+            if self.on_gpu and self.model.device != self.device:
+                raise RuntimeError(f"Optimum placed the model on {self.model.device}, {self.device} was asked")
             self._score_pairs = self._hf_pairs
             self.batch = self.pairs_per_batch
         else:
             import ctranslate2
 
-            self.model = ctranslate2.Translator(str(self.path), device="cpu", compute_type=self.spec.dtype,
+            self.model = ctranslate2.Translator(str(self.path), device=self.device.type,
+                                                device_index=self.device.index or 0, compute_type=self.spec.dtype,
                                                 inter_threads=1, intra_threads=self.threads)
             self._score_pairs = self._ct2_pairs
             self.batch = self.pairs_per_batch
@@ -336,10 +480,11 @@ class PairProvider(Provider):
         mask = (torch.arange(S)[None, :] < torch.tensor([len(p[0]) for p in pairs])[:, None]).long()
         # decoder input: the start id (0) then the target shifted right, as T5 does with labels
         dec_in = torch.cat([torch.zeros(rows, 1, dtype=torch.long), labels[:, :-1].clamp(min=0)], 1)
+        src, mask, dec_in, labels = (t.to(self.device) for t in (src, mask, dec_in, labels))
         with torch.inference_mode():
             logits = self.model(input_ids=src, attention_mask=mask, decoder_input_ids=dec_in).logits  # [P, n, V]
             lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # [P, n]
-            sums = (lp.double() * (labels != -100)).sum(-1)
+            sums = (lp.double() * (labels != -100)).sum(-1).cpu()  # the host copy waits for the device
         if self.batch == 1:
             self.executed = self.executed + per_pair_flops(self.shape, [(len(s), len(t)) for s, t in pairs])
         else:
@@ -363,6 +508,7 @@ class PairProvider(Provider):
         rankings: list[list[int]] = []
         scores: list[list[float]] | None = []
         latencies: list[float] = []
+        self.sync()
         t0 = time.perf_counter()
         if inputs.name == "rerank-100":
             scores = None
@@ -376,6 +522,7 @@ class PairProvider(Provider):
                     encoding = Encoding(tokenize_source(tok, instruction_text(r, None, tok)),
                                         tokenize_targets(tok, list(r.candidates)))
                 s = self.score([encoding])[0]
+                self.sync()
                 latencies.append(time.perf_counter() - start)
                 scores.append(s.tolist())
                 rankings.append(_ranking(s))
@@ -393,6 +540,7 @@ class PairProvider(Provider):
             for s in np.split(flat, np.cumsum(sizes)[:-1]):
                 scores.append(s.tolist())
                 rankings.append(_ranking(s))
+        self.sync()
         wall = time.perf_counter() - t0
         return WorkloadRun(rankings, scores, wall, watch.tokenize_s, self.executed, latencies,
                            {"encoder_passes": self.encoder_passes})

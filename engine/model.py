@@ -33,7 +33,7 @@ from torch import nn
 from .errors import ModelLoadError
 
 __all__ = ["read_checkpoint_config", "T5Config", "T5", "WeightSlot", "weight_slots", "empty_model", "fill_model",
-           "build_model", "random_model", "relative_position_bucket"]
+           "build_model", "random_model", "relative_position_bucket", "positions_of"]
 
 
 def read_checkpoint_config(model_dir: Path) -> dict:
@@ -129,6 +129,22 @@ def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets
                        * (num_buckets - exact)).long()
     log_bin = log_bin.clamp(max=num_buckets - 1)
     return bucket + torch.where(dist < exact, dist, log_bin)
+
+
+def positions_of(row: torch.Tensor) -> torch.Tensor:
+    """0, 1, .., L-1 (int64) for a [L] tensor `row` of the model's inputs, on its device: the
+    running count of a ones tensor shaped like it, not torch.arange(L).
+
+    Why not arange: in the exported graphs arange(L) is Shape -> Gather -> Range. onnxruntime's CUDA
+    partitioner (GetCpuPreferredNodes, onnxruntime/core/framework/fallback_cpu_capability.cc) puts
+    on the CPU every node downstream of a Shape whose inputs are all CPU tensors, small initializers
+    (<= 100 elements) or graph inputs, unless the CUDA kernel reads that input on the host; its Range
+    kernel reads none there (it copies start/limit/delta from the device), so Range, then the
+    [L, L] relative positions, buckets and causal comparisons built on it would run on the CPU and
+    be copied to the GPU on every run. ones_like exports as ConstantOfShape, whose CUDA kernel reads
+    its shape input on the host and writes on the device; CumSum follows on the device. The
+    values are the same integers as arange's, so results are bit-identical."""
+    return torch.ones_like(row).cumsum(0) - 1
 
 
 class RMSNorm(nn.Module):
@@ -254,12 +270,12 @@ class T5(nn.Module):
     def lm_weight(self) -> torch.Tensor:  # [V, D]
         return self.shared.weight if self.lm_head is None else self.lm_head
 
-    def _bias(self, table: nn.Embedding, q_len: int, k_len: int, bidirectional: bool) -> torch.Tensor:
-        dev = table.weight.device
-        rel = torch.arange(k_len, device=dev)[None, :] - torch.arange(q_len, device=dev)[:, None]
+    def _bias(self, table: nn.Embedding, positions: torch.Tensor, bidirectional: bool) -> torch.Tensor:
+        """positions: [L] int64, 0 .. L-1 (`positions_of`) -> T5's relative position bias [1, H, L, L]."""
+        rel = positions[None, :] - positions[:, None]  # [L, L]: key position - query position
         b = relative_position_bucket(rel, bidirectional, self.cfg.relative_attention_num_buckets,
                                      self.cfg.relative_attention_max_distance)
-        return table(b).permute(2, 0, 1).unsqueeze(0)  # [1, H, q_len, k_len]
+        return table(b).permute(2, 0, 1).unsqueeze(0)  # [1, H, L, L]
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor, collect: list | None = None) -> torch.Tensor:
         """ids, mask (bool, True = token): [B, S] -> encoder output [B, S, D] (final norm applied)."""
@@ -269,7 +285,7 @@ class T5(nn.Module):
         x = x.to(self.residual_dtype)
         # contiguous(): the sum takes the permuted strides of the bias table, and SDPA would copy
         # a non-contiguous mask in every layer (12 copies of [B, H, S, S] on flan-t5-base).
-        attn = (self._bias(self.enc_bias, ids.shape[1], ids.shape[1], True) + pad[:, None, None, :]).contiguous()
+        attn = (self._bias(self.enc_bias, positions_of(ids[0]), True) + pad[:, None, None, :]).contiguous()
         for layer in self.encoder:  # attn: [B, H, S, S]
             x = layer(x, attn)
             if collect is not None:
@@ -289,10 +305,10 @@ class T5(nn.Module):
         x = self.shared(ids)  # [B, R, T, D]
         neg = torch.finfo(x.dtype).min
         seg = segments.view(B * R, T)
-        idx = torch.arange(T, device=ids.device)
+        idx = positions_of(ids[0, 0])  # [T]
         allowed = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :] <= idx[:, None])  # [B*R, T, T]
         block = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, neg)
-        self_mask = (self._bias(self.dec_bias, T, T, False) + block[:, None]).contiguous()  # [B*R, H, T, T]
+        self_mask = (self._bias(self.dec_bias, idx, False) + block[:, None]).contiguous()  # [B*R, H, T, T]
         cross_mask = torch.zeros(src_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
             ~src_mask, neg)[:, None, None, :]  # [B, 1, 1, S]
         x = x.to(self.residual_dtype)

@@ -12,16 +12,17 @@ import pytest
 import torch
 
 from instructrec.bench.harness import BenchConfig, run_bench
-from instructrec.bench.providers import PROVIDERS
+from instructrec.bench.providers import PROVIDERS, unavailable_reason
 from instructrec.bench.report import CSV_COLUMNS
 from instructrec.bench.workloads import instruction_text, make_requests
 from instructrec.engine.capabilities import cpu_info
 
-OPTIONAL = {"optimum-ort": "optimum.onnxruntime", "ct2-fp32": "ctranslate2", "ct2-int8": "ctranslate2"}
+OPTIONAL = {name: spec.package for name, spec in PROVIDERS.items() if spec.package}
 # The compiled engine is left out here: torch.compile costs about a minute even on the tiny model,
-# and tests/engine/test_reranker.py checks its scores against the eager engine.
+# and tests/engine/test_reranker.py checks its scores against the eager engine. So are the providers
+# that do not run on a CPU (tests/bench/test_bench_device.py checks they are skipped with the reason).
 INSTALLED = [name for name in PROVIDERS if (name not in OPTIONAL or importlib.util.find_spec(OPTIONAL[name]))
-             and not name.endswith("-compiled")]
+             and not name.endswith("-compiled") and unavailable_reason(PROVIDERS[name], "cpu") is None]
 FP32 = [name for name in INSTALLED if PROVIDERS[name].dtype == "float32"]
 WORKLOADS = ["rerank-10", "pointwise", "latency"]
 # rerank-100 scores ~120 (instruction, candidate) pairs per request: a few providers cover it
@@ -89,8 +90,10 @@ def test_fp32_providers_compute_the_reference_function(bench, provider):
 
 @pytest.mark.parametrize("provider", sorted(set(OPTIONAL)))
 def test_optional_peers_ran_or_skip(bench, provider):
-    if provider not in INSTALLED:
+    if not importlib.util.find_spec(OPTIONAL[provider]):
         pytest.skip(f"{OPTIONAL[provider]} is not installed")
+    if provider not in INSTALLED:
+        pytest.skip(f"not on a CPU: {unavailable_reason(PROVIDERS[provider], 'cpu')}")
     _, figures = bench
     assert all((provider, w) in figures for w in WORKLOADS)
 

@@ -17,7 +17,7 @@ import torch
 from instructrec.bench.flops import T5Shape, matmul_peak
 from instructrec.bench.harness import resolve_providers, with_engine_reference
 from instructrec.bench.peaks import KERNELS, NOT_MEASURABLE, measure_peak, plan_peaks
-from instructrec.bench.providers import PROVIDERS
+from instructrec.bench.providers import CUDA_PEAK_KERNEL, PROVIDERS
 from instructrec.bench.report import bar_status, figures, markdown
 from instructrec.engine.capabilities import CpuInfo
 from instructrec.engine.presets import shape_config
@@ -53,10 +53,14 @@ def _percentages(text: str) -> list[float]:
 
 
 def test_each_provider_is_measured_against_its_own_kernels():
+    """On CPU; a GPU-only provider is read against the GPU's bf16 tensor-core peak (MFU)."""
     library = {"engine": "torch", "hf": "torch", "optimum": "onnxruntime", "ct2": "ctranslate2"}
     for name, spec in PROVIDERS.items():
         if spec.peak_kernel is None:  # resolved at load: engine-torch-auto
             assert spec.dtype == "auto", name
+            continue
+        if "cpu" not in spec.devices:
+            assert spec.peak_kernel == CUDA_PEAK_KERNEL, name
             continue
         kernel = KERNELS[spec.peak_kernel]
         want = "onnxruntime" if "onnx" in name else library[spec.family]

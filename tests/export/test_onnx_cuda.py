@@ -188,14 +188,30 @@ def test_a_node_without_a_cuda_kernel_is_reported(tmp_path):
     assert any(item.startswith("Unique ") and "CPUExecutionProvider" in item for item in found), found
 
 
-@cuda_test
-def test_bf16_graphs_on_cuda_validate_against_torch_and_rank_alike(tiny_t5_dir, tokenizer, tmp_path):
-    """A bf16 export validated on CUDA (every graph and the chain within the bf16 tolerance),
-    then scores of the onnx backend against torch bf16 on CUDA, and rankings as fp32's."""
+@pytest.fixture(scope="module")
+def bf16_export(tiny_t5_dir, tmp_path_factory):
+    """The tiny checkpoint exported in bf16, validated on CUDA: (folder, manifest)."""
     from instructrec.export import export_model
 
-    out = tmp_path / "bf16"
-    manifest = export_model(tiny_t5_dir, out, dtype="bfloat16", validation_device="cuda")
+    out = tmp_path_factory.mktemp("bf16") / "export"
+    return out, export_model(tiny_t5_dir, out, dtype="bfloat16", validation_device="cuda")
+
+
+@cuda_test
+def test_bf16_graphs_run_wholly_on_cuda(bf16_export):
+    """The strict load of the bf16 export (what `instructrec bench --device cuda` runs as
+    engine-onnx-bf16): no node on the CPU beyond shape arithmetic, no copy of more than a shape."""
+    try:
+        OnnxBackend.load(bf16_export[0], torch.device("cuda"))
+    except DevicePlacementError as e:
+        pytest.fail(str(e))
+
+
+@cuda_test
+def test_bf16_graphs_on_cuda_validate_against_torch_and_rank_alike(bf16_export, tiny_t5_dir, tokenizer):
+    """A bf16 export validated on CUDA (every graph and the chain within the bf16 tolerance),
+    then scores of the onnx backend against torch bf16 on CUDA, and rankings as fp32's."""
+    out, manifest = bf16_export
     assert manifest["dtype"] == "bfloat16"
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] and report["device"] == "cuda"
