@@ -37,11 +37,6 @@ MISSING_REQUEST_ID = "missing_request_id"
 DUPLICATE_REQUEST_ID = "duplicate_request_id"
 JOB_ERROR_KINDS = (MISSING_REQUEST_ID, DUPLICATE_REQUEST_ID)
 
-# Error kinds decided by the job itself; every other kind comes from the engine's validation.
-MISSING_REQUEST_ID = "missing_request_id"
-DUPLICATE_REQUEST_ID = "duplicate_request_id"
-JOB_ERROR_KINDS = (MISSING_REQUEST_ID, DUPLICATE_REQUEST_ID)
-
 
 @dataclass(frozen=True)
 class RowError:

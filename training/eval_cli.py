@@ -9,6 +9,16 @@ import json
 from pathlib import Path
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where there is one to show: not for required flags, switches
+    or flags whose default is "unset" (None)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(subparsers) -> None:
     from .eval_scenarios import METHODS, SCENARIOS
 
@@ -17,7 +27,7 @@ def register(subparsers) -> None:
         description="Rank the same candidate lists with every method and report HR@1/3/5 and NDCG@3/5 "
                     "per scenario as OUT/metrics.json and OUT/results.md. Scenarios: "
                     + "; ".join(f"{s.name} {s.notation} {s.title}" for s in SCENARIOS.values()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsShown)
     p.add_argument("--data", type=Path, required=True, help="prepared data directory (instructrec data prepare)")
     p.add_argument("--instructions", type=Path, required=True,
                    help="instruction folder built from --data whose valid/test rows hold the scenarios' T3 "

@@ -334,7 +334,7 @@ def pa_array(values):
 
 
 def test_scenario_all_on_a_default_build_names_everything_missing_before_loading(world, tiny_t5_dir, tmp_path):
-    """The README's evaluation on the README's default build: --scenario all needs --cross-data, and
+    """docs/evaluation.md's evaluation on a default instruction build: --scenario all needs --cross-data, and
     pers-search-p2 and held-out need templates a default build leaves out. One error names all
     three, with the build command that fixes it, before the data loads (the data folder here
     would fail to load)."""

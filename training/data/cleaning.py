@@ -1,4 +1,4 @@
-"""Cleaning rules for titles, categories and texts. Each rule is written out in the README, "Cleaning rules";
+"""Cleaning rules for titles, categories and texts. Each rule is written out in docs/data.md, "Cleaning rules";
 keep the two in step.
 
 All functions are pure and work on one record, so the loaders stay streaming.

@@ -1,6 +1,6 @@
 """`prepare`: raw Amazon review logs to clean Parquet tables, splits and evaluation candidates.
 
-Order of the steps (the README's data section states the same):
+Order of the steps (docs/data.md states the same):
 1. read reviews, streaming: compact columns in memory (int ids, time, rating), texts spilled;
 2. de-duplicate (user, item), keeping the earliest (time, then file order);
 3. read meta for the reviewed items only; drop interactions whose item has no meta record or no
