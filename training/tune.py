@@ -52,7 +52,7 @@ from .tune_model import (build_model, build_optimizer, check_vocabulary, load_to
                          install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
                          sequence_nll_sum)
 from .tune_schedule import StepSchedule, TimeBudget, lr_factor  # noqa: F401
-from .tune_state import (MetricsLog, list_checkpoints, plot_loss_curve, portable_weights, read_trainer_state,
+from .tune_state import (STATE_FILE, MetricsLog, list_checkpoints, plot_loss_curve, portable_weights, read_trainer_state,
                          save_checkpoint, write_model_card, STATE_VERSION)
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,24 @@ class _Run:
         return self.finish()
 
     # ---------------------------------------------------------------- 1. checks before any step
+    def _resumed_precision(self) -> str | None:
+        """--resume with --precision auto continues in the precision the run resolved to: `auto`
+        measures the machine (engine/capabilities.py), and a loaded machine must not switch a
+        half-trained run between bf16 and fp32. None when there is nothing to continue."""
+        if not (self.cfg.resume and self.cfg.precision == "auto"):
+            return None
+        found = list_checkpoints(Path(self.cfg.out))
+        if not found:
+            return None  # check_inputs says that --resume found nothing
+        try:
+            state = json.loads((found[-1] / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None  # read_trainer_state reports the damaged state
+        precision = state.get("resolved_precision")
+        if precision is not None:
+            log.info("precision auto: continuing in %s, the precision of the run being resumed", precision)
+        return precision
+
     def start_accelerator(self) -> None:
         import torch
         from accelerate import Accelerator
@@ -149,7 +167,7 @@ class _Run:
         cpu = resolve_device(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.precision = resolve_precision(cfg, "cpu" if cpu else "cuda")
+        self.precision = self._resumed_precision() or resolve_precision(cfg, "cpu" if cpu else "cuda")
         _require_tracker(cfg.report_to)
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision="bf16" if self.precision == "bf16" else "no",
@@ -461,7 +479,7 @@ class _Run:
         state = {"version": STATE_VERSION, "step": step, "epoch": self.stream.epoch, "position": self.stream.position,
                  "examples_seen": self.examples_seen, "total_steps": self.schedule.total,
                  "world_size": self.accelerator.num_processes, "config": self.cfg.to_json(),
-                 "curve_fields": self.curve_fields}
+                 "curve_fields": self.curve_fields, "resolved_precision": self.precision}
         self.result.checkpoint = save_checkpoint(
             self.accelerator, self.cfg.out, step, state, self.model_config if full_weights else None,
             self.tokenizer, self.cfg.keep_checkpoints)

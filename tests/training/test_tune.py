@@ -291,3 +291,20 @@ def test_each_epoch_is_a_seeded_permutation(grouped):
         def padded(bs):
             return sum(len(b) * int(lengths[b].max()) for b in bs)
         assert padded(epoch_batches(lengths, 4, 3, 0, True)) <= padded(epoch_batches(lengths, 4, 3, 0, False))
+
+
+def test_resume_with_precision_auto_keeps_the_precision_it_resolved_to(dataset, tmp_path, tokenizer_dir,
+                                                                        monkeypatch):
+    """`auto` measures the machine; a resumed run continues in what the first part resolved to,
+    even where the machine would now answer otherwise (a loaded CPU, another CPU kind)."""
+    from instructrec.engine import capabilities
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(capabilities, "auto_dtype_name", lambda device_type, threads=None: "float32")
+    first = train(config(dataset, out, tokenizer_dir, precision="auto", max_steps=4, stop_after=2))
+    assert first.precision == "fp32" and first.stopped_early
+    monkeypatch.setattr(capabilities, "auto_dtype_name", lambda device_type, threads=None: "bfloat16")
+    resumed = train(config(dataset, out, tokenizer_dir, precision="auto", max_steps=4, resume=True))
+    assert resumed.precision == "fp32"
+    fresh = train(config(dataset, tmp_path / "fresh", tokenizer_dir, precision="auto", max_steps=1))
+    assert fresh.precision == "bf16"
