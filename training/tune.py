@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from instructrec.engine.errors import InputError, InstructRecError
+from instructrec.engine.flops import T5Shape, training_flops
 
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, collate, epoch_batches,  # noqa: F401
@@ -76,6 +77,11 @@ class TrainResult:
     time_capped: bool = False  # the cap was crossed before the schedule ended (OUT holds the model)
     wall_s: float = 0.0
     examples_per_s: float = 0.0
+    # Model FLOPs of the steps run by this call (engine/flops.py: forward x 3) per second of them,
+    # and that rate as a fraction of the measured matmul peak of the precision (CPU only: the
+    # probe of engine/capabilities.py at this run's threads, times the processes; None on CUDA).
+    model_flops_per_s: float = 0.0
+    flop_utilisation: float | None = None
     precision: str = "fp32"
     world_size: int = 1
     global_batch_size: int = 0
@@ -280,8 +286,22 @@ class _Run:
                  acc.device, acc.num_processes, acc.distributed_type.value, self.schedule.total,
                  self.global_batch, cfg.batch_size, cfg.grad_accum)
 
+    def flop_utilisation(self, flops_per_s: float) -> float | None:
+        """flops_per_s over the measured matmul peak of this run's precision, on CPU (the probe of
+        engine/capabilities.py at this process's threads, times the processes)."""
+        import torch
+
+        from instructrec.engine.capabilities import matmul_gflops
+
+        if self.accelerator.device.type != "cpu" or flops_per_s <= 0:
+            return None
+        dtype = "bfloat16" if self.precision == "bf16" else "float32"
+        peak = matmul_gflops(dtype, torch.get_num_threads()) * 1e9 * self.accelerator.num_processes
+        return flops_per_s / peak
+
     def write_run_config(self) -> None:
         cfg, acc = self.cfg, self.accelerator
+        self.shape = T5Shape.from_config(self.model_config.to_dict())
         self.result = TrainResult(out=cfg.out, steps_done=self.start_step, total_steps=self.schedule.total,
                                   stopped_early=False, planned_steps=self.planned_steps, precision=self.precision,
                                   world_size=acc.num_processes, global_batch_size=self.global_batch,
@@ -308,7 +328,7 @@ class _Run:
         bar = tqdm(total=self.schedule.total, initial=self.start_step, file=sys.stderr,
                    disable=not (cfg.progress and acc.is_main_process), desc="train", unit="step", dynamic_ncols=True)
         # examples/s counts the time of training steps only (not validation or checkpoints).
-        self.train_s, self.loop_examples, step = 0.0, 0, self.start_step
+        self.train_s, self.loop_examples, self.loop_flops, step = 0.0, 0, 0.0, self.start_step
         with _StopRequest() as stop:
             while step < self.schedule.total:
                 t0 = self.clock()
@@ -378,6 +398,8 @@ class _Run:
     def record_step(self, step: int, rows, loss: float, lr_used: float, dt: float) -> None:
         self.examples_seen += len(rows)
         self.loop_examples += len(rows)
+        self.loop_flops += training_flops(self.shape, self.train_rows.source_lengths[rows],
+                                          self.train_rows.target_lengths[rows])
         self.train_s += dt
         self.result.step_losses[step] = loss
         if self.metrics is not None:
@@ -488,6 +510,8 @@ class _Run:
     def finish(self) -> TrainResult:
         cfg, acc, result = self.cfg, self.accelerator, self.result
         result.examples_per_s = self.loop_examples / self.train_s if self.train_s > 0 else 0.0
+        result.model_flops_per_s = self.loop_flops / self.train_s if self.train_s > 0 else 0.0
+        result.flop_utilisation = self.flop_utilisation(result.model_flops_per_s)
         if not result.stopped_early or result.time_capped:
             if result.time_capped:
                 log.warning("max_minutes %.1f reached at step %d of %d: the current weights become the final "

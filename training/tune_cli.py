@@ -85,6 +85,8 @@ def run(args) -> int:
                "time_capped": result.time_capped, "precision": result.precision,
                "processes": result.world_size, "global_batch_size": result.global_batch_size,
                "wall_s": round(result.wall_s, 1), "examples_per_s": round(result.examples_per_s, 2),
+               "model_gflops_per_s": round(result.model_flops_per_s / 1e9, 1),
+               "flop_utilisation": None if result.flop_utilisation is None else round(result.flop_utilisation, 3),
                "final_train_loss": result.step_losses[max(result.step_losses)] if result.step_losses else None,
                "final_eval": result.evaluations[-1] if result.evaluations else None}
     print(json.dumps(summary, indent=2))

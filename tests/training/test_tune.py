@@ -197,6 +197,8 @@ def test_cli_trains_and_writes_the_outputs(dataset, tmp_path, tokenizer_dir, cap
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps_done"] == 2 and summary["precision"] == "fp32"
+    # Utilisation = engine/flops.py's count of the steps' rows over the measured fp32 peak.
+    assert summary["model_gflops_per_s"] > 0 and summary["flop_utilisation"] > 0
     assert (out / "model.safetensors").is_file() and (out / "loss_curve.png").is_file()
 
 
