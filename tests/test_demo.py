@@ -138,3 +138,23 @@ def test_a_foreign_folder_is_refused_not_overwritten(tmp_path, tokenizer_dir, ca
     assert main(["demo", "--quick", "--out", str(foreign), "--tokenizer", str(tokenizer_dir)]) != 0
     assert "not written by `instructrec demo`" in capsys.readouterr().err
     assert (foreign / "prepared" / "keep.txt").read_text() == "not the demo's"
+
+
+def test_a_time_capped_demo_run_ends_its_learning_rate_schedule(tmp_path, tokenizer_dir):
+    """The clock, not the step cap, stops this run; its warm-up + linear decay must still reach
+    its end (the last step's rate is the schedule's last, near zero) and the model is `train/`
+    itself, not a checkpoint cut mid-schedule."""
+    out = tmp_path / "demo-output"
+    assert main(["demo", "--quick", "--out", str(out), "--tokenizer", str(tokenizer_dir), "--backend", "torch",
+                 "--train-steps", "100000", "--train-minutes", "0.25"]) == 0
+    record = json.loads((out / ".demo" / "train.json").read_text())["record"]
+    assert record["time_capped"] and record["steps"] < 100000
+    assert record["scheduled_steps"] == record["steps"]
+    assert Path(record["model_dir"]) == out / "train" and (out / "train" / "model.safetensors").is_file()
+    steps = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["kind"] == "train"]
+    assert steps[-1]["step"] == record["steps"]
+    peak = max(s["lr"] for s in steps)
+    # Linear decay over N steps: the last step's rate is peak / N (not the constant peak, and not
+    # where a schedule planned for 100,000 steps would stand).
+    assert steps[-1]["lr"] <= peak * 2.0 / record["steps"]
