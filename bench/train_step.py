@@ -1,0 +1,143 @@
+"""The training step before and after issue 18, measured in one process on the same rows.
+
+    python -m instructrec.bench.train_step --instructions DIR/train.parquet \
+        --tokenizer ../shared/assets/flan-t5-tokenizer [--shapes t5-mini,t5-micro] [--threads 2]
+
+Each variant trains a fresh random-weight model of a shape (engine/presets.py) for --warmup
+untimed steps, then --steps timed ones over the same seeded rows, with AdamW and gradient
+clipping as `instructrec train` runs them. Variants, each adding one change to the one before:
+
+- `plain`: the Hugging Face forward's full [rows x target length x 32,128] logits, padding
+  positions included, fp32, shuffled batches;
+- `+ length-grouped`: batches of rows of similar source length (less padding; the trainer has
+  grouped from the start);
+- `+ bf16 autocast`: only where the CPU runs bf16 matmuls natively (engine/capabilities.py,
+  what `--precision auto` picks); elsewhere the row says why it was skipped. This row is the
+  trainer as issue 18 found it on such a CPU;
+- `+ real-token head`: the head and log-softmax on real target tokens only
+  (training.loss.linear_cross_entropy through install_hidden_states_head): issue 18's change.
+
+Printed: rows/s and rows per CPU-second (both processes' threads counted), and each variant's
+rows/CPU-s as a ratio to `plain` of the same shape. Ratios, not absolute speeds, are what carry
+to another machine; the CPU and its flags head the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_size: int, steps: int,
+            warmup: int, seed: int = 0) -> dict:
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from instructrec.engine.presets import shape_config
+    from instructrec.training.tune_data import collate, epoch_batches
+    from instructrec.training.tune_model import install_hidden_states_head, sequence_nll_sum
+
+    torch.manual_seed(seed)
+    config = shape_config(shape)
+    config.pop("model_type", None)
+    config["dropout_rate"] = 0.0
+    model = T5ForConditionalGeneration(T5Config(**config)).train()
+    stand_in = install_hidden_states_head(model) if head else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    lengths = rows.source_lengths
+    batches = epoch_batches(lengths, batch_size, seed, 0, grouped)
+    if len(batches) < warmup + steps:
+        raise SystemExit(f"--instructions has {len(lengths)} rows: {len(batches)} batches of {batch_size}, "
+                         f"fewer than --warmup + --steps = {warmup + steps}")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    examples = 0
+    started_wall = started_cpu = 0.0
+    for index, indices in enumerate(batches[:warmup + steps]):
+        if index == warmup:
+            started_wall, started_cpu = time.perf_counter(), _cpu_seconds()
+        input_ids, attention, decoder_ids, labels = collate(rows, indices, 0, 0, "cpu")
+        with autocast:
+            nll = sequence_nll_sum(model, input_ids, attention, decoder_ids, labels, head=stand_in)
+        (nll / (labels != -100).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if index >= warmup:
+            examples += len(indices)
+    wall = time.perf_counter() - started_wall
+    cpu = _cpu_seconds() - started_cpu
+    return {"rows_per_s": examples / wall, "rows_per_cpu_s": examples / cpu, "steps": steps, "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m instructrec.bench.train_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instructions", type=Path, required=True, help="an instruction build's train.parquet")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="Flan-T5 tokenizer folder")
+    parser.add_argument("--shapes", default="t5-mini", help="comma-separated shapes of engine/presets.py")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--max-rows", type=int, default=4096, help="rows read from --instructions")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoTokenizer
+
+    from instructrec.engine.capabilities import auto_dtype_name, cpu_info
+    from instructrec.engine.presets import SHAPES
+    from instructrec.training.tune_data import tokenize_rows
+
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    if not args.instructions.is_file():
+        parser.error(f"--instructions {args.instructions}: no such file (an instruction build's train.parquet)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    table = pq.read_table(args.instructions, columns=["instruction", "target"]).slice(0, args.max_rows)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    rows = tokenize_rows(tokenizer, table.column("instruction").to_pylist(), table.column("target").to_pylist(),
+                         512, 64, "train")
+    native_bf16 = auto_dtype_name("cpu") == "bfloat16"
+    info = cpu_info()
+    print(f"CPU: {info.summary()}; {torch.get_num_threads()} torch threads; {table.num_rows} rows of "
+          f"{args.instructions}")
+    variants = [("plain", dict(head=False, grouped=False, bf16=False)),
+                ("+ length-grouped", dict(head=False, grouped=True, bf16=False)),
+                ("+ bf16 autocast", dict(head=False, grouped=True, bf16=True)),
+                ("+ real-token head", dict(head=True, grouped=True, bf16=native_bf16))]
+    results = []
+    print("\n| shape | variant | rows/s | rows/CPU-s | x plain (rows/CPU-s) |\n|---|---|---:|---:|---:|")
+    for shape in shapes:
+        base = None
+        for name, flags in variants:
+            if flags["bf16"] and not native_bf16:
+                print(f"| {shape} | {name} | skipped: this CPU has no native bf16 matmul (auto picks fp32) | | |")
+                continue
+            r = measure(rows, shape, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, **flags)
+            base = base or r["rows_per_cpu_s"]
+            r.update(shape=shape, variant=name, ratio=r["rows_per_cpu_s"] / base)
+            results.append(r)
+            print(f"| {shape} | {name} | {r['rows_per_s']:.1f} | {r['rows_per_cpu_s']:.1f} | {r['ratio']:.2f} |",
+                  flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"cpu": info.summary(), "threads": torch.get_num_threads(), "results": results},
+                                        indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`python -m instructrec.bench.train_step`: the before/after table of the training step. The
+variants differ only in how the loss is computed and batched, so the first step of each, from the
+same seeded weights on the same rows, must give the same loss: checked here against Hugging
+Face's own loss (labels passed to its forward)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from instructrec.bench import train_step
+
+
+@pytest.fixture()
+def instructions(tmp_path):
+    titles = [f"Nitro Rally {i}: World Tour - PC" for i in range(1, 9)] + [f"Tiny Garden {i} - Xbox One" for i in range(1, 9)]
+    rows = [{"instruction": "Past purchases: " + "; ".join(titles[: 1 + i % 7]) + ". What next?",
+             "target": titles[(i + 1) % len(titles)]} for i in range(48)]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_every_variant_is_measured_and_reported(instructions, tokenizer_dir, tmp_path, capsys):
+    report = tmp_path / "steps.json"
+    assert train_step.main(["--instructions", str(instructions), "--tokenizer", str(tokenizer_dir),
+                            "--shapes", "t5-tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                            "--threads", "1", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(report.read_text())["results"]
+    names = [r["variant"] for r in results]
+    assert names[:2] == ["plain", "+ length-grouped"] and names[-1] == "+ real-token head"
+    assert all(r["rows_per_s"] > 0 and r["steps"] == 2 for r in results)
+    assert results[0]["ratio"] == 1.0
+    assert "+ bf16 autocast" in printed  # measured, or skipped with the reason
+    assert "CPU: " in printed
+
+
+def test_the_real_token_head_computes_hugging_faces_loss(instructions, tokenizer_dir):
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from instructrec.engine.presets import shape_config
+    from instructrec.training.tune_data import collate, tokenize_rows
+    from instructrec.training.tune_model import install_hidden_states_head, sequence_nll_sum
+
+    table = pq.read_table(instructions)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = tokenize_rows(tokenizer, table.column("instruction").to_pylist(), table.column("target").to_pylist(),
+                         512, 64, "train")
+    config = shape_config("t5-tiny")
+    config.pop("model_type")
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(**config)).eval()
+    input_ids, attention, decoder_ids, labels = collate(rows, list(range(6)), 0, 0, "cpu")
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss  # HF's mean NLL
+        head = install_hidden_states_head(model)
+        ours = sequence_nll_sum(model, input_ids, attention, decoder_ids, labels, head=head) / (labels != -100).sum()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
