@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from instructrec.bench import gpu_check
+from instructrec.bench import gpu_check, gpu_engine
 
 NO_GPU = shutil.which("nvidia-smi") is None or gpu_check.nvidia_smi() is None
 
@@ -93,7 +93,7 @@ def test_cuda_wheel_index_follows_the_driver():
 
 
 def test_engine_measurement_runs_on_cpu(tokenizer_dir, one_torch_thread):
-    rows = gpu_check.engine_measure(tokenizer_dir, ["t5-tiny"], device="cpu", requests={"t5-tiny": 8},
+    rows = gpu_engine.engine_measure(tokenizer_dir, ["t5-tiny"], device="cpu", requests={"t5-tiny": 8},
                                     batch_tokens=(None, 2048), square=128)
     assert [(r["workload"], r["batch_tokens"]) for r in rows] == [
         ("rerank-10", 8192), ("rerank-10", 2048), ("rerank-100", 2048), ("latency", 2048)]
