@@ -79,7 +79,8 @@ def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_si
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m instructrec.bench.train_step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m instructrec.bench.train_step",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--instructions", type=Path, required=True, help="an instruction build's train.parquet")
     parser.add_argument("--tokenizer", type=Path, required=True, help="Flan-T5 tokenizer folder")
     parser.add_argument("--shapes", default="t5-mini", help="comma-separated shapes of engine/presets.py")

@@ -84,7 +84,7 @@ class DemoSettings:
 
 # Full: t5-micro (10M parameters) for at most 5 minutes, so that data + training + export +
 # ranking stay under 10 minutes on 2 cores. Chosen on the validation split of the demo's own data
-# (docs/results.md, "What moved quality: the demo"): in the same minutes t5-micro ran twice the
+# (docs/results.md, "What moved quality", the demo's data): in the same minutes t5-micro ran twice the
 # steps of t5-mini and ranked better; AdamW at 3e-3 with 30 warm-up steps and a linear decay
 # fitted to the time cap beat 5e-3 and 2e-3; dropout 0 beat 0.1 (a few epochs of a 10M model do
 # not overfit); 7 minutes ranked no better than 4. 20 instructions per user (6,000 rows, about two
@@ -281,7 +281,8 @@ def _train_time_capped(instructions: Path, out: Path, tokenizer: Path, settings:
     result = train(config)
     losses = result.step_losses
     return {"model_dir": str(out), "steps": result.steps_done, "max_steps": settings.max_steps,
-            "scheduled_steps": result.total_steps, "time_capped": result.time_capped or result.total_steps < settings.max_steps,
+            "scheduled_steps": result.total_steps,
+            "time_capped": result.time_capped or result.total_steps < settings.max_steps,
             "first_loss": losses[min(losses)] if losses else None,
             "final_loss": losses[max(losses)] if losses else None,
             "valid_loss": result.evaluations[-1]["valid_loss"] if result.evaluations else None,

@@ -17,7 +17,8 @@ from instructrec.bench import train_step
 
 @pytest.fixture()
 def instructions(tmp_path):
-    titles = [f"Nitro Rally {i}: World Tour - PC" for i in range(1, 9)] + [f"Tiny Garden {i} - Xbox One" for i in range(1, 9)]
+    titles = ([f"Nitro Rally {i}: World Tour - PC" for i in range(1, 9)]
+              + [f"Tiny Garden {i} - Xbox One" for i in range(1, 9)])
     rows = [{"instruction": "Past purchases: " + "; ".join(titles[: 1 + i % 7]) + ". What next?",
              "target": titles[(i + 1) % len(titles)]} for i in range(48)]
     path = tmp_path / "train.parquet"
