@@ -87,8 +87,8 @@ class DemoSettings:
 # (docs/results.md, "What moved quality", the demo's data): in the same minutes t5-micro ran twice the
 # steps of t5-mini and ranked better; AdamW at 3e-3 with 30 warm-up steps and a linear decay
 # fitted to the time cap beat 5e-3 and 2e-3; dropout 0 beat 0.1 (a few epochs of a 10M model do
-# not overfit); 7 minutes ranked no better than 4. 20 instructions per user (6,000 rows, about two
-# epochs in 5 minutes) ranked as 6 per user did (1,800 rows, seen four times).
+# not overfit); 7 minutes ranked no better than 4. 20 instructions per user (6,000 rows) ranked
+# as 6 (1,800) did in 4 minutes; 20 keeps the ~2 epochs of a 5-minute run from repeating rows often.
 FULL = DemoSettings(users=300, items=200, per_user=20, search_per_item=0, preset="random:t5-micro",
                     batch_size=16, max_steps=20_000, train_minutes=5.0, optimizer="adamw", lr=3e-3,
                     warmup_steps=30, dropout=0.0, max_source_tokens=512)
