@@ -163,6 +163,10 @@ def _substitute(pattern: str, values: Mapping[str, str]) -> str:
 
 def _encode(tokenizer: TokenizerLike, text: str) -> list[int]:
     """The token ids of `text` as the model reads it (closing </s> included): what is counted."""
+    if hasattr(tokenizer, "model_max_length"):
+        # A Hugging Face tokenizer warns when a text exceeds model_max_length; counting an
+        # untrimmed text is how the budget fit decides to trim it, so that warning is noise here.
+        return list(tokenizer(text, verbose=False).input_ids)
     return list(tokenizer(text).input_ids)
 
 

@@ -345,3 +345,17 @@ def test_render_returns_the_ids_it_counted(tokenizer):
     text, ids = render(history=HISTORY, tokenizer=counting, max_source_tokens=97)
     assert ids == tokenizer(text).input_ids and len(ids) <= 97
     assert render(history=HISTORY) == (build_instruction(history=HISTORY), None)  # no tokenizer, no ids
+
+
+def test_counting_an_over_budget_history_prints_no_tokenizer_length_warning(tokenizer_dir, capfd):
+    # The budget fit counts the untrimmed text first; Hugging Face would warn that a text longer
+    # than model_max_length "will result in indexing errors", which never happens here (the text is
+    # trimmed before the model sees it). A fresh tokenizer: the warning is printed once per instance.
+    from transformers import AutoTokenizer
+
+    fresh = AutoTokenizer.from_pretrained(tokenizer_dir)
+    long_history = [f"{title} Remastered Collector Bundle with Soundtrack, Art Book and Season Pass" for title in HISTORY]
+    text, ids = render(history=long_history, template="seq-rec-01", tokenizer=fresh, max_source_tokens=512)
+    assert len(ids) <= 512 and ids == list(fresh(text, verbose=False).input_ids)
+    assert "Title 00 " not in text and "Title 19 " in text  # over budget untrimmed: the oldest was dropped
+    assert "sequence length is longer than" not in capfd.readouterr().err
