@@ -40,17 +40,17 @@ def _cpu_seconds() -> float:
 def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_size: int, steps: int,
             warmup: int, seed: int = 0) -> dict:
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5Config
 
     from instructrec.engine.presets import shape_config
     from instructrec.training.tune_data import collate, epoch_batches
-    from instructrec.training.tune_model import install_hidden_states_head, sequence_nll_sum
+    from instructrec.training.tune_model import install_hidden_states_head, random_t5, sequence_nll_sum
 
     torch.manual_seed(seed)
     config = shape_config(shape)
     config.pop("model_type", None)
     config["dropout_rate"] = 0.0
-    model = T5ForConditionalGeneration(T5Config(**config)).train()
+    model = random_t5(T5Config(**config)).train()  # the model `train` starts from for random:<shape>
     stand_in = install_hidden_states_head(model) if head else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     lengths = rows.source_lengths

@@ -100,6 +100,21 @@ def require_peft():
     return peft
 
 
+def random_t5(config):
+    """A T5ForConditionalGeneration of `config` with random weights drawn from torch's current
+    seed, its untied LM head rescaled: what training from `random:<shape>` starts from."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(config)
+    # HF draws an untied LM head with std 1.0, so initial logits have std ~sqrt(d_model)
+    # (16 for t5-mini) and the first losses are 35-70 nats; std d_model^-0.5 (the Mesh TF
+    # init of T5 v1.1's separate logits layer) starts near log(32128) = 10.4 instead.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(config.d_model ** -0.5)
+    return model
+
+
 def build_model(cfg: TrainConfig, source: ModelSource, config):
     """The trainable model on CPU in fp32: the source's weights, or a seeded random init; LoRA
     adapters around it when lora_r > 0. A resumed run overwrites the weights from its checkpoint
@@ -109,12 +124,7 @@ def build_model(cfg: TrainConfig, source: ModelSource, config):
 
     torch.manual_seed(cfg.seed)
     if source.is_random:
-        model = T5ForConditionalGeneration(config)
-        # HF draws an untied LM head with std 1.0, so initial logits have std ~sqrt(d_model)
-        # (16 for t5-mini) and the first losses are 35-70 nats; std d_model^-0.5 (the Mesh TF
-        # init of T5 v1.1's separate logits layer) starts near log(32128) = 10.4 instead.
-        with torch.no_grad():
-            model.lm_head.weight.mul_(config.d_model ** -0.5)
+        model = random_t5(config)
     else:
         try:
             model = T5ForConditionalGeneration.from_pretrained(source.path, config=config, dtype=torch.float32)
