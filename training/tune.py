@@ -68,7 +68,7 @@ REFIT_EVERY_STEPS = 10
 class TrainResult:
     out: Path
     steps_done: int  # optimiser steps completed in total (resumed ones included)
-    total_steps: int  # the schedule's length (lowered by --max-minutes to what fits)
+    total_steps: int  # the schedule's length (fitted by --max-minutes to what fits)
     stopped_early: bool  # stop_after, an interrupt or the hard time cap: a checkpoint was saved
     planned_steps: int = 0  # from max_steps / epochs, before any time fitting
     step_losses: dict[int, float] = field(default_factory=dict)  # steps run by this call (1-based)
@@ -280,6 +280,7 @@ class _Run:
                                   cfg.length_grouped, epoch=epoch, position=position)
         self.budget = TimeBudget(self.started + cfg.max_minutes * 60.0) if cfg.max_minutes is not None else None
         self.budget_fitted = False
+        self.budget_told: int | None = None  # the step budget last logged at INFO
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("model %s: %.1fM trainable parameters; %s on %s x %d process(es) (%s); %d steps of %d rows "
                  "(%d per process x %d accumulated)", self.source.describe(), n_trainable / 1e6, self.precision,
@@ -427,23 +428,29 @@ class _Run:
         return self.budget is not None and self.clock() >= self.budget.deadline
 
     def fit_schedule(self, step: int, event: bool = False) -> None:
-        """Lower the schedule's total to the steps that fit the cap: as soon as the step time is
-        measured, every REFIT_EVERY_STEPS steps after, and after each evaluation or checkpoint
-        (`event`). The main process decides; the others take its number."""
+        """Set the schedule's total to the steps that fit the cap (at most the planned steps): as
+        soon as the step time is measured, every REFIT_EVERY_STEPS steps after, and after each
+        evaluation or checkpoint (`event`). The main process decides; the others take its number."""
         import torch
         from accelerate.utils import broadcast
 
         if not self.budget.ready or not (event or not self.budget_fitted or step % REFIT_EVERY_STEPS == 0):
             return
         self.budget_fitted = True
-        fits = self.budget.fit(step, self.schedule.total, self.clock())
+        fits = self.budget.fit(step, self.planned_steps, self.clock())
         if self.accelerator.num_processes > 1:
             fits = int(broadcast(torch.tensor([fits], device=self.accelerator.device), from_process=0)[0])
         if fits == self.schedule.total:
             return
-        log.info("--max-minutes: %d steps fit in the cap (planned %d); the schedule now ends there",
-                 fits, self.planned_steps)
-        self.schedule.total = fits
+        # Said at INFO when it moves by more than 5% from what was last said: refits every ten
+        # steps on a machine whose speed wanders would otherwise fill the log.
+        told = self.budget_told
+        level = logging.INFO if told is None or abs(fits - told) > 0.05 * told else logging.DEBUG
+        if level == logging.INFO:
+            self.budget_told = fits
+        log.log(level, "--max-minutes: %d steps fit in the cap (planned %d); the schedule now ends there",
+                fits, self.planned_steps)
+        self.schedule.refit(self.lr_scheduler.last_epoch, fits)
         # The rate of the next step was computed with the old total: recompute it now.
         for group, base in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.base_lrs):
             group["lr"] = base * self.schedule(self.lr_scheduler.last_epoch)

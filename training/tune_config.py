@@ -73,10 +73,11 @@ class TrainConfig:
     stop_after: int | None = _flag(None, "save a checkpoint and stop after this many steps (split a run "
                                    "into jobs)", IO, metavar="STEPS")
     # Wall-clock cap in minutes from the start of `train`. The schedule is fitted into it: after a
-    # few steps the step time is measured and the step budget lowered to what fits, so the
-    # learning rate completes its decay. If the cap is crossed anyway, the run saves a resumable
-    # checkpoint, validates and writes the current weights to OUT as the final model.
-    max_minutes: float | None = _flag(None, "wall-clock cap: the step budget is lowered to what fits "
+    # few steps the step time is measured and the step budget set to what fits (refitted as the
+    # run goes, up to the planned steps), so the learning rate completes its decay. If the cap is
+    # crossed anyway, the run saves a resumable checkpoint, validates and writes the current
+    # weights to OUT as the final model.
+    max_minutes: float | None = _flag(None, "wall-clock cap: the step budget is fitted to it "
                                       "(measured after a few steps) so the schedule ends inside it",
                                       IO, metavar="MINUTES")
     device: str = _flag("auto", "auto, cpu, cuda or cuda:N (one process; launchers assign devices "

@@ -1,11 +1,15 @@
 """The learning-rate schedule, and fitting it into a wall-clock cap (`--max-minutes`).
 
 A capped run that simply stops leaves the rate wherever it was (a Video Games run stopped with
-the rate at 36% of its peak). Here the cap shortens the schedule instead: after a few measured
-steps the step budget is lowered to the steps that fit before the deadline, and lowered again
-after each evaluation or checkpoint (their time is known only once they ran), so the decay ends
-inside the cap. The budget only ever goes down, so the rate never climbs back. The clock is
-injected, so this is tested without timing anything.
+the rate at 36% of its peak). Here the schedule is fitted to the cap instead: after a few measured
+steps the step budget is set to the steps that fit before the deadline, and refitted every ten
+steps and after each evaluation or checkpoint (their time is known only once they ran), so
+the decay ends inside the cap. A refit may lower the budget (a slower stretch) or raise it again,
+up to the planned steps: the first estimate, read while the allocator and caches warm up, is
+often pessimistic, and a budget that only went down left a fifth of a 4-minute cap unused. Each
+refit after the warm-up continues the decay from the rate the next step would have had, down to
+zero at the new total, so the rate never climbs back. The clock is injected, so this is tested
+without timing anything.
 """
 
 from __future__ import annotations
@@ -29,15 +33,33 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 class StepSchedule:
-    """`lr_factor` as a LambdaLR function whose `total` may be lowered during the run. An object,
-    not a closure: LambdaLR saves a callable object's attributes in its state_dict, so the
-    lowered total travels with the scheduler through checkpoints."""
+    """`lr_factor` as a LambdaLR function whose `total` may be refitted during the run (`refit`). An
+    object, not a closure: LambdaLR saves a callable object's attributes in its state_dict, so the
+    refitted total and its anchor travel with the scheduler through checkpoints."""
 
     def __init__(self, warmup: int, total: int, schedule: str):
         self.warmup, self.total, self.schedule = warmup, total, schedule
+        # Set by a refit after the warm-up: from anchor_step on, the decay runs from anchor_factor
+        # down to 0 at `total` in the schedule's shape.
+        self.anchor_step: int | None = None
+        self.anchor_factor = 1.0
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.warmup, self.total, self.schedule)
+        if self.anchor_step is None or step < self.anchor_step or self.schedule == "constant":
+            return lr_factor(step, self.warmup, self.total, self.schedule)
+        progress = min(1.0, (step - self.anchor_step) / max(1, self.total - self.anchor_step))
+        if self.schedule == "linear":
+            return self.anchor_factor * (1.0 - progress)
+        return self.anchor_factor * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def refit(self, next_step: int, total: int) -> None:
+        """End the schedule at `total` from optimiser step `next_step` (0-based, the next to run) on.
+        In the warm-up only the total changes (the decay has not begun); after it, the decay restarts
+        from the factor `next_step` would have had, so the rate is continuous and never rises."""
+        if next_step >= self.warmup and self.schedule != "constant":
+            self.anchor_factor = self(next_step)
+            self.anchor_step = next_step
+        self.total = total
 
 
 # Steps measured before the first estimate; the first step of a process is left out of it (it
@@ -85,8 +107,8 @@ class TimeBudget:
         return len(self.step_times) >= ESTIMATE_AFTER_STEPS
 
     def fit(self, step: int, total: int, now: float) -> int:
-        """The step budget that ends by the deadline: `total` or less, never below `step`
-        (the steps already run). Unchanged until ESTIMATE_AFTER_STEPS steps were measured."""
+        """The step budget that ends by the deadline: at most `total` (the planned steps), never
+        below `step` (the steps already run). `total` until ESTIMATE_AFTER_STEPS steps were measured."""
         if not self.ready:
             return total
         # Evaluations and checkpoints spread over the steps run so far, plus the final one.

@@ -5,6 +5,7 @@ loadable final model holding the same weights, and the resumed run finishes the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,11 +93,9 @@ def test_a_capped_run_completes_its_schedule_inside_the_cap(tmp_path, tokenizer_
     steps = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, result.total_steps + 1))
     assert steps[-1]["elapsed_s"] <= 90.0  # the last step ends inside the cap (by the injected clock)
-    # The rate decayed all the way: the last step ran at the schedule's last value, 1/(T - warm-up)
-    # of the peak, and never rose after the warm-up.
-    total = result.total_steps
-    assert steps[-1]["lr"] == pytest.approx(1e-2 * lr_factor(total - 1, 2, total, "linear"))
-    assert steps[-1]["lr"] == pytest.approx(1e-2 / (total - 2))
+    # The rate decayed all the way (a linear decay's last step runs at half the rate of the one
+    # before it) and never rose after the warm-up.
+    assert steps[-1]["lr"] == pytest.approx(steps[-2]["lr"] / 2) and steps[-1]["lr"] < 1e-2 / 8
     rates = [r["lr"] for r in steps[1:]]
     assert all(a >= b for a, b in zip(rates, rates[1:]))
     assert json.loads((out / "training_config.json").read_text())["planned_steps"] == 200
@@ -119,3 +118,64 @@ def test_the_budget_estimate_by_hand():
     # Never above the planned total, never below the steps already run.
     assert budget.fit(step=5, total=8, now=24.0) == 8
     assert budget.fit(step=5, total=50, now=99.0) == 5
+
+
+class SpeedingClock(SteppingClock):
+    """Reads slow (`tick`) for the first `slow_reads`, then four times faster: a machine whose
+    first steps are slow (allocator, caches) or whose neighbour job has ended."""
+
+    def __init__(self, slow_reads: int, tick: float = 1.0):
+        super().__init__(tick)
+        self.reads, self.slow_reads = 0, slow_reads
+
+    def __call__(self) -> float:
+        self.reads += 1
+        if self.reads == self.slow_reads:
+            self.tick /= 4
+        return super().__call__()
+
+
+def test_the_budget_grows_back_when_steps_get_faster_and_the_rate_never_rises(tmp_path, tokenizer_dir,
+                                                                              one_torch_thread, caplog):
+    import json
+    import logging
+
+    data = write_instructions(tmp_path / "data")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="instructrec.training.tune"):
+        result = train(config(data, out, tokenizer_dir, max_steps=400, max_minutes=2.0, optimizer="adamw",
+                              lr=1e-2, warmup_steps=2, schedule="linear"), clock=SpeedingClock(slow_reads=60))
+    fitted = [int(r.getMessage().split()[1]) for r in caplog.records if "steps fit in the cap" in r.getMessage()]
+    # The first estimate, read at the slow speed, was raised once the steps ran faster.
+    assert len(fitted) >= 2 and fitted[-1] > 1.5 * fitted[0]
+    assert result.total_steps == result.steps_done > fitted[0] and not result.time_capped
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "train"]
+    assert steps[-1]["elapsed_s"] <= 120.0
+    rates = [r["lr"] for r in steps[1:]]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert steps[-1]["lr"] == pytest.approx(steps[-2]["lr"] / 2)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_refit_continues_the_decay_from_the_current_rate(schedule):
+    from instructrec.training.tune_schedule import StepSchedule
+
+    plan = StepSchedule(warmup=4, total=100, schedule=schedule)
+    plan.refit(2, 50)  # in the warm-up: only the total changes
+    assert [plan(s) for s in range(8)] == [lr_factor(s, 4, 50, schedule) for s in range(8)]
+    ran = [plan(s) for s in range(20)]  # the factors the steps run at, refits applied as they come
+    before = plan(20)
+    plan.refit(20, 80)  # raised: the decay restarts from the rate step 20 had, ends at 80
+    assert plan(20) == pytest.approx(before) and plan(80) == pytest.approx(0.0, abs=1e-12)
+    assert plan(50) == pytest.approx(before * (1 - 30 / 60) if schedule == "linear"
+                                     else before * 0.5 * (1 + math.cos(math.pi * 30 / 60)))
+    ran += [plan(s) for s in range(20, 60)]
+    middle = plan(60)
+    plan.refit(60, 70)  # lowered: continuous again, zero at 70
+    assert plan(60) == pytest.approx(middle) and plan(70) == pytest.approx(0.0, abs=1e-12)
+    ran += [plan(s) for s in range(60, 70)]
+    assert ran[3] == 1.0 and all(a >= b for a, b in zip(ran[3:], ran[4:])) and 0 < ran[-1] < ran[-2]
+    constant = StepSchedule(warmup=0, total=10, schedule="constant")
+    constant.refit(5, 20)
+    assert constant(7) == 1.0 and constant.total == 20
