@@ -65,10 +65,12 @@ class StepSchedule:
 # Steps measured before the first estimate; the first step of a process is left out of it (it
 # carries one-off costs: allocator growth, lazy initialisation; 3-10x a later step here).
 ESTIMATE_AFTER_STEPS = 4
-# Step times the estimate reads (the median of the newest ones): recent enough to follow a
-# machine whose load changes, long enough that one slow step does not cut the budget.
-STEP_TIME_WINDOW = 32
-# The estimate plans for steps this much slower than measured: between two refits the median
+# Step times the estimate reads: the MEAN of the newest ones, since what must fit is their sum.
+# Length-grouped batches make step times vary ~3x from batch to batch; the median of the newest
+# 32 swung a 4-minute run's budget between 391 and 859 steps from one refit to the next. 128
+# steps still follow a machine whose load changes within a minute or two.
+STEP_TIME_WINDOW = 128
+# The estimate plans for steps this much slower than measured: between two refits the mean
 # step time of a shared machine drifts by a few percent, and a run that overshoots is cut by the
 # hard stop with its schedule unfinished.
 FIT_MARGIN = 0.05
@@ -112,7 +114,7 @@ class TimeBudget:
         if not self.ready:
             return total
         # Evaluations and checkpoints spread over the steps run so far, plus the final one.
-        per_step = statistics.median(self.step_times) + self.overhead_s / max(1, self.iterations)
+        per_step = statistics.fmean(self.step_times) + self.overhead_s / max(1, self.iterations)
         left = self.deadline - now - self.last_eval_s
         fits = step + int(max(0.0, left) // (per_step * (1.0 + FIT_MARGIN)))
         return max(step, min(total, fits))

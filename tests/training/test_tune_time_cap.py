@@ -179,3 +179,22 @@ def test_a_refit_continues_the_decay_from_the_current_rate(schedule):
     constant = StepSchedule(warmup=0, total=10, schedule="constant")
     constant.refit(5, 20)
     assert constant(7) == 1.0 and constant.total == 20
+
+
+def test_the_estimate_holds_steady_over_batches_of_varying_length():
+    """Length-grouped batches take from 1x to ~3x the shortest one's time in a shuffled order: the
+    budget, refitted every ten steps at the same mean speed, should not swing with the batch mix."""
+    import numpy as np
+
+    durations = np.random.default_rng(0).choice([0.1, 0.2, 0.3], size=400, p=[0.5, 0.2, 0.3])
+    budget = TimeBudget(deadline=1e9)
+    now, fits = 0.0, []
+    for step, seconds in enumerate(durations):
+        budget.iteration_started(now)
+        now += seconds
+        if step >= 100 and step % 10 == 0:
+            # The steps that fit in the next 60 s: about 60 / mean step time / 1.05.
+            fits.append(budget.fit(0, 10**6, budget.deadline - 60.0))
+    mean_fit = float(np.mean(fits))
+    assert mean_fit == pytest.approx(60.0 / durations.mean() / 1.05, rel=0.1)
+    assert max(fits) - min(fits) < 0.15 * mean_fit
