@@ -46,12 +46,12 @@ from instructrec.engine.errors import InputError, InstructRecError
 from instructrec.engine.flops import T5Shape, training_flops
 
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
-from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, collate, epoch_batches,  # noqa: F401
-                        process_slots, read_split, seeded_subset, seqrec_instances, tokenize_rows)
+from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
+                        collate, collate_negatives, epoch_batches, process_slots, read_split, seeded_subset, seqrec_instances, tokenize_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
                          install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
-                         sequence_nll_sum)
+                         ranked_sequence_losses, sequence_nll_sum)
 from .tune_schedule import StepSchedule, TimeBudget, lr_factor  # noqa: F401
 from .tune_state import (STATE_FILE, MetricsLog, list_checkpoints, plot_loss_curve, portable_weights, read_trainer_state,
                          save_checkpoint, write_model_card, STATE_VERSION)
@@ -238,6 +238,22 @@ class _Run:
         log.info("train: %d rows over %d templates; valid: %d rows for the loss, %d ranking instances",
                  len(self.train_rows), len(table.column("template").unique()), len(self.valid_rows),
                  len(self.instances))
+        self.negatives = None
+        if cfg.rank_negatives:
+            if acc.num_processes > 1:
+                # The candidates are decoded against encoder states computed outside the wrapped
+                # forward, which DDP's gradient synchronisation does not see.
+                raise InputError("rank_negatives", f"runs in one process; this run has {acc.num_processes}",
+                                 "train with one process, or drop --rank-negatives")
+            self.negatives = NegativePool(table.column("template").to_pylist(), table.column("target").to_pylist())
+            sizes = {t: self.negatives.distinct_targets(t) for t in self.negatives.group_of}
+            few = sorted(t for t, n in sizes.items() if n <= cfg.rank_negatives)
+            if few:
+                log.warning("--rank-negatives %d: template(s) %s have at most %d distinct targets; their rows "
+                            "rank against repeated negatives", cfg.rank_negatives, ", ".join(few), cfg.rank_negatives)
+            log.info("ranking term: each row's target against %d others of its template (%d to %d distinct per "
+                     "template), weight %g", cfg.rank_negatives, min(sizes.values()), max(sizes.values()),
+                     cfg.rank_weight)
         self.global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
         steps_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
         self.planned_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -371,16 +387,31 @@ class _Run:
         # accumulation steps: scaled by both, each micro-batch's summed NLL / the step's token
         # count gives the gradient of the global token-mean loss, as one process on one batch.
         scale = acc.num_processes * cfg.grad_accum / tokens
+        # The ranking term is a mean over the step's rows, scaled the same way.
+        row_scale = acc.num_processes * cfg.grad_accum / len(rows)
         nll_sum = torch.zeros((), device=acc.device)
+        rank_sum = torch.zeros((), device=acc.device)
         for micro in process_slots(rows, cfg.grad_accum, acc.num_processes, acc.process_index):
             weight = 1.0 if len(micro) else 0.0  # an empty slot: a zero-weight row keeps collectives in step
+            micro = micro if len(micro) else rows[:1]
+            negatives = self.negatives.draw(micro, cfg.rank_negatives, cfg.seed, step) if self.negatives else None
             with acc.accumulate(self.model):
-                batch = collate(self.train_rows, micro if len(micro) else rows[:1], self.tokenizer.pad_token_id,
-                                self.model_config.decoder_start_token_id, acc.device)
+                pad, start = self.tokenizer.pad_token_id, self.model_config.decoder_start_token_id
+                batch = collate(self.train_rows, micro, pad, start, acc.device)
                 with acc.autocast():
-                    nll = sequence_nll_sum(self.model, *batch, head=self.head)
-                acc.backward(nll * (weight * scale))
+                    if negatives is None:
+                        nll = sequence_nll_sum(self.model, *batch, head=self.head)
+                        objective = nll * (weight * scale)
+                    else:
+                        negative_batch = collate_negatives(self.train_rows, negatives, pad, start, acc.device,
+                                                           cfg.rank_prefix_tokens)
+                        nll, rank = ranked_sequence_losses(self.model, *batch, *negative_batch, head=self.head,
+                                                           prefix_tokens=cfg.rank_prefix_tokens)
+                        objective = nll * (weight * scale) + rank * (weight * row_scale * cfg.rank_weight)
+                        rank_sum += weight * rank.detach()
+                acc.backward(objective)
             nll_sum += weight * nll.detach()
+        self.last_rank_loss = float(rank_sum) / len(rows) if self.negatives else None
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
@@ -408,6 +439,8 @@ class _Run:
                       "lr": lr_used, "examples": len(rows), "target_tokens": int(self.train_rows.target_lengths[rows].sum()),
                       "examples_per_s": round(len(rows) / dt, 2) if dt > 0 else None,
                       "examples_seen": self.examples_seen, "elapsed_s": round(self.clock() - self.started, 3)}
+            if self.negatives is not None:  # the mean ranking cross-entropy of the step's rows
+                record["rank_loss"] = round(self.last_rank_loss, 5)
             if self.accelerator.device.type == "cuda":  # the main process's peak, for memory-per-GPU claims
                 import torch
 

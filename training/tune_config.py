@@ -114,6 +114,20 @@ class TrainConfig:
                            choices=PRECISIONS)
     gradient_checkpointing: bool = _flag(False, "recompute activations in the backward pass", OPT)
     dropout: float | None = _flag(None, "override the model's dropout_rate", OPT)
+    # A ranking term beside the NLL: the evaluation ranks candidate titles by their summed
+    # log-likelihood, and the NLL alone mostly teaches each title's prior (its popularity). Scoring
+    # each row's target against K other targets of its template and adding the softmax
+    # cross-entropy of those K + 1 scores trains the history-conditional difference directly.
+    rank_negatives: int = _flag(0, "also rank each row's target against this many other targets of its "
+                                "template (drawn uniformly from the distinct ones) and add the softmax "
+                                "cross-entropy of their summed log-likelihoods to the loss; 0: the plain "
+                                "NLL (one process only)", OPT, metavar="K")
+    rank_weight: float = _flag(1.0, "weight of the ranking term per row, beside the NLL per target token",
+                               OPT)
+    # The LM head over 32128 tokens is most of a candidate's cost, and the history moves mostly a
+    # title's first tokens: ranking by a prefix scores K negatives for a fraction of the price.
+    rank_prefix_tokens: int = _flag(0, "rank the candidates by the log-likelihood of their first N tokens "
+                                    "(negatives are decoded that far only); 0: whole targets", OPT, metavar="N")
 
     lora_r: int = _flag(0, "adapter rank; 0: train all weights", LORA)
     lora_alpha: float = _flag(16.0, "adapter scaling", LORA)
@@ -138,6 +152,9 @@ class TrainConfig:
         values["lr"] = self.resolved_lr()
         values["lora_targets"] = list(self.lora_targets)
         values["global_batch_size"] = global_batch_size
+        if self.rank_negatives:  # only when on: checkpoints of plain-NLL runs predate these fields
+            values.update(rank_negatives=self.rank_negatives, rank_weight=self.rank_weight,
+                          rank_prefix_tokens=self.rank_prefix_tokens)
         return values
 
     def to_json(self) -> dict:
@@ -159,7 +176,7 @@ def validate_config(cfg: TrainConfig) -> None:
         positive_int(name, getattr(cfg, name))
     if cfg.threads is not None:
         positive_int("threads", cfg.threads)
-    for name in ("warmup_steps", "eval_every", "save_every", "eval_max_rows", "eval_max_instances", "lora_r"):
+    for name in ("warmup_steps", "rank_negatives", "rank_prefix_tokens", "eval_every", "save_every", "eval_max_rows", "eval_max_instances", "lora_r"):
         non_negative_int(name, getattr(cfg, name))
     if cfg.max_source_length < 2 or cfg.max_target_length < 2:
         raise InputError("max_source_length/max_target_length",
@@ -181,6 +198,10 @@ def validate_config(cfg: TrainConfig) -> None:
     lr = cfg.resolved_lr()
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise InputError("lr", f"must be a positive finite number, got {lr!r}")
+    if cfg.rank_negatives and not (isinstance(cfg.rank_weight, (int, float)) and math.isfinite(cfg.rank_weight)
+                                   and cfg.rank_weight > 0):
+        raise InputError("rank_weight", f"must be a positive number, got {cfg.rank_weight!r}",
+                         "or drop --rank-negatives for the plain NLL")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise InputError("weight_decay", f"must be >= 0, got {cfg.weight_decay!r}")
     if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):

@@ -154,6 +154,18 @@ def process_slots(rows: np.ndarray, n_micro: int, world_size: int, rank: int) ->
     return [slots[m * world_size + rank] for m in range(n_micro)]
 
 
+def _pad_targets(targets: list[np.ndarray], pad_id: int, decoder_start_id: int):
+    """labels [N, T] padded with -100 and decoder_input_ids [N, T]: T5's _shift_right done where the
+    arrays are built ([start, labels[:-1]], -100 read as pad)."""
+    labels = np.full((len(targets), max(len(t) for t in targets)), -100, dtype=np.int64)
+    for r, t in enumerate(targets):
+        labels[r, :len(t)] = t
+    decoder_ids = np.empty_like(labels)
+    decoder_ids[:, 0] = decoder_start_id
+    decoder_ids[:, 1:] = np.where(labels[:, :-1] == -100, pad_id, labels[:, :-1])
+    return decoder_ids, labels
+
+
 def collate(rows: TokenizedRows, indices: np.ndarray, pad_id: int, decoder_start_id: int, device):
     """input_ids / attention_mask [B, S] right-padded; labels [B, T] padded with -100;
     decoder_input_ids [B, T]: the labels shifted right behind decoder_start (teacher forcing),
@@ -162,21 +174,26 @@ def collate(rows: TokenizedRows, indices: np.ndarray, pad_id: int, decoder_start
     import torch
 
     sources = [rows.source(i) for i in indices]
-    targets = [rows.target(i) for i in indices]
-    src_len = max(len(s) for s in sources)
-    tgt_len = max(len(t) for t in targets)
-    input_ids = np.full((len(indices), src_len), pad_id, dtype=np.int64)
-    attention = np.zeros((len(indices), src_len), dtype=np.int64)
-    labels = np.full((len(indices), tgt_len), -100, dtype=np.int64)
-    for r, (s, t) in enumerate(zip(sources, targets)):
+    input_ids = np.full((len(indices), max(len(s) for s in sources)), pad_id, dtype=np.int64)
+    attention = np.zeros_like(input_ids)
+    for r, s in enumerate(sources):
         input_ids[r, :len(s)] = s
         attention[r, :len(s)] = 1
-        labels[r, :len(t)] = t
-    # T5's _shift_right, done here where the arrays are built: [start, labels[:-1]], -100 -> pad.
-    decoder_ids = np.empty_like(labels)
-    decoder_ids[:, 0] = decoder_start_id
-    decoder_ids[:, 1:] = np.where(labels[:, :-1] == -100, pad_id, labels[:, :-1])
+    decoder_ids, labels = _pad_targets([rows.target(i) for i in indices], pad_id, decoder_start_id)
     return tuple(torch.from_numpy(a).to(device) for a in (input_ids, attention, decoder_ids, labels))
+
+
+def collate_negatives(rows: TokenizedRows, negatives: np.ndarray, pad_id: int, decoder_start_id: int, device,
+                      prefix_tokens: int = 0):
+    """The decoder side of `negatives` ([B, K] row indices, NegativePool.draw): decoder_input_ids and
+    labels [B x K, T'] in row-major order (row r's K negatives together), each target cut to its
+    first `prefix_tokens` tokens when that is set. Padded on their own, not to the own targets'
+    length: the negatives are decoded in a pass of their own."""
+    import torch
+
+    cut = prefix_tokens or None
+    targets = [rows.target(j)[:cut] for j in negatives.reshape(-1)]
+    return tuple(torch.from_numpy(a).to(device) for a in _pad_targets(targets, pad_id, decoder_start_id))
 
 
 @dataclass
@@ -211,3 +228,49 @@ def seeded_subset(n: int, limit: int, seed: int) -> np.ndarray:
     if limit == 0 or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng([seed, 7919]).choice(n, size=limit, replace=False))
+
+
+class NegativePool:
+    """Other targets to rank each row's target against (`train --rank-negatives`): for a row of
+    template t, targets drawn uniformly from the DISTINCT targets of template t's rows, never the
+    row's own. Uniform over distinct targets, as the evaluation's candidate lists draw their
+    negatives uniformly from the catalogue: a popular title is no likelier a negative than a rare
+    one. Draws are a pure function of (seed, step), so a resumed run draws what it would have."""
+
+    def __init__(self, templates: list[str], targets: list[str]):
+        self.row_group = np.empty(len(targets), dtype=np.int64)  # row -> its template's group
+        self.row_target = np.empty(len(targets), dtype=np.int64)  # row -> its target's slot in the group
+        group_of: dict[str, int] = {}
+        slots: list[dict[str, int]] = []  # group -> {target text: slot}
+        first_rows: list[list[int]] = []  # group -> the first row holding each slot's target
+        for row, (template, target) in enumerate(zip(templates, targets)):
+            group = group_of.setdefault(template, len(group_of))
+            if group == len(slots):
+                slots.append({})
+                first_rows.append([])
+            slot = slots[group].setdefault(target, len(slots[group]))
+            if slot == len(first_rows[group]):
+                first_rows[group].append(row)
+            self.row_group[row], self.row_target[row] = group, slot
+        self.group_members = [np.asarray(rows, dtype=np.int64) for rows in first_rows]
+        self.group_of = group_of
+
+    def distinct_targets(self, template: str) -> int:
+        return len(self.group_members[self.group_of[template]])
+
+    def draw(self, rows: np.ndarray, count: int, seed: int, step: int) -> np.ndarray:
+        """[len(rows), count] row indices whose targets serve as each row's negatives. A template with
+        fewer than count + 1 distinct targets repeats some (sampling with replacement then)."""
+        rng = np.random.default_rng([int(seed), int(step), 0x4E45])  # its own stream: "NE"
+        out = np.empty((len(rows), count), dtype=np.int64)
+        for i, row in enumerate(rows):
+            members = self.group_members[self.row_group[row]]
+            own = self.row_target[row]
+            others = len(members) - 1
+            if others <= 0:
+                out[i] = row  # nothing else to rank against: the row itself (a zero-gradient term)
+                continue
+            picks = rng.choice(others, size=count, replace=others < count)
+            picks = picks + (picks >= own)  # skip the row's own target
+            out[i] = members[picks]
+        return out

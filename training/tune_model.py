@@ -191,3 +191,69 @@ def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels
                                ignore_index=-100, reduction="sum")
     keep = labels != -100
     return linear_cross_entropy(out[keep], head.weight, labels[keep])
+
+
+def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, labels, negative_decoder_ids,
+                           negative_labels, head=None, prefix_tokens: int = 0):
+    """The `--rank-negatives` objective's two sums over a batch of B rows: labels [B, T] are the rows'
+    own targets, negative_labels [B x K, T'] their K negatives each, row-major (collate_negatives).
+
+    Each instruction is encoded once; its states serve its own target and, repeated, its
+    negatives, decoded in a second pass padded to their own length. A candidate's score is its
+    summed token log-likelihood, the engine's default `normalize="sum"` score, or with
+    `prefix_tokens` that of its first prefix_tokens tokens. Returns (summed token NLL of the own
+    targets, summed softmax cross-entropy of each own target among its row's K + 1 scores),
+    0-d fp32 tensors.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import BaseModelOutput
+
+    rows = labels.shape[0]
+    negatives = negative_labels.shape[0] // rows
+    states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+    def scored(states, mask, decoder_ids, targets):
+        """(per-sequence summed log-likelihood, the same over the first prefix_tokens tokens)."""
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
+                    decoder_input_ids=decoder_ids).logits
+        keep = targets != -100
+        picked = targets[keep]
+        if head is None:  # `out` holds the logits already
+            logits = out[keep]
+            logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+            token_lp = torch.log_softmax(logits, dim=-1).gather(1, picked[:, None]).squeeze(1)
+        else:
+            token_lp = token_log_likelihoods(out[keep], head.weight, picked)
+        where = keep.nonzero()
+        total = token_lp.new_zeros(targets.shape[0]).index_add(0, where[:, 0], token_lp)
+        if not prefix_tokens:
+            return total, total
+        early = where[:, 1] < prefix_tokens
+        return total, token_lp.new_zeros(targets.shape[0]).index_add(0, where[early, 0], token_lp[early])
+
+    own_total, own_score = scored(states, attention_mask, decoder_input_ids, labels)
+    _, negative_scores = scored(states.repeat_interleave(negatives, dim=0),
+                                attention_mask.repeat_interleave(negatives, dim=0), negative_decoder_ids,
+                                negative_labels)
+    scores = torch.cat([own_score[:, None], negative_scores.view(rows, negatives)], dim=1)
+    target = torch.zeros(rows, dtype=torch.long, device=scores.device)
+    return -own_total.sum(), F.cross_entropy(scores, target, reduction="sum")
+
+
+def token_log_likelihoods(hidden, weight, targets, chunk_rows: int = 1024):
+    """log p(target_i) under logits hidden [N, D] @ weight [V, D]^T, log-softmax in fp32, in chunks of
+    rows whose logits are recomputed in the backward pass (torch.utils.checkpoint): at most one
+    chunk's [chunk x V] logits live at a time however many candidates a batch scores."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_lp(h, t):
+        logits = h @ weight.t()
+        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        return torch.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1)
+
+    if hidden.shape[0] <= chunk_rows:
+        return chunk_lp(hidden, targets)
+    return torch.cat([checkpoint(chunk_lp, hidden[s:s + chunk_rows], targets[s:s + chunk_rows], use_reentrant=False)
+                      for s in range(0, hidden.shape[0], chunk_rows)])
