@@ -42,9 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from instructrec.engine.errors import InputError, InstructRecError
 from instructrec.engine.flops import T5Shape, training_flops
 
+from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
                         collate, collate_negatives, epoch_batches, process_slots, read_split, seeded_subset, seqrec_instances, tokenize_rows)
@@ -203,6 +206,11 @@ class _Run:
         check_vocabulary(self.tokenizer, self.model_config)
         if cfg.lora_r:
             require_peft()
+        if cfg.init_embeddings != "random":
+            if not self.source.is_random:
+                raise InputError("init_embeddings", f"{self.source.describe()} has trained embeddings already",
+                                 "use it with a random:<shape> --model, or drop --init-embeddings")
+            require_encoder(cfg.init_embeddings)
         self.instances = []
         if cfg.rank_eval:
             path = folder / "valid.parquet"
@@ -273,6 +281,9 @@ class _Run:
         from accelerate.utils import DistributedType
 
         model = build_model(cfg, self.source, self.model_config)
+        if cfg.init_embeddings == "minilm" and self.state is None:  # a resumed run loads its weights
+            used = np.unique(np.concatenate([self.train_rows.source_flat, self.train_rows.target_flat]))
+            warm_start_embeddings(model, self.tokenizer, used, minilm_encoder())
         sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         # The head on real target tokens only (training/loss.py): 1.4x examples/s for t5-mini here.
         self.head = None if sharded else install_hidden_states_head(model)

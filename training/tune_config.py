@@ -19,6 +19,8 @@ from instructrec.engine.errors import InputError
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+# Where a random model's token embeddings start (training/embedding_init.py).
+INIT_EMBEDDINGS = ("random", "minilm")
 # Trackers accelerate logs to (`--report-to`); each needs its own package installed.
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 # Defaults per optimiser. Adafactor 1e-3 constant is the T5 fine-tuning recipe (T5 paper, sec.
@@ -67,6 +69,10 @@ class TrainConfig:
                        "--revision) or random:<shape> (random weights; shapes: {shapes})", IO)
     out: Path = _flag(_REQUIRED, "output folder", IO, type=Path)
     revision: str | None = _flag(None, "Hub revision (branch, tag or commit) of a Hub id --model", IO)
+    init_embeddings: str = _flag("random", "with a random:<shape> --model, start the token embeddings (and an "
+                                 "untied LM head) of the pieces the training data uses from "
+                                 "all-MiniLM-L6-v2 vectors of their text, projected to d_model (needs "
+                                 "the `text` extra)", IO, choices=INIT_EMBEDDINGS)
     tokenizer: Path | None = _flag(None, "tokenizer folder (default: the model's folder)", IO, type=Path)
     resume: bool = _flag(False, "continue from the newest checkpoint under OUT/checkpoints (any "
                          "number of processes, same global batch)", IO)
@@ -152,6 +158,8 @@ class TrainConfig:
         values["lr"] = self.resolved_lr()
         values["lora_targets"] = list(self.lora_targets)
         values["global_batch_size"] = global_batch_size
+        if self.init_embeddings != "random":  # only when set: older checkpoints predate the field
+            values["init_embeddings"] = self.init_embeddings
         if self.rank_negatives:  # only when on: checkpoints of plain-NLL runs predate these fields
             values.update(rank_negatives=self.rank_negatives, rank_weight=self.rank_weight,
                           rank_prefix_tokens=self.rank_prefix_tokens)
@@ -225,6 +233,9 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise InputError("precision", "fp16 is not supported: T5 activations overflow float16", "use bf16 or fp32")
     if cfg.precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision {cfg.precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    if cfg.init_embeddings not in INIT_EMBEDDINGS:
+        raise InputError("init_embeddings", f"unknown initialisation {cfg.init_embeddings!r}",
+                         f"use one of: {', '.join(INIT_EMBEDDINGS)}")
     if cfg.report_to not in TRACKERS:
         raise InputError("report_to", f"unknown tracker {cfg.report_to!r}", f"use one of: {', '.join(TRACKERS)}")
     if cfg.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", cfg.device):
