@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linear_cross_entropy", "T5SequenceLoss", "HiddenStatesHead", "IGNORE_INDEX"]
+__all__ = ["linear_cross_entropy", "token_log_likelihoods", "T5SequenceLoss", "HiddenStatesHead", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 # Logits below this size are materialised whole (fastest: one GEMM forward, two backward).
@@ -31,7 +31,7 @@ DEFAULT_MATERIALIZE_BYTES = 256 << 20
 DEFAULT_CHUNK_ROWS = 1024
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Log-softmax in fp32 even from bf16 logits (fp64 stays fp64)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -55,7 +55,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         lse_parts = []
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows].to(ctx.compute_dtype)  # [c, D]
-            logits = _at_least_fp32(h @ w.t())  # [c, V]
+            logits = at_least_fp32(h @ w.t())  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)  # [c]
             picked = logits.gather(1, targets[start:start + chunk_rows, None]).squeeze(1)
             total += (lse - picked).sum()
@@ -75,7 +75,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(ctx.compute_dtype)
-            logits = _at_least_fp32(h @ w.t())
+            logits = at_least_fp32(h @ w.t())
             probs = torch.exp(logits - lse[start:start + chunk, None])  # softmax, [c, V]
             probs[torch.arange(h.shape[0], device=h.device), targets[start:start + chunk]] -= 1.0
             g = (probs * grad_total).to(ctx.compute_dtype)  # dCE/dlogits, [c, V]
@@ -94,9 +94,26 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (and DDP's hooks) connected
     if hidden.shape[0] * weight.shape[0] * 4 <= materialize_bytes:
-        logits = _at_least_fp32(hidden @ weight.t())  # [N, V]
+        logits = at_least_fp32(hidden @ weight.t())  # [N, V]
         return F.cross_entropy(logits, targets, reduction="sum")
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+def token_log_likelihoods(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                          chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """log p(target_i) [N] under logits hidden [N, D] @ weight [V, D]^T, log-softmax in fp32: the
+    per-token values `linear_cross_entropy` sums, for scores that need them per sequence (the
+    ranking term). Past chunk_rows rows, in chunks whose logits are recomputed in the backward pass
+    (torch.utils.checkpoint), so at most one chunk's [chunk x V] logits live at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h, t):
+        return torch.log_softmax(at_least_fp32(h @ weight.t()), dim=-1).gather(1, t[:, None]).squeeze(1)
+
+    if hidden.shape[0] <= chunk_rows:
+        return chunk(hidden, targets)
+    return torch.cat([checkpoint(chunk, hidden[s:s + chunk_rows], targets[s:s + chunk_rows], use_reentrant=False)
+                      for s in range(0, hidden.shape[0], chunk_rows)])
 
 
 class T5SequenceLoss(nn.Module):

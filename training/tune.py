@@ -50,7 +50,8 @@ from instructrec.engine.flops import T5Shape, training_flops
 from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
-                        collate, collate_negatives, epoch_batches, process_slots, read_split, seeded_subset, seqrec_instances, tokenize_rows)
+                        collate, collate_negatives, epoch_batches, process_slots, read_split, seeded_subset,
+                        seqrec_instances, tokenize_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
                          install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
@@ -400,6 +401,7 @@ class _Run:
         scale = acc.num_processes * cfg.grad_accum / tokens
         # The ranking term is a mean over the step's rows, scaled the same way.
         row_scale = acc.num_processes * cfg.grad_accum / len(rows)
+        pad, start = self.tokenizer.pad_token_id, self.model_config.decoder_start_token_id
         nll_sum = torch.zeros((), device=acc.device)
         rank_sum = torch.zeros((), device=acc.device)
         for micro in process_slots(rows, cfg.grad_accum, acc.num_processes, acc.process_index):
@@ -407,7 +409,6 @@ class _Run:
             micro = micro if len(micro) else rows[:1]
             negatives = self.negatives.draw(micro, cfg.rank_negatives, cfg.seed, step) if self.negatives else None
             with acc.accumulate(self.model):
-                pad, start = self.tokenizer.pad_token_id, self.model_config.decoder_start_token_id
                 batch = collate(self.train_rows, micro, pad, start, acc.device)
                 with acc.autocast():
                     if negatives is None:

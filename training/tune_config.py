@@ -184,7 +184,8 @@ def validate_config(cfg: TrainConfig) -> None:
         positive_int(name, getattr(cfg, name))
     if cfg.threads is not None:
         positive_int("threads", cfg.threads)
-    for name in ("warmup_steps", "rank_negatives", "rank_prefix_tokens", "eval_every", "save_every", "eval_max_rows", "eval_max_instances", "lora_r"):
+    for name in ("warmup_steps", "rank_negatives", "rank_prefix_tokens", "eval_every", "save_every", "eval_max_rows",
+                 "eval_max_instances", "lora_r"):
         non_negative_int(name, getattr(cfg, name))
     if cfg.max_source_length < 2 or cfg.max_target_length < 2:
         raise InputError("max_source_length/max_target_length",

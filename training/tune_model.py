@@ -209,6 +209,8 @@ def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, 
     import torch.nn.functional as F
     from transformers.modeling_outputs import BaseModelOutput
 
+    from .loss import at_least_fp32, token_log_likelihoods
+
     rows = labels.shape[0]
     negatives = negative_labels.shape[0] // rows
     states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
@@ -220,9 +222,7 @@ def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, 
         keep = targets != -100
         picked = targets[keep]
         if head is None:  # `out` holds the logits already
-            logits = out[keep]
-            logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-            token_lp = torch.log_softmax(logits, dim=-1).gather(1, picked[:, None]).squeeze(1)
+            token_lp = torch.log_softmax(at_least_fp32(out[keep]), dim=-1).gather(1, picked[:, None]).squeeze(1)
         else:
             token_lp = token_log_likelihoods(out[keep], head.weight, picked)
         where = keep.nonzero()
@@ -239,21 +239,3 @@ def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, 
     scores = torch.cat([own_score[:, None], negative_scores.view(rows, negatives)], dim=1)
     target = torch.zeros(rows, dtype=torch.long, device=scores.device)
     return -own_total.sum(), F.cross_entropy(scores, target, reduction="sum")
-
-
-def token_log_likelihoods(hidden, weight, targets, chunk_rows: int = 1024):
-    """log p(target_i) under logits hidden [N, D] @ weight [V, D]^T, log-softmax in fp32, in chunks of
-    rows whose logits are recomputed in the backward pass (torch.utils.checkpoint): at most one
-    chunk's [chunk x V] logits live at a time however many candidates a batch scores."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    def chunk_lp(h, t):
-        logits = h @ weight.t()
-        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-        return torch.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1)
-
-    if hidden.shape[0] <= chunk_rows:
-        return chunk_lp(hidden, targets)
-    return torch.cat([checkpoint(chunk_lp, hidden[s:s + chunk_rows], targets[s:s + chunk_rows], use_reentrant=False)
-                      for s in range(0, hidden.shape[0], chunk_rows)])

@@ -16,7 +16,8 @@ from instructrec.engine.errors import InputError
 from instructrec.engine.presets import shape_config
 from instructrec.training.tune import train
 from instructrec.training.tune_data import NegativePool, TokenizedRows, collate_negatives
-from instructrec.training.tune_model import install_hidden_states_head, ranked_sequence_losses, token_log_likelihoods
+from instructrec.training.loss import token_log_likelihoods
+from instructrec.training.tune_model import install_hidden_states_head, ranked_sequence_losses
 
 # Two templates, eight distinct titles: each shopper's next title follows from the one they bought.
 TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8", "Portal 2 - PC", "Tetris Effect", "Stardew Valley",
