@@ -78,10 +78,13 @@ DEFAULT_PER_USER = 4
 DEFAULT_SEARCH_PER_ITEM = 1
 DEFAULT_NEGATIVES = 9  # as the data layer: 1 positive + 9 sampled negatives
 DEFAULT_MAX_SOURCE_TOKENS = 512
-# One template per instruction type the reference results are reported on: sequential
+# Two templates per instruction type the reference results are reported on (sequential
 # recommendation from the history, personalized search with a vague and with a specific
-# intention, and product search with each intention. All list the candidates (T3).
-DEFAULT_EVAL_TEMPLATE_IDS = ("seq-rec-02", "pers-search-07", "pers-search-08", "prod-search-03", "prod-search-04")
+# intention, product search with each intention): one that lists the candidates (T3, the
+# original's) and the engine's default for the type (T2: no list, each candidate's title scored as
+# the answer). `instructrec eval` chooses between them per model on validation.
+DEFAULT_EVAL_TEMPLATE_IDS = ("seq-rec-02", "pers-search-07", "pers-search-08", "prod-search-03", "prod-search-04",
+                             "seq-rec-01", "pers-search-01", "pers-search-02", "prod-search-01", "prod-search-02")
 
 # Separate random streams: adding a new random step never changes an existing one's draws.
 _STREAM_USER_SAMPLE, _STREAM_TRAIN, _STREAM_SEARCH, _STREAM_EVAL_SEARCH, _STREAM_T0 = 11, 12, 13, 14, 15

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
         formatter_class=_DefaultsShown)
     p.add_argument("--data", type=Path, required=True, help="prepared data directory (instructrec data prepare)")
     p.add_argument("--instructions", type=Path, required=True,
-                   help="instruction folder built from --data whose valid/test rows hold the scenarios' T3 "
+                   help="instruction folder built from --data whose valid/test rows hold the scenarios' T2/T3 "
                         "templates (instructrec instructions build --eval-templates ...)")
     p.add_argument("--model", default=None,
                    help="the tuned model: a checkpoint folder (instructrec train), a Hugging Face Hub id such as "

@@ -24,6 +24,11 @@ MODEL_METHODS = ("instructrec", "zero-shot")
 BASELINE_METHODS = ("popularity", "sasrec", "bert4rec", "two-tower", "tem")
 METHODS = MODEL_METHODS + BASELINE_METHODS
 CANDIDATE_MODES = ("stored", "hard", "sampled")
+# Task forms whose instructions rank a candidate list: T3 lists the candidates in the source; T2
+# asks for the item without a list, and each candidate's title is scored as the answer. Where a
+# scenario's rows hold both, each model method chooses on validation (a model trained for minutes
+# from random weights ranks far better without the list: docs/results.md, "The ranking template").
+RANKING_TASKS = ("T2", "T3")
 METRIC_KEYS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
 SELECTION_METRIC = "ndcg@5"
 
@@ -137,35 +142,48 @@ def read_slot(template_id: str, instruction: str, slot: str) -> str:
 
 
 def templates_of(scenario: Scenario) -> list[str]:
-    """The registry's reranking (T3) templates of the scenario's instruction type: those an
-    instruction build needs in --eval-templates for the scenario to be evaluated."""
-    from instructrec.engine.templates import REGISTRY
+    """The templates an instruction build needs in --eval-templates for the scenario to be
+    evaluated: the registry's reranking (T3) templates of its instruction type, then the engine's
+    default (T2) template of that type, which ranks without listing the candidates."""
+    from instructrec.engine.templates import DEFAULT_TEMPLATE_IDS, REGISTRY, Intention, Preference
 
-    return [t.id for t in REGISTRY.values() if t.ranks_titles and t.preference.value == scenario.preference
-            and t.intention.value == scenario.intention and t.task.value == "T3"]
+    listed = [t.id for t in REGISTRY.values() if t.ranks_titles and t.preference.value == scenario.preference
+              and t.intention.value == scenario.intention and t.task.value == "T3"]
+    unlisted = DEFAULT_TEMPLATE_IDS.get((Preference(scenario.preference), Intention(scenario.intention), False))
+    return listed + ([unlisted] if unlisted is not None else [])
+
+
+def _ranking_rows(table, scenario: Scenario):
+    """The mask of `table`'s rows (columns preference, intention, task) that rank a candidate
+    list for the scenario's instruction type."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.and_(pc.and_(pc.equal(table["preference"], scenario.preference),
+                           pc.equal(table["intention"], scenario.intention)),
+                   pc.is_in(table["task"], value_set=pa.array(RANKING_TASKS)))
 
 
 def has_rows(table, scenario: Scenario) -> bool:
-    """Whether `table` (columns preference, intention, task) holds reranking rows of the scenario."""
+    """Whether `table` (columns preference, intention, task) holds ranking rows of the scenario."""
     import pyarrow.compute as pc
 
-    mask = pc.and_(pc.and_(pc.equal(table["preference"], scenario.preference),
-                           pc.equal(table["intention"], scenario.intention)), pc.equal(table["task"], "T3"))
-    return pc.any(mask).as_py() is True
+    return pc.any(_ranking_rows(table, scenario)).as_py() is True
 
 
 def scenario_templates(instructions: Path, split: str, scenario: Scenario) -> list[str]:
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
+    from instructrec.engine.templates import REGISTRY
 
     path = Path(instructions) / f"{split}.parquet"
     if not path.is_file():
         raise InputError("instructions", f"{path} does not exist",
                          "point --instructions at a folder written by `instructrec instructions build`")
     table = pq.read_table(path, columns=["template", "preference", "intention", "task"])
-    mask = pc.and_(pc.and_(pc.equal(table["preference"], scenario.preference),
-                           pc.equal(table["intention"], scenario.intention)), pc.equal(table["task"], "T3"))
-    found = sorted(set(table.filter(mask).column("template").to_pylist()))
+    # A T2 template whose answer is not the item's title (the diversity strategies) cannot score one.
+    found = sorted(t for t in set(table.filter(_ranking_rows(table, scenario)).column("template").to_pylist())
+                   if t in REGISTRY and REGISTRY[t].ranks_titles)
     if not found:
         wanted = templates_of(scenario)
         raise InputError("instructions", f"{path} has no {scenario.notation} reranking rows for scenario "
@@ -224,12 +242,17 @@ def sample(instances: list[Instance], n: int, seed: int, label: str) -> list[Ins
 
 
 def _list_placeholder(inst: Instance) -> dict[str, str]:
-    """The instructions with their numbered candidate list replaced by `{candidates}`."""
+    """The instructions with their numbered candidate list replaced by `{candidates}`; those of
+    templates that do not list candidates (T2) stay as they are."""
     from instructrec.engine.formatting import CANDIDATES_PLACEHOLDER, format_candidate_list
+    from instructrec.engine.templates import REGISTRY, TaskForm
 
     listed = format_candidate_list(inst.titles)
     out = {}
     for template, text in inst.prompts.items():
+        if REGISTRY[template].task is not TaskForm.RERANKING:
+            out[template] = text
+            continue
         if text.count(listed) != 1:
             raise InstructRecError(f"the instruction of {inst.key!r} ({template}) does not list its stored "
                                    "candidates exactly once; cannot swap in another list")

@@ -20,9 +20,11 @@ How every method sees the same thing
 
 Model methods: `instructrec` (the tuned checkpoint) and `zero-shot` (the same architecture with
 random weights, seeded: no pretrained Flan-T5 exists on these machines, so "untuned" is a
-random-init model here). Where an instruction type has several T3 templates, each model method
-picks one by NDCG@5 on a seeded sample of that type's validation instances with the stored lists
-(the original's rule); hard-negatives and candidates-100 reuse seq-rec's choice (same type).
+random-init model here). A scenario ranks with its type's templates that rank a list: T3 (the
+candidates listed in the instruction) and T2 (no list; each candidate's title scored as the
+answer). Where the folder holds several, each model method picks one by NDCG@5 on a seeded sample
+of that type's validation instances with the stored lists (the original's rule); hard-negatives
+and candidates-100 reuse seq-rec's choice (same type).
 
 Runs can be split: a run writes every list it ranks to OUT/instances.json before ranking; another
 run with `add_to` ranks exactly those lists and merges its methods into that run's metrics (the
@@ -80,7 +82,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     data: Path  # prepared directory of the main domain
-    instructions: Path  # its instruction folder (valid/test with the scenarios' T3 templates)
+    instructions: Path  # its instruction folder (valid/test with the scenarios' T2/T3 templates)
     # The tuned model (needed by the model methods): a checkpoint folder, a Hub id (`revision`), or
     # random:<shape> (zero-shot only, with `tokenizer`); resolved by engine.sources.resolve_model.
     model: str | Path | None

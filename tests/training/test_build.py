@@ -102,8 +102,10 @@ def test_eval_rows_use_the_stored_candidate_lists(built):
     stored = {(u, s): (t, c) for u, s, t, c in CANDIDATES}
     for split in ("valid", "test"):
         user_rows = [r for r in rows[split] if r["user_id"] is not None]
-        # Default evaluation templates: seq-rec-02, pers-search-07, pers-search-08, for 3 users.
-        assert Counter(r["template"] for r in user_rows) == {"seq-rec-02": 3, "pers-search-07": 3, "pers-search-08": 3}
+        # Default evaluation templates, listed (T3) and not (T2), for 3 users.
+        assert Counter(r["template"] for r in user_rows) == {
+            "seq-rec-02": 3, "pers-search-07": 3, "pers-search-08": 3, "seq-rec-01": 3, "pers-search-01": 3,
+            "pers-search-02": 3}
         for row in user_rows:
             target, candidate_ids = stored[(row["user_id"], split)]
             assert row["target_item_id"] == target and row["candidate_ids"] == candidate_ids
@@ -123,7 +125,8 @@ def test_product_search_rows_follow_search_splits(built):
     assert all(r["user_id"] is None for split in search.values() for r in split)
     assert {r["target_item_id"] for r in search["valid"]} == {"i12"}
     assert {r["target_item_id"] for r in search["test"]} == {"i13"}
-    assert Counter(r["template"] for r in search["test"]) == {"prod-search-03": 1, "prod-search-04": 1}
+    assert Counter(r["template"] for r in search["test"]) == {"prod-search-03": 1, "prod-search-04": 1,
+                                                              "prod-search-01": 1, "prod-search-02": 1}
     train_items = {r["target_item_id"] for r in search["train"]}
     assert train_items == {i for i, s in SEARCH_SPLITS.items() if s == "train"}
     # i12's I1 comes from its only review (u3's, test split: fine for an evaluation row).
@@ -266,10 +269,10 @@ def test_cli_build_end_to_end(prepared, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "# fine-grained instructions" in printed
     stats = json.loads((out / "stats.json").read_text())
-    # 3 users x 2 train rows + 12 search-train items x 1; valid/test: 3 users x 2 templates + 1 item.
-    assert stats["rows"] == {"train": 6 + 12, "valid": 7, "test": 7}
+    # 3 users x 2 train rows + 12 search-train items x 1; valid/test: 3 users x 3 templates + 1 item.
+    assert stats["rows"] == {"train": 6 + 12, "valid": 10, "test": 10}
     assert stats["templates"] == ["seq-rec-01", "seq-rec-02", "pers-search-08", "prod-search-04"]
-    assert stats["eval_templates"] == ["seq-rec-02", "pers-search-08", "prod-search-04"]
+    assert stats["eval_templates"] == ["seq-rec-02", "pers-search-08", "prod-search-04", "seq-rec-01"]
     # The same build through the Python function gives the same rows.
     build_instructions(prepared, tmp_path / "py", annotator=OfflineAnnotator(), per_user=2, seed=7,
                        templates=["seq-rec-01", "seq-rec-02", "pers-search-08", "prod-search-04"])

@@ -350,7 +350,8 @@ def test_scenario_all_on_a_default_build_names_everything_missing_before_loading
     assert "--cross-data DIR --cross-instructions DIR" in message
     assert "<P1, P2, T3> (scenario pers-search-p2), <P2, I1, T3> (scenario held-out)" in message
     assert ("--eval-templates seq-rec-02,pers-search-07,pers-search-08,prod-search-03,prod-search-04,"
-            "seq-rec-09,pers-search-09`") in message
+            "seq-rec-01,pers-search-01,pers-search-02,prod-search-01,prod-search-02,"
+            "seq-rec-09,seq-rec-08,pers-search-09,pers-search-03`") in message
     # Only the cross-domain flags missing: that one field, as before.
     with pytest.raises(InputError) as caught:
         evaluate(config(world, tiny_t5_dir, tmp_path / "x", data=broken, instructions=instructions,
@@ -379,3 +380,87 @@ def test_product_search_dropping_training_targets_is_loud_and_recorded(run_a, wo
     [warning] = [r.getMessage() for r in caplog.records if "DROPPED" in r.getMessage()]
     assert f"{expected} of {len(search_targets)} instances DROPPED" in warning
     assert f"instructrec eval-train-set --instructions {world / 'instructions'} --data {world / 'prepared'}" in warning
+
+
+# --------------------------------------------------------------------------------------------- ranking without a listed candidate list (T2)
+
+
+@pytest.fixture(scope="module")
+def t2_instructions(world, tmp_path_factory):
+    """The world's prepared data with valid/test rows of the listed (seq-rec-02, T3) and the
+    unlisted (seq-rec-01, T2) sequential-recommendation templates, same lists."""
+    from instructrec.training.annotation import make_annotator
+    from instructrec.training.build import build_instructions
+
+    out = tmp_path_factory.mktemp("eval-t2") / "instructions"
+    build_instructions(world / "prepared", out, annotator=make_annotator("offline"),
+                       eval_templates="seq-rec-02,seq-rec-01", per_user=1, seed=0)
+    return out
+
+
+def hf_ranks(model_dir, instances, template, hf_log_likelihoods):
+    from instructrec.training.metrics import pessimistic_rank
+
+    return [pessimistic_rank(hf_log_likelihoods(model_dir, inst.prompts[template], inst.titles), inst.positive)
+            for inst in instances]
+
+
+def test_a_t2_template_ranks_every_candidate_as_its_answer(world, t2_instructions, tiny_t5_dir, tmp_path,
+                                                           hf_log_likelihoods):
+    """A folder whose sequential-recommendation rows are all T2 (no list in the instruction) is
+    evaluated, not refused; 100 candidates are scored in one pass (no tournament: the prompt
+    lists nothing), and the metrics equal Hugging Face's per-candidate log-likelihood ranking."""
+    import pyarrow.compute as pc
+
+    from instructrec.training.metrics import summarize_ranks
+
+    only_t2 = tmp_path / "instructions"
+    only_t2.mkdir()
+    for split in ("train", "valid", "test"):
+        table = pq.read_table(t2_instructions / f"{split}.parquet")
+        if split != "train":
+            table = table.filter(pc.equal(table["template"], "seq-rec-01"))
+        pq.write_table(table, only_t2 / f"{split}.parquet")
+    results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", instructions=only_t2,
+                              scenarios=("seq-rec", "candidates-100"), methods=("instructrec",)))
+    lists = json.loads((tmp_path / "run" / "instances.json").read_text())
+    by_key = {i.key: i for i in load_instances(only_t2, "test", SCENARIOS["seq-rec"], {}, None)}
+    titles_of = {c: t for i in by_key.values() for c, t in zip(i.candidate_ids, i.titles)}
+    titles_of.update(dict(zip(*pq.read_table(world / "prepared" / "items.parquet", columns=["item_id", "title"])
+                              .to_pydict().values())))
+    for name in ("seq-rec", "candidates-100"):
+        entry = results["scenarios"][name]
+        assert entry["templates"] == ["seq-rec-01"] and entry["methods"]["instructrec"]["template"] == "seq-rec-01"
+        instances = [with_candidate_list(by_key[key], ids, titles_of) for key, ids in lists[f"{name}:test"]]
+        assert instances and all(i.prompts["seq-rec-01"] == by_key[i.key].prompts["seq-rec-01"] for i in instances)
+        reference = summarize_ranks(hf_ranks(tiny_t5_dir, instances, "seq-rec-01", hf_log_likelihoods))
+        for k in ("hr@1", "hr@5", "ndcg@5"):
+            assert entry["methods"]["instructrec"][k] == pytest.approx(reference[k], abs=1e-9), (name, k)
+    assert {len(ids) for _, ids in lists["candidates-100:test"]} == {100}
+
+
+def test_listed_and_unlisted_templates_are_chosen_between_on_validation(world, t2_instructions, tiny_t5_dir,
+                                                                        tmp_path, hf_log_likelihoods):
+    """With seq-rec-01 (T2) and seq-rec-02 (T3) rows, each template's validation metrics are the
+    Hugging Face ranking's, and the test metrics are those of the higher validation NDCG@5."""
+    from instructrec.training.metrics import summarize_ranks
+
+    results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", instructions=t2_instructions,
+                              scenarios=("seq-rec",), methods=("instructrec",), valid_instances=8))
+    entry = results["scenarios"]["seq-rec"]
+    method = entry["methods"]["instructrec"]
+    assert entry["templates"] == ["seq-rec-01", "seq-rec-02"]
+    lists = json.loads((tmp_path / "run" / "instances.json").read_text())
+    valid_key = next(k for k in lists if k.endswith(":valid"))
+    valid = {i.key: i for i in load_instances(t2_instructions, "valid", SCENARIOS["seq-rec"], {}, None)}
+    picked = [valid[key] for key, _ in lists[valid_key]]
+    assert len(picked) == 8
+    for template in ("seq-rec-01", "seq-rec-02"):
+        reference = summarize_ranks(hf_ranks(tiny_t5_dir, picked, template, hf_log_likelihoods))
+        assert method["valid_by_template"][template]["ndcg@5"] == pytest.approx(reference["ndcg@5"], abs=1e-9)
+    by_valid = method["valid_by_template"]
+    best = max(sorted(by_valid), key=lambda t: (by_valid[t]["ndcg@5"], t == "seq-rec-01"))
+    assert method["template"] == best
+    test = {i.key: i for i in load_instances(t2_instructions, "test", SCENARIOS["seq-rec"], {}, None)}
+    ranked = [test[key] for key, _ in lists["seq-rec:test"]]
+    assert method["hr@1"] == pytest.approx(summarize_ranks(hf_ranks(tiny_t5_dir, ranked, best, hf_log_likelihoods))["hr@1"])
