@@ -66,7 +66,7 @@ def test_requests_are_the_stored_test_lists_and_ranked_has_one_row_each(quick_de
                       .to_pydict().values()))
     for request in requests:
         assert request["candidates"] == [titles[c] for c in request["candidate_ids"]]
-        assert request["history"] and request["template"] == "seq-rec-02"
+        assert request["history"] and request["template"] == "seq-rec-01"
 
     ranked = pq.read_table(out / "ranked.parquet").to_pylist()
     assert [r["request_id"] for r in ranked] == [r["request_id"] for r in requests]
