@@ -145,12 +145,11 @@ def templates_of(scenario: Scenario) -> list[str]:
     """The templates an instruction build needs in --eval-templates for the scenario to be
     evaluated: the registry's reranking (T3) templates of its instruction type, then the engine's
     default (T2) template of that type, which ranks without listing the candidates."""
-    from instructrec.engine.templates import DEFAULT_TEMPLATE_IDS, REGISTRY, Intention, Preference
+    from instructrec.engine.templates import REGISTRY, Intention, Preference, default_template
 
     listed = [t.id for t in REGISTRY.values() if t.ranks_titles and t.preference.value == scenario.preference
               and t.intention.value == scenario.intention and t.task.value == "T3"]
-    unlisted = DEFAULT_TEMPLATE_IDS.get((Preference(scenario.preference), Intention(scenario.intention), False))
-    return listed + ([unlisted] if unlisted is not None else [])
+    return listed + [default_template(Preference(scenario.preference), Intention(scenario.intention), False).id]
 
 
 def _ranking_rows(table, scenario: Scenario):
@@ -245,12 +244,12 @@ def _list_placeholder(inst: Instance) -> dict[str, str]:
     """The instructions with their numbered candidate list replaced by `{candidates}`; those of
     templates that do not list candidates (T2) stay as they are."""
     from instructrec.engine.formatting import CANDIDATES_PLACEHOLDER, format_candidate_list
-    from instructrec.engine.templates import REGISTRY, TaskForm
+    from instructrec.engine.templates import REGISTRY
 
     listed = format_candidate_list(inst.titles)
     out = {}
     for template, text in inst.prompts.items():
-        if REGISTRY[template].task is not TaskForm.RERANKING:
+        if not REGISTRY[template].lists_candidates:
             out[template] = text
             continue
         if text.count(listed) != 1:

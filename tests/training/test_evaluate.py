@@ -46,6 +46,14 @@ def config(world: Path, model: Path, out: Path, **overrides) -> EvalConfig:
     return EvalConfig(**base)
 
 
+def hf_ranks(model_dir, instances, template, hf_log_likelihoods) -> list[int]:
+    """The target's rank in each instance under Hugging Face forward log-likelihoods of `template`."""
+    from instructrec.training.metrics import pessimistic_rank
+
+    return [pessimistic_rank(hf_log_likelihoods(model_dir, inst.prompts[template], inst.titles), inst.positive)
+            for inst in instances]
+
+
 def without_timings(value):
     if isinstance(value, dict):
         return {k: without_timings(v) for k, v in value.items()
@@ -146,18 +154,14 @@ def test_product_search_never_ranks_a_training_target(run_a, world):
 
 def test_model_metrics_match_a_plain_hugging_face_ranking(run_a, world, tiny_t5_dir, hf_log_likelihoods):
     """The tuned-model column recomputed from HF forward log-likelihoods of the chosen template."""
-    from instructrec.training.metrics import pessimistic_rank, summarize_ranks
+    from instructrec.training.metrics import summarize_ranks
 
     results, out = run_a
     entry = results["scenarios"]["seq-rec"]["methods"]["instructrec"]
     lists = json.loads((out / "instances.json").read_text())["seq-rec:test"]
     by_key = {i.key: i for i in load_instances(world / "instructions", "test", SCENARIOS["seq-rec"], {}, None)}
-    ranks = []
-    for key, ids in lists:
-        inst = by_key[key]
-        scores = hf_log_likelihoods(tiny_t5_dir, inst.prompts[entry["template"]], inst.titles)
-        ranks.append(pessimistic_rank(scores, inst.positive))
-    reference = summarize_ranks(ranks)
+    reference = summarize_ranks(hf_ranks(tiny_t5_dir, [by_key[key] for key, _ in lists], entry["template"],
+                                         hf_log_likelihoods))
     for k in ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5"):
         assert entry[k] == pytest.approx(reference[k], abs=1e-9), k
 
@@ -398,13 +402,6 @@ def t2_instructions(world, tmp_path_factory):
     return out
 
 
-def hf_ranks(model_dir, instances, template, hf_log_likelihoods):
-    from instructrec.training.metrics import pessimistic_rank
-
-    return [pessimistic_rank(hf_log_likelihoods(model_dir, inst.prompts[template], inst.titles), inst.positive)
-            for inst in instances]
-
-
 def test_a_t2_template_ranks_every_candidate_as_its_answer(world, t2_instructions, tiny_t5_dir, tmp_path,
                                                            hf_log_likelihoods):
     """A folder whose sequential-recommendation rows are all T2 (no list in the instruction) is
@@ -425,9 +422,8 @@ def test_a_t2_template_ranks_every_candidate_as_its_answer(world, t2_instruction
                               scenarios=("seq-rec", "candidates-100"), methods=("instructrec",)))
     lists = json.loads((tmp_path / "run" / "instances.json").read_text())
     by_key = {i.key: i for i in load_instances(only_t2, "test", SCENARIOS["seq-rec"], {}, None)}
-    titles_of = {c: t for i in by_key.values() for c, t in zip(i.candidate_ids, i.titles)}
-    titles_of.update(dict(zip(*pq.read_table(world / "prepared" / "items.parquet", columns=["item_id", "title"])
-                              .to_pydict().values())))
+    titles_of = dict(zip(*pq.read_table(world / "prepared" / "items.parquet", columns=["item_id", "title"])
+                         .to_pydict().values()))
     for name in ("seq-rec", "candidates-100"):
         entry = results["scenarios"][name]
         assert entry["templates"] == ["seq-rec-01"] and entry["methods"]["instructrec"]["template"] == "seq-rec-01"
