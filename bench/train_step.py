@@ -15,7 +15,9 @@ clipping as `instructrec train` runs them. Variants, each adding one change to t
   what `--precision auto` picks); elsewhere the row says why it was skipped. This row is the
   trainer as issue 18 found it on such a CPU;
 - `+ real-token head`: the head and log-softmax on real target tokens only
-  (training.loss.linear_cross_entropy through install_hidden_states_head): issue 18's change.
+  (training.loss.linear_cross_entropy through install_hidden_states_head): issue 18's change;
+- `+ fused AdamW`: torch's fused AdamW kernel (what `instructrec train` builds on a CPU or one
+  GPU) where the rows above run the multi-tensor (foreach) loop.
 
 Printed: rows/s and rows per CPU-second (both processes' threads counted), and each variant's
 rows/CPU-s as a ratio to `plain` of the same shape. Ratios, not absolute speeds, are what carry
@@ -38,7 +40,7 @@ def _cpu_seconds() -> float:
 
 
 def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_size: int, steps: int,
-            warmup: int, seed: int = 0) -> dict:
+            warmup: int, fused: bool = False, seed: int = 0) -> dict:
     import torch
     from transformers import T5Config
 
@@ -52,7 +54,7 @@ def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_si
     config["dropout_rate"] = 0.0
     model = random_t5(T5Config(**config)).train()  # the model `train` starts from for random:<shape>
     stand_in = install_hidden_states_head(model) if head else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if fused else {"foreach": True}))
     lengths = rows.source_lengths
     batches = epoch_batches(lengths, batch_size, seed, 0, grouped)
     if len(batches) < warmup + steps:
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("plain", dict(head=False, grouped=False, bf16=False)),
                 ("+ length-grouped", dict(head=False, grouped=True, bf16=False)),
                 ("+ bf16 autocast", dict(head=False, grouped=True, bf16=True)),
-                ("+ real-token head", dict(head=True, grouped=True, bf16=native_bf16))]
+                ("+ real-token head", dict(head=True, grouped=True, bf16=native_bf16)),
+                ("+ fused AdamW", dict(head=True, grouped=True, bf16=native_bf16, fused=True))]
     results = []
     print("\n| shape | variant | rows/s | rows/CPU-s | x plain (rows/CPU-s) |\n|---|---|---:|---:|---:|")
     for shape in shapes:

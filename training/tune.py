@@ -290,7 +290,7 @@ class _Run:
         self.head = None if sharded else install_hidden_states_head(model)
         self.model = acc.prepare(model)
         # The optimiser is built on the prepared model's parameters (FSDP replaces them).
-        optimizer = build_optimizer(cfg, self.model)
+        optimizer = build_optimizer(cfg, self.model, fused=not sharded)
         self.schedule = StepSchedule(cfg.warmup_steps, self.planned_steps, cfg.schedule)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         self.optimizer, self.scheduler = acc.prepare(optimizer, self.lr_scheduler)

@@ -34,7 +34,7 @@ def test_every_variant_is_measured_and_reported(instructions, tokenizer_dir, tmp
     printed = capsys.readouterr().out
     results = json.loads(report.read_text())["results"]
     names = [r["variant"] for r in results]
-    assert names[:2] == ["plain", "+ length-grouped"] and names[-1] == "+ real-token head"
+    assert names[:2] == ["plain", "+ length-grouped"] and names[-2:] == ["+ real-token head", "+ fused AdamW"]
     assert all(r["rows_per_s"] > 0 and r["steps"] == 2 for r in results)
     assert results[0]["ratio"] == 1.0
     assert "+ bf16 autocast" in printed  # measured, or skipped with the reason

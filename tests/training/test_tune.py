@@ -268,6 +268,38 @@ def test_lora_without_peft_names_the_extra(dataset, tmp_path, tokenizer_dir, mon
     assert excinfo.value.field == "lora_r"
 
 
+# --------------------------------------------------------------------------- optimiser
+
+
+def test_adamw_is_fused_on_cpu_and_follows_the_update_rule_by_hand(dataset, tmp_path, tokenizer_dir):
+    import torch
+
+    from instructrec.training.tune_model import build_optimizer
+
+    cfg = config(dataset, tmp_path / "out", tokenizer_dir, optimizer="adamw", lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3))
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = build_optimizer(cfg, model)
+    assert optimizer.defaults["fused"] is True
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    for step_grads in grads:
+        for p, g in zip(model.parameters(), step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+    # AdamW by hand (Loshchilov & Hutter: decay decoupled from the moments), beta 0.9 / 0.999, eps 1e-8.
+    for p, p0, *gs in zip(model.parameters(), start, *grads):
+        w, m, v = p0.double(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+        for t, g in enumerate(gs, start=1):
+            w = w * (1 - 1e-2 * 0.1)
+            m = 0.9 * m + 0.1 * g.double()
+            v = 0.999 * v + 0.001 * g.double() ** 2
+            w = w - 1e-2 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        torch.testing.assert_close(p.detach().double(), w, rtol=1e-5, atol=1e-6)
+    # Sharded models keep the per-tensor loop (their parameters are not plain tensors).
+    assert not build_optimizer(cfg, model, fused=False).defaults["fused"]
+
+
 # --------------------------------------------------------------------------- schedule and data order
 
 
