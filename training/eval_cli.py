@@ -62,6 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--tune", action="store_true", help="grid-search every baseline (training/baselines/README.md)")
     p.add_argument("--dtype", default="auto", help="engine dtype: auto (bf16 on CUDA and on CPUs where it is native and measured "
                         "faster, else float32; docs/engine.md), float32, bfloat16")
+    p.add_argument("--score-forms", default="sum,mean",
+                   help="comma list of the candidate score forms each model method chooses between on validation "
+                        "(with the template): sum (the title's log-likelihood), mean (per title token)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-to", type=Path, default=None, metavar="DIR",
                    help="a previous run's --out: rank exactly its instances and add this run's methods to its "
@@ -94,7 +97,7 @@ def run(args) -> int:
         max_instances_100=args.max_instances_100, valid_instances=args.valid_instances,
         baseline_valid=args.baseline_valid, baseline_max_epochs=args.baseline_max_epochs, tune=args.tune,
         dtype=args.dtype, seed=args.seed, threads=args.threads, add_to=args.add_to, revision=args.revision,
-        tokenizer=args.tokenizer,
+        tokenizer=args.tokenizer, score_forms=tuple(f.strip() for f in args.score_forms.split(",") if f.strip()),
         baseline_overrides=parse_baseline_settings(args.baseline_set))
     evaluate(cfg)
     print((args.out / "results.md").read_text())

@@ -138,12 +138,12 @@ def results_markdown(results: dict) -> str:
                   + (f" **{entry['dropped_training_targets']} more were dropped: their target is a training "
                      "target of the model** (train on `instructrec eval-train-set` to evaluate them all)."
                      if entry.get("dropped_training_targets") else ""), "",
-                  "| method | HR@1 | HR@3 | HR@5 | NDCG@3 | NDCG@5 | template | errors |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | HR@1 | HR@3 | HR@5 | NDCG@3 | NDCG@5 | template | score | errors |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for method, m in entry["methods"].items():
             lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(f"{m[k]:.4f}" for k in METRIC_KEYS)
-                         + f" | {m.get('template', '')} | {m.get('errors', '')} |")
+                         + f" | {m.get('template', '')} | {m.get('normalize', '')} | {m.get('errors', '')} |")
         for method, value in entry.get("theirs", {}).items():
             label = "InstructRec (Flan-T5-XL 3B)" if method == "instructrec" else METHOD_LABELS.get(method, method)
-            lines.append(f"| *theirs: {label}* | *{value:.4f}* | | | | | | |")
+            lines.append(f"| *theirs: {label}* | *{value:.4f}* | | | | | | | |")
     return "\n".join(lines) + "\n"

@@ -22,9 +22,11 @@ Model methods: `instructrec` (the tuned checkpoint) and `zero-shot` (the same ar
 random weights, seeded: no pretrained Flan-T5 exists on these machines, so "untuned" is a
 random-init model here). A scenario ranks with its type's templates that rank a list: T3 (the
 candidates listed in the instruction) and T2 (no list; each candidate's title scored as the
-answer). Where the folder holds several, each model method picks one by NDCG@5 on a seeded sample
-of that type's validation instances with the stored lists (the original's rule); hard-negatives
-and candidates-100 reuse seq-rec's choice (same type).
+answer). Each candidate's score is its title's log-likelihood (`sum`, the paper's) or that per
+title token (`mean`, the engine's length-normalised score). Each model method picks one template
+and score form among those (`score_forms`) by NDCG@5 on a seeded sample of that type's validation
+instances with the stored lists (the original's rule for templates); hard-negatives and
+candidates-100 reuse seq-rec's choice (same type).
 
 Runs can be split: a run writes every list it ranks to OUT/instances.json before ranking; another
 run with `add_to` ranks exactly those lists and merges its methods into that run's metrics (the
@@ -63,9 +65,9 @@ from instructrec.engine.sources import CHECKPOINT, RANDOM, ModelSource, resolve_
 from .eval_domain import Domain, baseline_scores
 from .eval_report import dataset_stats, merge_results, model_info, results_markdown
 from .eval_scenarios import (
-    BASELINE_METHODS, METHODS, METRIC_KEYS, MODEL_METHODS, SCENARIOS, SELECTION_METRIC, Instance, Scenario, has_rows,
-    load_instances, read_slot, resolve_methods, resolve_scenarios, sample, sampled_negatives, templates_of,
-    with_candidate_list, with_candidates)
+    BASELINE_METHODS, METHODS, METRIC_KEYS, MODEL_METHODS, SCENARIOS, SCORE_FORMS, SELECTION_METRIC, Instance,
+    Scenario, has_rows, load_instances, read_slot, resolve_methods, resolve_scenarios, sample, sampled_negatives,
+    templates_of, with_candidate_list, with_candidates)
 from .eval_train_set import parse_instruction_type, restrict_training_set
 from .metrics import pessimistic_rank, summarize_ranks
 
@@ -108,6 +110,9 @@ class EvalConfig:
     add_to: Path | None = None
     revision: str | None = None  # of a Hub id `model`: branch, tag or commit
     tokenizer: Path | None = None  # for a random:<shape> model, which brings none
+    # The candidate score forms each model method chooses between on validation (Reranker.rank's
+    # `normalize`): "sum" (the title's log-likelihood) and "mean" (per title token).
+    score_forms: tuple[str, ...] = SCORE_FORMS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,8 +123,9 @@ def ranks_from_scores(scores: np.ndarray, instances: Sequence[Instance]) -> list
     return [pessimistic_rank(row, inst.positive) for row, inst in zip(scores, instances, strict=True)]
 
 
-def engine_ranks(reranker, instances: Sequence[Instance], template: str, chunk: int = 256) -> tuple[list[int], int]:
-    """(rank of each target, number of requests the engine rejected) for one template."""
+def engine_ranks(reranker, instances: Sequence[Instance], template: str, chunk: int = 256,
+                 normalize: str = "sum") -> tuple[list[int], int]:
+    """(rank of each target, number of requests the engine rejected) for one template and score form."""
     from instructrec.engine import Request
     from instructrec.engine.formatting import CANDIDATES_PLACEHOLDER
 
@@ -128,7 +134,7 @@ def engine_ranks(reranker, instances: Sequence[Instance], template: str, chunk: 
         part = instances[start:start + chunk]
         requests = [Request(instruction=inst.prompts[template], candidates=inst.titles,
                             candidate_ids=inst.candidate_ids, request_id=inst.key) for inst in part]
-        for inst, result in zip(part, reranker.rank(requests, errors="return")):
+        for inst, result in zip(part, reranker.rank(requests, errors="return", normalize=normalize)):
             k = len(inst.candidate_ids)
             if result.error is not None:
                 errors += 1
@@ -379,9 +385,9 @@ class Evaluation:
             n = cfg.max_instances_100 if scenario.candidates == "sampled" else cfg.max_instances
             tests[scenario.name] = test = self.instances(scenario, "test", domain, n, seen_targets)
             key = self._selection_key(scenario, domain)
-            if len(test[0].prompts) > 1 and key not in self._valid_cache:
+            if len(test[0].prompts) * len(cfg.score_forms) > 1 and key not in self._valid_cache:
                 # Drawn (and recorded) even without a model method, so a later --add-to run
-                # chooses the template on these same validation lists.
+                # chooses the template and score form on these same validation lists.
                 stored = replace(scenario, name=key, candidates="stored")
                 self._valid_cache[key] = self.instances(stored, "valid", domain, cfg.valid_instances, seen_targets)
         if lists_path is not None:
@@ -431,21 +437,22 @@ class Evaluation:
         reranker = self.reranker(method)
         t0 = time.perf_counter()
         templates = sorted(test[0].prompts)
+        choices = [(template, form) for template in templates for form in self.cfg.score_forms]
         selection = {}
-        if len(templates) > 1:
+        if len(choices) > 1:
             key = self._selection_key(scenario, domain)
             if (method, key) not in self._chosen:
-                for template in templates:
-                    ranks, errors = engine_ranks(reranker, self._valid_cache[key], template)
-                    selection[template] = dict(_metrics(ranks), errors=errors)
-                # Highest validation NDCG@5; ties go to the first template id.
-                self._chosen[method, key] = (max(templates, key=lambda t: (selection[t][SELECTION_METRIC],
-                                                                           -templates.index(t))), selection)
-            chosen, selection = self._chosen[method, key]
+                for template, form in choices:
+                    ranks, errors = engine_ranks(reranker, self._valid_cache[key], template, normalize=form)
+                    selection[f"{template} {form}"] = dict(_metrics(ranks), errors=errors)
+                # Highest validation NDCG@5; ties go to the first template id, then the first form.
+                best = max(range(len(choices)), key=lambda i: (selection[" ".join(choices[i])][SELECTION_METRIC], -i))
+                self._chosen[method, key] = (choices[best], selection)
+            (chosen, form), selection = self._chosen[method, key]
         else:
-            chosen = templates[0]
-        ranks, errors = engine_ranks(reranker, test, chosen)
-        return dict(_metrics(ranks), errors=errors, template=chosen, valid_by_template=selection,
+            chosen, form = choices[0]
+        ranks, errors = engine_ranks(reranker, test, chosen, normalize=form)
+        return dict(_metrics(ranks), errors=errors, template=chosen, normalize=form, valid_by_choice=selection,
                     seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -455,6 +462,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(name, f"must be an integer >= 0, got {value!r}")
+    forms = cfg.score_forms
+    if isinstance(forms, str) or not forms or any(f not in SCORE_FORMS for f in forms) or len(set(forms)) < len(forms):
+        raise InputError("score_forms", f"must be one or more distinct of {', '.join(SCORE_FORMS)}, got {forms!r}",
+                         "e.g. --score-forms sum,mean (chosen between on validation) or --score-forms sum")
     out = Path(cfg.out)
     evaluation = Evaluation(cfg)  # checks every input, then loads the data
     import torch

@@ -46,12 +46,21 @@ def config(world: Path, model: Path, out: Path, **overrides) -> EvalConfig:
     return EvalConfig(**base)
 
 
-def hf_ranks(model_dir, instances, template, hf_log_likelihoods) -> list[int]:
-    """The target's rank in each instance under Hugging Face forward log-likelihoods of `template`."""
+def hf_ranks(model_dir, instances, template, hf_log_likelihoods, form: str = "sum") -> list[int]:
+    """The target's rank in each instance under Hugging Face forward log-likelihoods of `template`:
+    their sum over the title's tokens, or (form "mean") per token, counted by the tokenizer itself."""
+    from transformers import AutoTokenizer
+
     from instructrec.training.metrics import pessimistic_rank
 
-    return [pessimistic_rank(hf_log_likelihoods(model_dir, inst.prompts[template], inst.titles), inst.positive)
-            for inst in instances]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ranks = []
+    for inst in instances:
+        scores = hf_log_likelihoods(model_dir, inst.prompts[template], inst.titles)
+        if form == "mean":
+            scores = scores / np.array([len(tokenizer(text_target=t).input_ids) for t in inst.titles])
+        ranks.append(pessimistic_rank(scores, inst.positive))
+    return ranks
 
 
 def without_timings(value):
@@ -435,10 +444,11 @@ def test_a_t2_template_ranks_every_candidate_as_its_answer(world, t2_instruction
     assert {len(ids) for _, ids in lists["candidates-100:test"]} == {100}
 
 
-def test_listed_and_unlisted_templates_are_chosen_between_on_validation(world, t2_instructions, tiny_t5_dir,
-                                                                        tmp_path, hf_log_likelihoods):
-    """With seq-rec-01 (T2) and seq-rec-02 (T3) rows, each template's validation metrics are the
-    Hugging Face ranking's, and the test metrics are those of the higher validation NDCG@5."""
+def test_templates_and_score_forms_are_chosen_between_on_validation(world, t2_instructions, tiny_t5_dir,
+                                                                    tmp_path, hf_log_likelihoods):
+    """With seq-rec-01 (T2) and seq-rec-02 (T3) rows, each template's and score form's (sum, mean)
+    validation metrics are the Hugging Face ranking's, and the test metrics are those of the
+    highest validation NDCG@5."""
     from instructrec.training.metrics import summarize_ranks
 
     results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", instructions=t2_instructions,
@@ -451,12 +461,48 @@ def test_listed_and_unlisted_templates_are_chosen_between_on_validation(world, t
     valid = {i.key: i for i in load_instances(t2_instructions, "valid", SCENARIOS["seq-rec"], {}, None)}
     picked = [valid[key] for key, _ in lists[valid_key]]
     assert len(picked) == 8
-    for template in ("seq-rec-01", "seq-rec-02"):
-        reference = summarize_ranks(hf_ranks(tiny_t5_dir, picked, template, hf_log_likelihoods))
-        assert method["valid_by_template"][template]["ndcg@5"] == pytest.approx(reference["ndcg@5"], abs=1e-9)
-    by_valid = method["valid_by_template"]
-    best = max(sorted(by_valid), key=lambda t: (by_valid[t]["ndcg@5"], t == "seq-rec-01"))
-    assert method["template"] == best
+    choices = [(t, f) for t in ("seq-rec-01", "seq-rec-02") for f in ("sum", "mean")]
+    reference = {c: summarize_ranks(hf_ranks(tiny_t5_dir, picked, c[0], hf_log_likelihoods, c[1])) for c in choices}
+    assert sorted(method["valid_by_choice"]) == sorted(" ".join(c) for c in choices)
+    for c in choices:
+        assert method["valid_by_choice"][" ".join(c)]["ndcg@5"] == pytest.approx(reference[c]["ndcg@5"], abs=1e-9)
+    best = max(choices, key=lambda c: (reference[c]["ndcg@5"], -choices.index(c)))
+    assert (method["template"], method["normalize"]) == best
     test = {i.key: i for i in load_instances(t2_instructions, "test", SCENARIOS["seq-rec"], {}, None)}
     ranked = [test[key] for key, _ in lists["seq-rec:test"]]
-    assert method["hr@1"] == pytest.approx(summarize_ranks(hf_ranks(tiny_t5_dir, ranked, best, hf_log_likelihoods))["hr@1"])
+    expected = summarize_ranks(hf_ranks(tiny_t5_dir, ranked, best[0], hf_log_likelihoods, best[1]))
+    for k in ("hr@1", "ndcg@5"):
+        assert method[k] == pytest.approx(expected[k], abs=1e-9)
+    # The two forms rank differently on these lists (else the choice would be untested).
+    assert reference[choices[0]] != reference[choices[1]] or reference[choices[2]] != reference[choices[3]]
+
+
+def test_one_score_form_skips_the_choice_and_bad_forms_are_refused(world, t2_instructions, tiny_t5_dir, tmp_path,
+                                                                  hf_log_likelihoods):
+    """--score-forms mean ranks every list per title token (Hugging Face's log-likelihood over the
+    tokenizer's own count); an unknown or empty form list names the field before anything runs."""
+    import pyarrow.compute as pc
+
+    from instructrec.training.metrics import summarize_ranks
+
+    only_t2 = tmp_path / "instructions"
+    only_t2.mkdir()
+    for split in ("train", "valid", "test"):
+        table = pq.read_table(t2_instructions / f"{split}.parquet")
+        if split != "train":
+            table = table.filter(pc.equal(table["template"], "seq-rec-01"))
+        pq.write_table(table, only_t2 / f"{split}.parquet")
+    results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", instructions=only_t2, scenarios=("seq-rec",),
+                              methods=("instructrec",), score_forms=("mean",)))
+    method = results["scenarios"]["seq-rec"]["methods"]["instructrec"]
+    assert (method["template"], method["normalize"], method["valid_by_choice"]) == ("seq-rec-01", "mean", {})
+    lists = json.loads((tmp_path / "run" / "instances.json").read_text())
+    assert list(lists) == ["seq-rec:test"]  # no validation lists: nothing to choose
+    test = {i.key: i for i in load_instances(only_t2, "test", SCENARIOS["seq-rec"], {}, None)}
+    ranked = [test[key] for key, _ in lists["seq-rec:test"]]
+    expected = summarize_ranks(hf_ranks(tiny_t5_dir, ranked, "seq-rec-01", hf_log_likelihoods, "mean"))
+    assert method["ndcg@5"] == pytest.approx(expected["ndcg@5"], abs=1e-9)
+    assert "| seq-rec-01 | mean |" in (tmp_path / "run" / "results.md").read_text()
+    for forms in ((), ("sum", "max"), ("sum", "sum"), "sum"):
+        with pytest.raises(InputError, match="score_forms"):
+            evaluate(config(world, tiny_t5_dir, tmp_path / "bad", instructions=only_t2, score_forms=forms))
