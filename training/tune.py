@@ -38,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -51,7 +52,7 @@ from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddin
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
                         collate, collate_negatives, epoch_batches, process_slots, read_split, seeded_subset,
-                        seqrec_instances, tokenize_rows)
+                        per_template_subset, seqrec_instances, tokenize_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
                          install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
@@ -218,7 +219,8 @@ class _Run:
             self.instances = seqrec_instances(self.valid_table, path)
             if not self.instances:
                 raise InputError("valid", f"{path} has no sequential-recommendation instances (preference P1, "
-                                 "intention I0, task T3, scenario recommendation)",
+                                 "intention I0, task T3 or a T2 template answered by the title, scenario "
+                                 "recommendation)",
                                  "build the instructions with that template family included, or pass --no-rank-eval")
         self.resume_dir = None
         if cfg.resume:
@@ -243,10 +245,11 @@ class _Run:
         valid = self.valid_table.take(seeded_subset(self.valid_table.num_rows, cfg.eval_max_rows, cfg.seed))
         self.valid_rows = tokenize_rows(self.tokenizer, valid.column("instruction").to_pylist(),
                                         valid.column("target").to_pylist(), *lengths, "valid")
-        self.instances = [self.instances[i] for i in seeded_subset(len(self.instances), cfg.eval_max_instances, cfg.seed)]
-        log.info("train: %d rows over %d templates; valid: %d rows for the loss, %d ranking instances",
+        self.instances = per_template_subset(self.instances, cfg.eval_max_instances, cfg.seed)
+        ranked = Counter(x.template for x in self.instances)
+        log.info("train: %d rows over %d templates; valid: %d rows for the loss, %d ranking instances%s",
                  len(self.train_rows), len(table.column("template").unique()), len(self.valid_rows),
-                 len(self.instances))
+                 len(self.instances), f" ({', '.join(f'{t} {n}' for t, n in sorted(ranked.items()))})" if ranked else "")
         self.negatives = None
         if cfg.rank_negatives:
             if acc.num_processes > 1:
@@ -530,10 +533,16 @@ class _Run:
         if acc.is_main_process:
             self.metrics.write(record)
             if cfg.report_to != "none":
-                acc.log({f"valid/{k}": v for k, v in record.items() if k not in ("kind", "step")}, step=step)
+                scalars = {f"valid/{k}": v for k, v in record.items() if k not in ("kind", "step", "by_template")}
+                for template, summary in record.get("by_template", {}).items():
+                    scalars.update({f"valid/{template}/{k}": v for k, v in summary.items()})
+                acc.log(scalars, step=step)
             if "hr@1" in record:
-                log.info("step %d: valid loss %.4f, HR@1 %.4f, NDCG@5 %.4f over %d instances",
-                         step, record["valid_loss"], record["hr@1"], record["ndcg@5"], int(record["n"]))
+                others = "".join(f"; {t}: HR@1 {m['hr@1']:.4f}, NDCG@5 {m['ndcg@5']:.4f}"
+                                 for t, m in record["by_template"].items() if t != record["template"])
+                log.info("step %d: valid loss %.4f, HR@1 %.4f, NDCG@5 %.4f over %d instances of %s%s",
+                         step, record["valid_loss"], record["hr@1"], record["ndcg@5"], int(record["n"]),
+                         record["template"], others)
             else:
                 log.info("step %d: valid loss %.4f", step, record["valid_loss"])
         return record

@@ -144,7 +144,7 @@ class TrainConfig:
     eval_every: int = _flag(0, "steps between validations; 0: at the end only", EVAL)
     eval_max_rows: int = _flag(512, "valid rows for the loss; 0: all", EVAL)
     eval_max_instances: int = _flag(500, "sequential-recommendation instances ranked through the "
-                                    "engine; 0: all", EVAL)
+                                    "engine, per template (T3 listed, T2 unlisted); 0: all", EVAL)
     rank_eval: bool = _flag(True, "validate the loss only (no HR/NDCG through the engine)", EVAL,
                             flag="--no-rank-eval")
     save_every: int = _flag(0, "steps between checkpoints; 0: only when stopped early", EVAL)

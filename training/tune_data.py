@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 TRAIN_COLUMNS = ("instruction", "target", "template")
 # Columns that select and rank the sequential-recommendation validation instances.
 SEQREC_COLUMNS = ("preference", "intention", "task", "scenario", "candidates", "candidate_ids", "target_item_id")
-SEQREC_FILTER = dict(preference="P1", intention="I0", task="T3", scenario="recommendation")
+SEQREC_FILTER = dict(preference="P1", intention="I0", scenario="recommendation")
+# Both forms that rank a candidate list: T3 lists the candidates in the instruction, T2 asks for the
+# item without a list (each candidate's title scored as the answer). Each template is ranked and
+# reported on its own: a model trained for minutes from random weights ranks about twice as well
+# with T2 (docs/results.md, "The ranking template").
+SEQREC_TASKS = ("T3", "T2")
 # Length grouping sorts rows by source length inside windows of this many global batches, then
 # shuffles the batches: padding falls from ~45% to ~3% of source tokens on the Video Games
 # instructions (the template mixture spans 40 to 500 tokens) while each batch still mixes templates.
@@ -202,25 +207,50 @@ class SeqRecInstance:
     candidates: list[str]
     candidate_ids: list[str]
     positive_id: str
+    template: str = ""
+
+
+def _ranks_titles(template: str, task: str) -> bool:
+    """Whether a P1/I0 row of `template` ranks its candidates' titles: every T3 row does; a T2 row
+    only where the registry's template answers with the item's title (not the diversity ones)."""
+    if task == "T3":
+        return True
+    from instructrec.engine.templates import REGISTRY
+
+    return template in REGISTRY and REGISTRY[template].ranks_titles
 
 
 def seqrec_instances(table, path: Path) -> list[SeqRecInstance]:
-    """Valid rows P1/I0/T3/recommendation: one positive among listed candidates."""
-    columns = {c: table.column(c).to_pylist() for c in ("instruction", *SEQREC_COLUMNS)}
+    """Valid rows P1/I0/recommendation of task T3 or T2 (see SEQREC_TASKS): one positive among
+    the candidates, in file order."""
+    columns = {c: table.column(c).to_pylist() for c in ("instruction", "template", *SEQREC_COLUMNS)}
     instances = []
     for i in range(table.num_rows):
-        if any(columns[k][i] != v for k, v in SEQREC_FILTER.items()):
+        if any(columns[k][i] != v for k, v in SEQREC_FILTER.items()) or columns["task"][i] not in SEQREC_TASKS:
+            continue
+        if not _ranks_titles(columns["template"][i], columns["task"][i]):
             continue
         candidates, ids, positive = columns["candidates"][i], columns["candidate_ids"][i], columns["target_item_id"][i]
         if not candidates or not ids or len(candidates) != len(ids):
             raise InputError("valid: candidates", f"row {i} of {path} has {len(candidates or [])} "
                              f"candidates and {len(ids or [])} candidate_ids",
-                             "rebuild the instructions: T3 rows list aligned candidates and ids")
+                             "rebuild the instructions: ranking rows hold aligned candidates and ids")
         if positive not in ids:
             raise InputError("valid: target_item_id", f"row {i} of {path}: {positive!r} is not "
                              "among its candidate_ids", "rebuild the instructions")
-        instances.append(SeqRecInstance(columns["instruction"][i], list(candidates), list(ids), positive))
+        instances.append(SeqRecInstance(columns["instruction"][i], list(candidates), list(ids), positive,
+                                        columns["template"][i]))
     return instances
+
+
+def per_template_subset(instances: list[SeqRecInstance], limit: int, seed: int) -> list[SeqRecInstance]:
+    """A seeded subset of at most `limit` instances of each template (all when limit is 0), by
+    template id. The same seed picks the same positions in every template's rows, so templates
+    built from the same users are compared on the same users."""
+    by_template: dict[str, list[SeqRecInstance]] = {}
+    for instance in instances:
+        by_template.setdefault(instance.template, []).append(instance)
+    return [group[i] for _, group in sorted(by_template.items()) for i in seeded_subset(len(group), limit, seed)]
 
 
 def seeded_subset(n: int, limit: int, seed: int) -> np.ndarray:

@@ -136,8 +136,13 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         ax.plot([r["step"] for r in evals], [r["valid_loss"] for r in evals], "o-", label="valid")
     if ranked:
         ax2 = axes[0][1]
-        for key in ("hr@1", "ndcg@5"):
-            ax2.plot([r["step"] for r in ranked], [r[key] for r in ranked], "o-", label=key.upper())
+        templates = sorted({t for r in ranked for t in r.get("by_template", {})})
+        for template in templates or [None]:
+            points = [(r["step"], r["by_template"][template] if template else r) for r in ranked
+                      if template is None or template in r.get("by_template", {})]
+            for key in ("hr@1", "ndcg@5"):
+                label = f"{key.upper()} {template}" if template else key.upper()
+                ax2.plot([p[0] for p in points], [p[1][key] for p in points], "o-", label=label)
         ax2.set_xlabel("optimiser step")
         ax2.set_title("sequential recommendation (valid)")
         ax2.set_ylim(0, 1)

@@ -107,6 +107,46 @@ def test_tiny_model_memorises_the_set_and_ranks_each_target_first(dataset, tmp_p
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
 
 
+def test_validation_ranks_listed_and_unlisted_templates_each_on_its_own(tmp_path, tokenizer_dir, caplog,
+                                                                        hf_log_likelihoods):
+    """valid.parquet with T3 rows, T2 rows of seq-rec-01 (answered by the title) and T2 rows of
+    seq-rec-12 (answered by a taste description: not rankable by title) over the same lists: the
+    run ranks the first two, each template's HR@1 / NDCG@5 equal plain Hugging Face forwards of
+    the saved weights, and the record's headline is the template with the better NDCG@5."""
+    from instructrec.training.metrics import pessimistic_rank, summarize_ranks
+
+    listed = make_rows()
+    unlisted, described = [], []
+    for row in listed:
+        history = row["instruction"].split("The user bought ")[1].split(". Pick")[0]
+        unlisted.append(dict(row, template="seq-rec-01", task="T2",
+                             instruction=f"Past purchases of this shopper, oldest to newest: {history}. "
+                                         "Based on this sequence, name the item they will buy next."))
+        described.append(dict(row, template="seq-rec-12", task="T2", target="Likes racing games.",
+                              instruction=f"Describe the taste of a shopper who bought {history}."))
+    data = write_dataset(tmp_path / "data", listed + unlisted + described)
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="instructrec.training.tune"):
+        result = train(config(data, out, tokenizer_dir, max_steps=6, optimizer="adamw", lr=3e-3,
+                              rank_eval=True))
+    final = result.evaluations[-1]
+    assert sorted(final["by_template"]) == ["P1-I0-T3-demo", "seq-rec-01"]
+    reference = {}
+    for template, rows in (("P1-I0-T3-demo", listed), ("seq-rec-01", unlisted)):
+        ranks = [pessimistic_rank(hf_log_likelihoods(out, r["instruction"], r["candidates"]),
+                                  r["candidates"].index(r["target"])) for r in rows]
+        reference[template] = summarize_ranks(ranks)
+        for key in ("hr@1", "ndcg@5", "n"):
+            assert final["by_template"][template][key] == pytest.approx(reference[template][key], abs=1e-6)
+    best = max(sorted(reference), key=lambda t: (reference[t]["ndcg@5"], t == "P1-I0-T3-demo"))
+    assert final["template"] == best and final["ndcg@5"] == pytest.approx(reference[best]["ndcg@5"], abs=1e-6)
+    record = json.loads([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1])
+    assert record["by_template"].keys() == final["by_template"].keys()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "ranking instances (P1-I0-T3-demo 8, seq-rec-01 8)" in logged
+    assert f"over 8 instances of {best}; " in logged
+
+
 def test_resumed_run_reproduces_the_uninterrupted_loss_curve(dataset, tmp_path, tokenizer_dir):
     # Dropout on (RNG in play), Adafactor state, warm-up + linear decay, accumulation, and
     # batches of 3 over 8 rows so the interruption falls mid-epoch (after 4 of 3 per epoch).
