@@ -411,22 +411,27 @@ def t2_instructions(world, tmp_path_factory):
     return out
 
 
+def t2_only_folder(instructions: Path, out: Path) -> Path:
+    """A copy of `instructions` whose valid/test rows are seq-rec-01's only (train kept whole)."""
+    import pyarrow.compute as pc
+
+    out.mkdir()
+    for split in ("train", "valid", "test"):
+        table = pq.read_table(instructions / f"{split}.parquet")
+        if split != "train":
+            table = table.filter(pc.equal(table["template"], "seq-rec-01"))
+        pq.write_table(table, out / f"{split}.parquet")
+    return out
+
+
 def test_a_t2_template_ranks_every_candidate_as_its_answer(world, t2_instructions, tiny_t5_dir, tmp_path,
                                                            hf_log_likelihoods):
     """A folder whose sequential-recommendation rows are all T2 (no list in the instruction) is
     evaluated, not refused; 100 candidates are scored in one pass (no tournament: the prompt
     lists nothing), and the metrics equal Hugging Face's per-candidate log-likelihood ranking."""
-    import pyarrow.compute as pc
-
     from instructrec.training.metrics import summarize_ranks
 
-    only_t2 = tmp_path / "instructions"
-    only_t2.mkdir()
-    for split in ("train", "valid", "test"):
-        table = pq.read_table(t2_instructions / f"{split}.parquet")
-        if split != "train":
-            table = table.filter(pc.equal(table["template"], "seq-rec-01"))
-        pq.write_table(table, only_t2 / f"{split}.parquet")
+    only_t2 = t2_only_folder(t2_instructions, tmp_path / "instructions")
     results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", instructions=only_t2,
                               scenarios=("seq-rec", "candidates-100"), methods=("instructrec",)))
     lists = json.loads((tmp_path / "run" / "instances.json").read_text())
@@ -481,17 +486,9 @@ def test_one_score_form_skips_the_choice_and_bad_forms_are_refused(world, t2_ins
                                                                   hf_log_likelihoods):
     """--score-forms mean ranks every list per title token (Hugging Face's log-likelihood over the
     tokenizer's own count); an unknown or empty form list names the field before anything runs."""
-    import pyarrow.compute as pc
-
     from instructrec.training.metrics import summarize_ranks
 
-    only_t2 = tmp_path / "instructions"
-    only_t2.mkdir()
-    for split in ("train", "valid", "test"):
-        table = pq.read_table(t2_instructions / f"{split}.parquet")
-        if split != "train":
-            table = table.filter(pc.equal(table["template"], "seq-rec-01"))
-        pq.write_table(table, only_t2 / f"{split}.parquet")
+    only_t2 = t2_only_folder(t2_instructions, tmp_path / "instructions")
     results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", instructions=only_t2, scenarios=("seq-rec",),
                               methods=("instructrec",), score_forms=("mean",)))
     method = results["scenarios"]["seq-rec"]["methods"]["instructrec"]
