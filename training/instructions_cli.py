@@ -30,8 +30,10 @@ def register(subparsers) -> None:
                             "OpenAI-compatible endpoint from INSTRUCTREC_TEACHER_BASE_URL / _MODEL / _API_KEY")
     build.add_argument("--templates", default="all", help="template ids for training rows, comma-separated, or 'all'")
     build.add_argument("--eval-templates", default=None,
-                       help="template ids for valid/test rows (default: seq-rec-02, pers-search-07, "
-                            "pers-search-08, prod-search-03, prod-search-04 where selected)")
+                       help="template ids for valid/test rows (default: those of seq-rec-02, pers-search-07, "
+                            "pers-search-08, prod-search-03, prod-search-04, seq-rec-01, pers-search-01, "
+                            "pers-search-02, prod-search-01, prod-search-02 that --templates selects: each "
+                            "evaluated type's listed (T3) and unlisted (T2) form)")
     build.add_argument("--per-user", type=int, default=4, help="training instructions per user (default 4)")
     build.add_argument("--search-per-item", type=int, default=1,
                        help="product-search training instructions per search-train item (default 1)")

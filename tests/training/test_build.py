@@ -311,3 +311,20 @@ def test_cli_teacher_without_endpoint_names_the_variable(prepared, tmp_path, mon
                  "teacher"]) == 2
     [message] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert message.startswith("INSTRUCTREC_TEACHER_BASE_URL: is not set")
+
+
+def test_the_cli_help_names_the_default_evaluation_templates():
+    """`instructions build --help` lists DEFAULT_EVAL_TEMPLATE_IDS, in its order: the CLI keeps its
+    own copy (importing the builder would slow every command's start), so this guards the two."""
+    import argparse
+    import re
+
+    from instructrec.training import instructions_cli
+    from instructrec.training.build import DEFAULT_EVAL_TEMPLATE_IDS
+
+    parser = argparse.ArgumentParser()
+    instructions_cli.register(parser.add_subparsers())
+    build = parser._subparsers._group_actions[0].choices["instructions"]._subparsers._group_actions[0].choices["build"]
+    [action] = [a for a in build._actions if "--eval-templates" in a.option_strings]
+    listed = re.findall(r"[a-z]+-[a-z]+-\d\d", action.help)
+    assert tuple(listed) == DEFAULT_EVAL_TEMPLATE_IDS
