@@ -445,9 +445,9 @@ class Evaluation:
                 for template, form in choices:
                     ranks, errors = engine_ranks(reranker, self._valid_cache[key], template, normalize=form)
                     selection[f"{template} {form}"] = dict(_metrics(ranks), errors=errors)
-                # Highest validation NDCG@5; ties go to the first template id, then the first form.
-                best = max(range(len(choices)), key=lambda i: (selection[" ".join(choices[i])][SELECTION_METRIC], -i))
-                self._chosen[method, key] = (choices[best], selection)
+                # Highest validation NDCG@5; max keeps the first of a tie: the first template id, then form.
+                best = max(choices, key=lambda choice: selection[" ".join(choice)][SELECTION_METRIC])
+                self._chosen[method, key] = (best, selection)
             (chosen, form), selection = self._chosen[method, key]
         else:
             chosen, form = choices[0]

@@ -156,5 +156,5 @@ def seqrec_validation(hf_model, tokenizer, instances: list[SeqRecInstance], devi
             continue
         mine.append(rank_in_result(result.ranked_ids, result.scores, instance.positive_id))
     by_template = {t: dict(summarize_ranks(ranks[t]), errors=errors[t]) for t in sorted(ranks)}
-    best = max(by_template, key=lambda t: (by_template[t]["ndcg@5"], -sorted(by_template).index(t)))
+    best = max(by_template, key=lambda t: by_template[t]["ndcg@5"])  # max keeps the first of a tie
     return dict(by_template[best], template=best, by_template=by_template)

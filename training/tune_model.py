@@ -148,7 +148,8 @@ def build_optimizer(cfg: TrainConfig, model, fused: bool = True):
     """The run's optimiser. AdamW takes torch's fused kernel (one pass over each tensor for the
     whole update) where every parameter is a plain floating tensor on the CPU or a CUDA device:
     on an AVX2 CPU its step over t5-micro's 10M parameters (8.2M of them the embedding and the
-    head) ran in ~20 ms where the per-tensor loop took 70-150 ms (1 thread; docs/benchmarks.md).
+    head) ran in ~20 ms where the per-tensor loop took 70-150 ms (1 thread); the whole step gained
+    1.24x (docs/benchmarks.md, "The same on an AVX2-only CPU").
     `fused=False` for sharded models (FSDP, DeepSpeed), whose parameters are not plain tensors."""
     import torch
 
