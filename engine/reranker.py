@@ -33,13 +33,12 @@ from .packing import Unit
 from .runner import DEFAULT_READ_WINDOW, DEFAULT_ROW_TOKENS, DeviceRunner
 from .sources import ModelSource
 from .tournament import Tournament, check_tournament_options
-from .types import EngineStats, RankedResult, Request
+from .types import NORMALIZE_CHOICES, EngineStats, RankedResult, Request
 
 __all__ = ["Reranker"]
 
 log = logging.getLogger(__name__)
 
-_NORMALIZE = ("sum", "mean")
 _ERRORS = ("raise", "return")
 # Longest candidate title, in target tokens (closing </s> included). Decoder memory grows with the
 # square of a row's length (a 10,000-character title took 1.8 GiB), so a longer title is an
@@ -190,7 +189,7 @@ class Reranker:
     def score(self, instruction: str, candidates: Sequence[str], normalize: str = "sum") -> np.ndarray:
         """log P(title | instruction) of every candidate, teacher-forced, all under one encoding
         (no tournament; `{candidates}` in the instruction lists all of them). [K] float64."""
-        _check_choice("normalize", normalize, _NORMALIZE)
+        _check_choice("normalize", normalize, NORMALIZE_CHOICES)
         request = Request(instruction=instruction, candidates=candidates)
         prepared = self._prepare([request], errors="raise")[0]
         assert isinstance(prepared, _Prepared)
@@ -205,7 +204,7 @@ class Reranker:
         errors="return": a bad request gets a result with `error`/`error_kind` set and empty
         lists, and never disturbs the others; errors="raise": the first InputError is raised."""
         _check_choice("errors", errors, _ERRORS)
-        _check_choice("normalize", normalize, _NORMALIZE)
+        _check_choice("normalize", normalize, NORMALIZE_CHOICES)
         results: list[RankedResult | None] = [None] * len(requests)
         self.stats.requests += len(requests)
 

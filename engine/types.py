@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-__all__ = ["Request", "RankedResult", "EngineStats"]
+# Reranker.score / rank `normalize`: a candidate's summed token log-likelihood, or that per token.
+NORMALIZE_CHOICES = ("sum", "mean")
+
+__all__ = ["Request", "RankedResult", "EngineStats", "NORMALIZE_CHOICES"]
 
 
 @dataclass

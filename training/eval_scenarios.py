@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from instructrec.engine.errors import InputError, InstructRecError
+from instructrec.engine.types import NORMALIZE_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ METRIC_KEYS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
 SELECTION_METRIC = "ndcg@5"
 # A candidate's score: its title's log-likelihood ("sum") or that per title token ("mean"): the
 # engine's `normalize` values. A sum favours short titles, so the form is chosen on validation.
-SCORE_FORMS = ("sum", "mean")
+SCORE_FORMS = NORMALIZE_CHOICES
 
 
 @dataclass(frozen=True)
