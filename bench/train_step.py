@@ -1,4 +1,4 @@
-"""The training step before and after issue 18, measured in one process on the same rows.
+"""The training step before and after issue 18, each variant in a fresh process on the same rows.
 
     python -m instructrec.bench.train_step --instructions DIR/train.parquet \
         --tokenizer ../shared/assets/flan-t5-tokenizer [--shapes t5-mini,t5-micro] [--threads 2]
@@ -17,7 +17,13 @@ clipping as `instructrec train` runs them. Variants, each adding one change to t
 - `+ real-token head`: the head and log-softmax on real target tokens only
   (training.loss.linear_cross_entropy through install_hidden_states_head): issue 18's change;
 - `+ fused AdamW`: torch's fused AdamW kernel (what `instructrec train` builds on a CPU or one
-  GPU) where the rows above run the multi-tensor (foreach) loop.
+  GPU) where the rows above run the multi-tensor (foreach) loop;
+- `+ shape buckets`: source and target lengths rounded up to multiples of 16 and the head's rows
+  to 64 (training.tune_data.SHAPE_MULTIPLE, what `instructrec train` does in bf16 on a CPU), so
+  oneDNN's per-shape bf16 kernels are reused; only where the bf16 row runs.
+
+Each variant runs in a process of its own: the kernels oneDNN compiles for one variant's shapes
+would otherwise serve the next variant's identical batches and flatter it.
 
 Printed: rows/s and rows per CPU-second (both processes' threads counted), and each variant's
 rows/CPU-s as a ratio to `plain` of the same shape. Ratios, not absolute speeds, are what carry
@@ -40,14 +46,16 @@ def _cpu_seconds() -> float:
 
 
 def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_size: int, steps: int,
-            warmup: int, fused: bool = False, seed: int = 0) -> dict:
+            warmup: int, fused: bool = False, multiple: int = 1, seed: int = 0, threads: int | None = None) -> dict:
     import torch
     from transformers import T5Config
 
     from instructrec.engine.presets import shape_config
-    from instructrec.training.tune_data import collate, epoch_batches
+    from instructrec.training.tune_data import collate, epoch_batches, head_rows_multiple
     from instructrec.training.tune_model import install_hidden_states_head, random_t5, sequence_nll_sum
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     config = shape_config(shape)
     config.pop("model_type", None)
@@ -66,9 +74,10 @@ def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_si
     for index, indices in enumerate(batches[:warmup + steps]):
         if index == warmup:
             started_wall, started_cpu = time.perf_counter(), _cpu_seconds()
-        input_ids, attention, decoder_ids, labels = collate(rows, indices, 0, 0, "cpu")
+        input_ids, attention, decoder_ids, labels = collate(rows, indices, 0, 0, "cpu", multiple)
         with autocast:
-            nll = sequence_nll_sum(model, input_ids, attention, decoder_ids, labels, head=stand_in)
+            nll = sequence_nll_sum(model, input_ids, attention, decoder_ids, labels, head=stand_in,
+                                   head_rows_multiple=head_rows_multiple(multiple))
         (nll / (labels != -100).sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -78,6 +87,15 @@ def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_si
     wall = time.perf_counter() - started_wall
     cpu = _cpu_seconds() - started_cpu
     return {"rows_per_s": examples / wall, "rows_per_cpu_s": examples / cpu, "steps": steps, "wall_s": wall}
+
+
+def measure_in_fresh_process(rows, shape: str, **flags) -> dict:
+    """`measure` in a spawned process of its own (no kernel cache, allocator or thread pool shared
+    with the variant measured before it)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, (rows, shape), flags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-rows", type=int, default=4096, help="rows read from --instructions")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every variant in this process (quick checks; later variants may "
+                             "reuse kernels compiled for earlier ones)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -100,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from instructrec.engine.capabilities import auto_dtype_name, cpu_info
     from instructrec.engine.presets import SHAPES
-    from instructrec.training.tune_data import tokenize_rows
+    from instructrec.training.tune_data import SHAPE_MULTIPLE, tokenize_rows
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -122,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("+ length-grouped", dict(head=False, grouped=True, bf16=False)),
                 ("+ bf16 autocast", dict(head=False, grouped=True, bf16=True)),
                 ("+ real-token head", dict(head=True, grouped=True, bf16=native_bf16)),
-                ("+ fused AdamW", dict(head=True, grouped=True, bf16=native_bf16, fused=True))]
+                ("+ fused AdamW", dict(head=True, grouped=True, bf16=native_bf16, fused=True)),
+                ("+ shape buckets", dict(head=True, grouped=True, bf16=True, fused=True, multiple=SHAPE_MULTIPLE))]
     results = []
     print("\n| shape | variant | rows/s | rows/CPU-s | x plain (rows/CPU-s) |\n|---|---|---:|---:|---:|")
     for shape in shapes:
@@ -131,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             if flags["bf16"] and not native_bf16:
                 print(f"| {shape} | {name} | skipped: this CPU has no native bf16 matmul (auto picks fp32) | | |")
                 continue
-            r = measure(rows, shape, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, **flags)
+            run = measure if args.in_process else measure_in_fresh_process
+            r = run(rows, shape, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                    threads=args.threads, **flags)
             base = base or r["rows_per_cpu_s"]
             r.update(shape=shape, variant=name, ratio=r["rows_per_cpu_s"] / base)
             results.append(r)

@@ -57,8 +57,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_rows].to(ctx.compute_dtype)  # [c, D]
             logits = at_least_fp32(h @ w.t())  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)  # [c]
-            picked = logits.gather(1, targets[start:start + chunk_rows, None]).squeeze(1)
-            total += (lse - picked).sum()
+            t = targets[start:start + chunk_rows]
+            picked = logits.gather(1, t.clamp_min(0)[:, None]).squeeze(1)
+            total += torch.where(t != IGNORE_INDEX, lse - picked, 0.0).sum()
             lse_parts.append(lse)
         ctx.save_for_backward(hidden, weight, targets, torch.cat(lse_parts))
         ctx.chunk_rows = chunk_rows
@@ -77,7 +78,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk].to(ctx.compute_dtype)
             logits = at_least_fp32(h @ w.t())
             probs = torch.exp(logits - lse[start:start + chunk, None])  # softmax, [c, V]
-            probs[torch.arange(h.shape[0], device=h.device), targets[start:start + chunk]] -= 1.0
+            t = targets[start:start + chunk]
+            probs[torch.arange(h.shape[0], device=h.device), t.clamp_min(0)] -= 1.0
+            probs *= (t != IGNORE_INDEX)[:, None]  # an ignored row adds nothing, nor its gradient
             g = (probs * grad_total).to(ctx.compute_dtype)  # dCE/dlogits, [c, V]
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
@@ -90,12 +93,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          chunk_rows: int = DEFAULT_CHUNK_ROWS,
                          materialize_bytes: int = DEFAULT_MATERIALIZE_BYTES) -> torch.Tensor:
     """Summed cross-entropy of `targets` [N] under logits hidden [N, D] @ weight [V, D]^T, computed
-    in fp32 (log-softmax over V), without holding [N, V] logits when they exceed materialize_bytes."""
+    in fp32 (log-softmax over V), without holding [N, V] logits when they exceed materialize_bytes.
+    Rows whose target is IGNORE_INDEX add nothing (shape padding: tune_model.sequence_nll_sum)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (and DDP's hooks) connected
     if hidden.shape[0] * weight.shape[0] * 4 <= materialize_bytes:
         logits = at_least_fp32(hidden @ weight.t())  # [N, V]
-        return F.cross_entropy(logits, targets, reduction="sum")
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
 
 

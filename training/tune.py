@@ -51,7 +51,8 @@ from instructrec.engine.flops import T5Shape, training_flops
 from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
-                        collate, collate_negatives, epoch_batches, process_slots, read_split, seeded_subset,
+                        collate, collate_negatives, epoch_batches, head_rows_multiple, process_slots, read_split,
+                        seeded_subset,
                         per_template_subset, seqrec_instances, tokenize_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
@@ -190,6 +191,7 @@ class _Run:
             project_config=ProjectConfiguration(project_dir=str(cfg.out), logging_dir=str(cfg.out / "runs")))
         if cfg.threads is not None:  # accelerate sets its own count on multi-CPU runs
             torch.set_num_threads(cfg.threads)
+        self.pad_multiple = cfg.resolved_pad_multiple(self.precision, self.accelerator.device.type)
         _refuse_dropped_sharding(self.accelerator)
         if not self.accelerator.is_main_process:
             logging.getLogger("instructrec").setLevel(logging.WARNING)
@@ -314,9 +316,10 @@ class _Run:
         self.budget_told: int | None = None  # the step budget last logged at INFO
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("model %s: %.1fM trainable parameters; %s on %s x %d process(es) (%s); %d steps of %d rows "
-                 "(%d per process x %d accumulated)", self.source.describe(), n_trainable / 1e6, self.precision,
+                 "(%d per process x %d accumulated)%s", self.source.describe(), n_trainable / 1e6, self.precision,
                  acc.device, acc.num_processes, acc.distributed_type.value, self.schedule.total,
-                 self.global_batch, cfg.batch_size, cfg.grad_accum)
+                 self.global_batch, cfg.batch_size, cfg.grad_accum,
+                 f"; lengths padded to multiples of {self.pad_multiple}" if self.pad_multiple > 1 else "")
 
     def flop_utilisation(self, flops_per_s: float) -> float | None:
         """flops_per_s over the measured matmul peak of this run's precision, on CPU (the probe of
@@ -412,10 +415,11 @@ class _Run:
             micro = micro if len(micro) else rows[:1]
             negatives = self.negatives.draw(micro, cfg.rank_negatives, cfg.seed, step) if self.negatives else None
             with acc.accumulate(self.model):
-                batch = collate(self.train_rows, micro, pad, start, acc.device)
+                batch = collate(self.train_rows, micro, pad, start, acc.device, self.pad_multiple)
                 with acc.autocast():
                     if negatives is None:
-                        nll = sequence_nll_sum(self.model, *batch, head=self.head)
+                        nll = sequence_nll_sum(self.model, *batch, head=self.head,
+                                               head_rows_multiple=head_rows_multiple(self.pad_multiple))
                         objective = nll * (weight * scale)
                     else:
                         negative_batch = collate_negatives(self.train_rows, negatives, pad, start, acc.device,
@@ -518,7 +522,7 @@ class _Run:
             record = {"kind": "eval", "step": step, "valid_rows": len(self.valid_rows),
                       "valid_loss": validation_loss(acc, self.model, self.valid_rows, cfg.batch_size,
                                                     self.tokenizer.pad_token_id, self.model_config.decoder_start_token_id,
-                                                    self.head)}
+                                                    self.head, self.pad_multiple)}
             if self.instances:
                 weights = engine_weights if engine_weights is not None else self.engine_weights()
                 if acc.is_main_process:

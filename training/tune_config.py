@@ -105,6 +105,11 @@ class TrainConfig:
     length_grouped: bool = _flag(True, "plain shuffled batches (default groups rows of similar "
                                  "length)", DATA, flag="--no-length-grouping")
     seed: int = _flag(0, "seed of the initialisation and of the data order", DATA)
+    pad_to_multiple: int | None = _flag(None, "round each batch's source and target lengths up to a multiple "
+                                        "of this, so the matmul kernels compiled for one batch's shapes serve "
+                                        "the next (default: 16 where the step runs in bf16 on a CPU, whose "
+                                        "oneDNN kernels are built per shape; else 1, no rounding)", DATA,
+                                        metavar="N")
 
     max_steps: int | None = _flag(None, "optimiser steps", OPT, exclusive="budget")
     epochs: float = _flag(1.0, "passes over train.parquet", OPT, exclusive="budget")
@@ -153,6 +158,14 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
+    def resolved_pad_multiple(self, precision: str, device_type: str) -> int:
+        """--pad-to-multiple, or its default for the run's resolved precision and device."""
+        if self.pad_to_multiple is not None:
+            return self.pad_to_multiple
+        from .tune_data import SHAPE_MULTIPLE
+
+        return SHAPE_MULTIPLE if precision == "bf16" and device_type == "cpu" else 1
+
     def curve_fields(self, global_batch_size: int) -> dict:
         values = {name: getattr(self, name) for name in _CURVE_FIELDS}
         values["lr"] = self.resolved_lr()
@@ -184,6 +197,8 @@ def validate_config(cfg: TrainConfig) -> None:
         positive_int(name, getattr(cfg, name))
     if cfg.threads is not None:
         positive_int("threads", cfg.threads)
+    if cfg.pad_to_multiple is not None:
+        positive_int("pad_to_multiple", cfg.pad_to_multiple)
     for name in ("warmup_steps", "rank_negatives", "rank_prefix_tokens", "eval_every", "save_every", "eval_max_rows",
                  "eval_max_instances", "lora_r"):
         non_negative_int(name, getattr(cfg, name))

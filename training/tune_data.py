@@ -33,6 +33,19 @@ SEQREC_TASKS = ("T3", "T2")
 # shuffles the batches: padding falls from ~45% to ~3% of source tokens on the Video Games
 # instructions (the template mixture spans 40 to 500 tokens) while each batch still mixes templates.
 LENGTH_GROUP_WINDOW_BATCHES = 64
+# Where a training step runs in bf16 on a CPU, oneDNN builds (JIT-compiles) a matmul kernel for every
+# new operand shape, and a length-grouped batch's [rows x source length] and [rows x target length]
+# are nearly always new: a profile of a t5-micro run on Video Games spent ~13% of its samples in
+# oneDNN's primitive creation. Rounding both lengths up to a multiple of this (and the LM head's
+# real-token rows to four times it: head_rows_multiple) leaves few distinct shapes, so the kernels
+# are reused; the padding is masked out of attention and ignored by the loss (`--pad-to-multiple`).
+SHAPE_MULTIPLE = 16
+
+
+def head_rows_multiple(multiple: int) -> int:
+    """The LM head's row count is rounded to this when sequence lengths are rounded to `multiple`: a
+    batch's real target tokens number anything from a few to hundreds, so a coarser step."""
+    return 1 if multiple <= 1 else 4 * multiple
 
 
 def read_split(path: Path, required: tuple[str, ...], label: str):
@@ -159,10 +172,16 @@ def process_slots(rows: np.ndarray, n_micro: int, world_size: int, rank: int) ->
     return [slots[m * world_size + rank] for m in range(n_micro)]
 
 
-def _pad_targets(targets: list[np.ndarray], pad_id: int, decoder_start_id: int):
+def padded_length(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (1: unchanged)."""
+    return -(-length // multiple) * multiple
+
+
+def _pad_targets(targets: list[np.ndarray], pad_id: int, decoder_start_id: int, multiple: int = 1):
     """labels [N, T] padded with -100 and decoder_input_ids [N, T]: T5's _shift_right done where the
-    arrays are built ([start, labels[:-1]], -100 read as pad)."""
-    labels = np.full((len(targets), max(len(t) for t in targets)), -100, dtype=np.int64)
+    arrays are built ([start, labels[:-1]], -100 read as pad). T is the longest target rounded up to
+    `multiple`."""
+    labels = np.full((len(targets), padded_length(max(len(t) for t in targets), multiple)), -100, dtype=np.int64)
     for r, t in enumerate(targets):
         labels[r, :len(t)] = t
     decoder_ids = np.empty_like(labels)
@@ -171,20 +190,23 @@ def _pad_targets(targets: list[np.ndarray], pad_id: int, decoder_start_id: int):
     return decoder_ids, labels
 
 
-def collate(rows: TokenizedRows, indices: np.ndarray, pad_id: int, decoder_start_id: int, device):
+def collate(rows: TokenizedRows, indices: np.ndarray, pad_id: int, decoder_start_id: int, device,
+            multiple: int = 1):
     """input_ids / attention_mask [B, S] right-padded; labels [B, T] padded with -100;
     decoder_input_ids [B, T]: the labels shifted right behind decoder_start (teacher forcing),
     padding read as pad. Giving the model decoder inputs rather than labels keeps Hugging Face
-    from computing a second (mean) loss."""
+    from computing a second (mean) loss. S and T are the longest source and target rounded up to
+    `multiple` (SHAPE_MULTIPLE): padding is masked out of attention and ignored by the loss."""
     import torch
 
     sources = [rows.source(i) for i in indices]
-    input_ids = np.full((len(indices), max(len(s) for s in sources)), pad_id, dtype=np.int64)
+    input_ids = np.full((len(indices), padded_length(max(len(s) for s in sources), multiple)), pad_id,
+                        dtype=np.int64)
     attention = np.zeros_like(input_ids)
     for r, s in enumerate(sources):
         input_ids[r, :len(s)] = s
         attention[r, :len(s)] = 1
-    decoder_ids, labels = _pad_targets([rows.target(i) for i in indices], pad_id, decoder_start_id)
+    decoder_ids, labels = _pad_targets([rows.target(i) for i in indices], pad_id, decoder_start_id, multiple)
     return tuple(torch.from_numpy(a).to(device) for a in (input_ids, attention, decoder_ids, labels))
 
 

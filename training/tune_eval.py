@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from .tune_data import SeqRecInstance, TokenizedRows, collate, process_slots
+from .tune_data import SeqRecInstance, TokenizedRows, collate, head_rows_multiple, process_slots
 from .tune_model import sequence_nll_sum
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def validation_loss(accelerator, model, rows: TokenizedRows, batch_size: int, pad_id: int, start_id: int,
-                    head=None) -> float:
+                    head=None, pad_multiple: int = 1) -> float:
     """Token-weighted mean NLL of `rows`, each process taking its slots of every global batch of
-    the length-sorted rows (a zero-weight row where it has none, so sharded models stay in step)."""
+    the length-sorted rows (a zero-weight row where it has none, so sharded models stay in step);
+    batches padded as the training step pads them (`pad_multiple`)."""
     import torch
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -42,9 +43,10 @@ def validation_loss(accelerator, model, rows: TokenizedRows, batch_size: int, pa
             mine = process_slots(order[start:start + batch_size * world], 1, world, rank)[0]
             weight = 1.0 if len(mine) else 0.0
             ids, mask, decoder_ids, labels = collate(rows, mine if len(mine) else order[start:start + 1],
-                                                     pad_id, start_id, accelerator.device)
+                                                     pad_id, start_id, accelerator.device, pad_multiple)
             with accelerator.autocast():
-                nll += weight * sequence_nll_sum(model, ids, mask, decoder_ids, labels, head)
+                nll += weight * sequence_nll_sum(model, ids, mask, decoder_ids, labels, head,
+                                                 head_rows_multiple(pad_multiple))
     if world > 1:
         nll = accelerator.reduce(nll, reduction="sum")
     return float(nll) / int(rows.target_lengths.sum())

@@ -184,22 +184,34 @@ def install_hidden_states_head(model):
     return head
 
 
-def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels, head=None):
+def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels, head=None,
+                     head_rows_multiple: int = 1):
     """Summed token NLL of `labels` (-100 ignored), a 0-d fp32 tensor. Summed, not averaged, so
     that the caller weights micro-batches and processes by their target tokens; log-softmax runs
     in fp32 even under bf16 mixed precision. With `head` (install_hidden_states_head) the model
     returns decoder states and the head runs on the real target tokens only; call it under the
-    accelerator's autocast so that the head's matmul runs in the mixed precision too."""
+    accelerator's autocast so that the head's matmul runs in the mixed precision too. With
+    `head_rows_multiple` > 1 the head's rows are the real tokens followed by padding positions (their
+    labels ignored) up to a multiple of it, where the batch has them: fewer distinct matmul shapes
+    (tune_data.SHAPE_MULTIPLE), the same sum."""
+    import torch
     import torch.nn.functional as F
 
     from .loss import linear_cross_entropy
+    from .tune_data import padded_length
 
     out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
     if head is None:
         return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
     keep = labels != -100
-    return linear_cross_entropy(out[keep], head.weight, labels[keep])
+    if head_rows_multiple <= 1:
+        return linear_cross_entropy(out[keep], head.weight, labels[keep])
+    flat_labels, flat_keep = labels.reshape(-1), keep.reshape(-1)
+    real = flat_keep.nonzero().squeeze(1)
+    filler = (~flat_keep).nonzero().squeeze(1)
+    rows = torch.cat([real, filler[:padded_length(len(real), head_rows_multiple) - len(real)]])
+    return linear_cross_entropy(out.reshape(-1, out.shape[-1])[rows], head.weight, flat_labels[rows])
 
 
 def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, labels, negative_decoder_ids,

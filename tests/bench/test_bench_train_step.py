@@ -30,15 +30,34 @@ def test_every_variant_is_measured_and_reported(instructions, tokenizer_dir, tmp
     report = tmp_path / "steps.json"
     assert train_step.main(["--instructions", str(instructions), "--tokenizer", str(tokenizer_dir),
                             "--shapes", "t5-tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1",
-                            "--threads", "1", "--json", str(report)]) == 0
+                            "--threads", "1", "--in-process", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     results = json.loads(report.read_text())["results"]
     names = [r["variant"] for r in results]
-    assert names[:2] == ["plain", "+ length-grouped"] and names[-2:] == ["+ real-token head", "+ fused AdamW"]
+    from instructrec.engine.capabilities import auto_dtype_name
+
+    # The bf16 rows (bf16 autocast, shape buckets) run only where the CPU has native bf16.
+    bf16_rows = ["+ shape buckets"] if auto_dtype_name("cpu") == "bfloat16" else []
+    assert names[:2] == ["plain", "+ length-grouped"]
+    assert names[-2 - len(bf16_rows):] == ["+ real-token head", "+ fused AdamW"] + bf16_rows
+    assert "+ shape buckets" in printed
     assert all(r["rows_per_s"] > 0 and r["steps"] == 2 for r in results)
     assert results[0]["ratio"] == 1.0
     assert "+ bf16 autocast" in printed  # measured, or skipped with the reason
     assert "CPU: " in printed
+
+
+def test_a_variant_measured_in_a_fresh_process_reports_its_steps(instructions, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from instructrec.training.tune_data import tokenize_rows
+
+    table = pq.read_table(instructions)
+    rows = tokenize_rows(AutoTokenizer.from_pretrained(tokenizer_dir), table.column("instruction").to_pylist(),
+                         table.column("target").to_pylist(), 512, 64, "train")
+    r = train_step.measure_in_fresh_process(rows, "t5-tiny", head=True, grouped=True, bf16=False, batch_size=4,
+                                            steps=2, warmup=1, fused=True, multiple=16, threads=1)
+    assert r["steps"] == 2 and r["rows_per_s"] > 0 and r["rows_per_cpu_s"] > 0
 
 
 def test_the_real_token_head_computes_hugging_faces_loss(instructions, tokenizer_dir):

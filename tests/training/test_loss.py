@@ -88,3 +88,64 @@ def test_trainer_head_on_real_tokens_equals_the_full_head(tied):
     grads = dict(full.named_parameters())
     for name, p in fast.named_parameters():  # fp32 sums in another order: ~1e-7 relative apart
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("materialize_bytes", [1 << 40, 0])  # whole logits / chunked recompute
+def test_rows_with_the_ignore_index_add_nothing_to_loss_or_gradients(materialize_bytes):
+    from instructrec.training.loss import IGNORE_INDEX
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(29, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(61, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 61, (29,), generator=gen)
+    ignored = torch.zeros(29, dtype=torch.bool)
+    ignored[[0, 7, 8, 20, 28]] = True
+    targets[ignored] = IGNORE_INDEX
+    got = linear_cross_entropy(hidden, weight, targets, chunk_rows=8, materialize_bytes=materialize_bytes)
+    got.backward()
+    g_hidden, g_weight = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    kept = ~ignored
+    want = -torch.log_softmax(hidden[kept] @ weight.t(), -1).gather(1, targets[kept][:, None]).sum()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_hidden, hidden.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(g_weight, weight.grad, rtol=1e-9, atol=1e-9)
+    assert torch.all(g_hidden[ignored] == 0)
+
+
+def test_shape_padded_batches_give_hugging_faces_loss_and_gradients(tokenizer_dir):
+    """collate's lengths rounded up to 16 and the head's rows to 64 (what the trainer does in bf16
+    on a CPU) against Hugging Face's own loss on the exact-length batch, labels passed to its
+    forward: the padding is masked and ignored, so loss and gradients are unchanged."""
+    import copy
+
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from instructrec.training.tune_data import collate, head_rows_multiple, tokenize_rows
+    from instructrec.training.tune_model import install_hidden_states_head, sequence_nll_sum
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sources = ["Bought: Rally Kart 2 - PC; Moon Garden. Next?", "Bought: Pocket Chess. Next?",
+               "Bought: Tiny Farm; Star Drift - Switch; Rally Kart 2 - PC. Next?"]
+    targets = ["Moon Garden Deluxe Edition", "Star Drift", "Rally Kart 3 - PC"]
+    rows = tokenize_rows(tokenizer, sources, targets, 512, 64, "train")
+    config = shape_config("t5-tiny")
+    config.pop("model_type")
+    config["dropout_rate"] = 0.0
+    torch.manual_seed(2)
+    reference = T5ForConditionalGeneration(T5Config(**config))
+    model = copy.deepcopy(reference)
+    head = install_hidden_states_head(model)
+    ids, mask, _, labels = collate(rows, [0, 1, 2], tokenizer.pad_token_id, 0, "cpu")
+    want = reference(input_ids=ids, attention_mask=mask, labels=labels).loss * (labels != -100).sum()
+    padded = collate(rows, [0, 1, 2], tokenizer.pad_token_id, 0, "cpu", 16)
+    assert padded[0].shape[1] == -(-ids.shape[1] // 16) * 16 > ids.shape[1]
+    assert padded[3].shape[1] == 16 > labels.shape[1]
+    got = sequence_nll_sum(model, *padded, head=head, head_rows_multiple=head_rows_multiple(16))
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)

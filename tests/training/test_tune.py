@@ -201,6 +201,27 @@ def test_accumulated_micro_batches_match_one_big_batch(dataset, tmp_path, tokeni
         assert acc.step_losses[step] == pytest.approx(big.step_losses[step], abs=1e-5, rel=0)
 
 
+def test_lengths_padded_to_a_multiple_train_the_same_steps(dataset, tmp_path, tokenizer_dir):
+    # --pad-to-multiple only rounds each batch's shapes (masked source, ignored target and head
+    # rows): from the same weights on the same batches, the step losses are those of exact lengths.
+    common = dict(max_steps=3, optimizer="adamw", lr=1e-3)
+    exact = train(config(dataset, tmp_path / "exact", tokenizer_dir, pad_to_multiple=1, **common))
+    padded = train(config(dataset, tmp_path / "padded", tokenizer_dir, pad_to_multiple=16, **common))
+    for step in (1, 2, 3):
+        assert padded.step_losses[step] == pytest.approx(exact.step_losses[step], abs=1e-5, rel=0)
+
+
+def test_pad_multiple_defaults_to_rounding_only_for_bf16_on_a_cpu(dataset, tmp_path, tokenizer_dir):
+    from instructrec.training.tune_data import SHAPE_MULTIPLE
+
+    cfg = config(dataset, tmp_path / "run", tokenizer_dir)
+    assert cfg.resolved_pad_multiple("bf16", "cpu") == SHAPE_MULTIPLE == 16
+    assert cfg.resolved_pad_multiple("fp32", "cpu") == 1
+    assert cfg.resolved_pad_multiple("bf16", "cuda") == 1
+    cfg.pad_to_multiple = 8
+    assert cfg.resolved_pad_multiple("fp32", "cuda") == 8
+
+
 def test_lora_trains_only_adapters_and_saves_a_merged_model(dataset, tmp_path, tokenizer_dir):
     pytest.importorskip("peft")
     import torch
@@ -257,6 +278,7 @@ def test_cli_trains_and_writes_the_outputs(dataset, tmp_path, tokenizer_dir, cap
     (dict(dropout=1.0), "dropout"),
     (dict(max_source_length=1), "max_source_length/max_target_length"),
     (dict(model="t5-enormous"), "model"),
+    (dict(pad_to_multiple=0), "pad_to_multiple"),
 ])
 def test_bad_settings_fail_before_training(dataset, tmp_path, tokenizer_dir, overrides, field):
     out = tmp_path / "run"
