@@ -347,7 +347,7 @@ class _Run:
             (cfg.out / "training_config.json").write_text(json.dumps(dict(
                 cfg.to_json(), model_source=self.source.identity(), weights_started_random=self.source.is_random,
                 resolved_precision=self.precision, resolved_device=str(acc.device),
-                distributed_type=acc.distributed_type.value, world_size=acc.num_processes,
+                resolved_pad_multiple=self.pad_multiple, distributed_type=acc.distributed_type.value, world_size=acc.num_processes,
                 global_batch_size=self.global_batch, planned_steps=self.planned_steps), indent=2) + "\n")
             self.metrics = MetricsLog(cfg.out / "metrics.jsonl", self.start_step if self.state else None)
             if cfg.report_to != "none":

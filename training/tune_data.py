@@ -35,7 +35,7 @@ SEQREC_TASKS = ("T3", "T2")
 LENGTH_GROUP_WINDOW_BATCHES = 64
 # Where a training step runs in bf16 on a CPU, oneDNN builds (JIT-compiles) a matmul kernel for every
 # new operand shape, and a length-grouped batch's [rows x source length] and [rows x target length]
-# are nearly always new: a profile of a t5-micro run on Video Games spent ~13% of its samples in
+# are nearly always new: a profile of a t5-mini run on Video Games (AMX Xeon) spent ~13% of its samples in
 # oneDNN's primitive creation. Rounding both lengths up to a multiple of this (and the LM head's
 # real-token rows to four times it: head_rows_multiple) leaves few distinct shapes, so the kernels
 # are reused; the padding is masked out of attention and ignored by the loss (`--pad-to-multiple`).

@@ -209,6 +209,8 @@ def test_lengths_padded_to_a_multiple_train_the_same_steps(dataset, tmp_path, to
     padded = train(config(dataset, tmp_path / "padded", tokenizer_dir, pad_to_multiple=16, **common))
     for step in (1, 2, 3):
         assert padded.step_losses[step] == pytest.approx(exact.step_losses[step], abs=1e-5, rel=0)
+    for run, multiple in ((exact, 1), (padded, 16)):
+        assert json.loads((run.out / "training_config.json").read_text())["resolved_pad_multiple"] == multiple
 
 
 def test_pad_multiple_defaults_to_rounding_only_for_bf16_on_a_cpu(dataset, tmp_path, tokenizer_dir):
