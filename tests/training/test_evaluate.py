@@ -41,7 +41,10 @@ def world(tmp_path_factory, one_torch_thread):
 def config(world: Path, model: Path, out: Path, **overrides) -> EvalConfig:
     base = dict(data=world / "prepared", instructions=world / "instructions", model=model, out=out,
                 train_instructions=world / "instructions", max_instances=12, max_instances_100=3,
-                valid_instances=6, baseline_valid=0, baseline_max_epochs=1, threads=1)
+                valid_instances=6, baseline_valid=0, baseline_max_epochs=1, threads=1,
+                # fp32: the model methods are checked against Hugging Face's fp32 forward to 1e-9;
+                # `auto` would pick bf16 on a CPU with native bf16 (AMX) and move the scores.
+                dtype="float32")
     base.update(overrides)
     return EvalConfig(**base)
 
