@@ -80,8 +80,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs = torch.exp(logits - lse[start:start + chunk, None])  # softmax, [c, V]
             t = targets[start:start + chunk]
             probs[torch.arange(h.shape[0], device=h.device), t.clamp_min(0)] -= 1.0
-            probs *= (t != IGNORE_INDEX)[:, None]  # an ignored row adds nothing, nor its gradient
-            g = (probs * grad_total).to(ctx.compute_dtype)  # dCE/dlogits, [c, V]
+            # dCE/dlogits [c, V]; an ignored row's scale is 0, so it adds no gradient
+            g = (probs * (grad_total * (t != IGNORE_INDEX))[:, None]).to(ctx.compute_dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:

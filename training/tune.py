@@ -52,8 +52,7 @@ from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddin
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
                         collate, collate_negatives, epoch_batches, head_rows_multiple, process_slots, read_split,
-                        seeded_subset,
-                        per_template_subset, seqrec_instances, tokenize_rows)
+                        seeded_subset, per_template_subset, seqrec_instances, tokenize_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
                          install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
@@ -347,7 +346,8 @@ class _Run:
             (cfg.out / "training_config.json").write_text(json.dumps(dict(
                 cfg.to_json(), model_source=self.source.identity(), weights_started_random=self.source.is_random,
                 resolved_precision=self.precision, resolved_device=str(acc.device),
-                resolved_pad_multiple=self.pad_multiple, distributed_type=acc.distributed_type.value, world_size=acc.num_processes,
+                resolved_pad_multiple=self.pad_multiple, distributed_type=acc.distributed_type.value,
+                world_size=acc.num_processes,
                 global_batch_size=self.global_batch, planned_steps=self.planned_steps), indent=2) + "\n")
             self.metrics = MetricsLog(cfg.out / "metrics.jsonl", self.start_step if self.state else None)
             if cfg.report_to != "none":
