@@ -154,7 +154,13 @@ def test_a_time_capped_demo_run_ends_its_learning_rate_schedule(tmp_path, tokeni
     steps = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s["kind"] == "train"]
     assert steps[-1]["step"] == record["steps"]
-    peak = max(s["lr"] for s in steps)
-    # Linear decay over N steps: the last step's rate is peak / N (not the constant peak, and not
-    # where a schedule planned for 100,000 steps would stand).
-    assert steps[-1]["lr"] <= peak * 2.0 / record["steps"]
+    rates = [s["lr"] for s in steps]
+    peak = max(rates)
+    # After the peak the rate never rises, and the last step runs far below it (a schedule planned
+    # for 100,000 steps would stand at 99.8% of it here). Not peak / N: this clock is real, and on
+    # shared cores a refit near the end that lowers the budget restarts the decay from the rate of
+    # a few steps before the end (down to zero at the new end), so the last step's rate is that
+    # rate / the steps left; the exact decay is pinned with injected clocks in test_tune_time_cap.
+    after_peak = rates[rates.index(peak):]
+    assert all(a >= b for a, b in zip(after_peak, after_peak[1:]))
+    assert steps[-1]["lr"] <= 0.1 * peak
