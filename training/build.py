@@ -16,8 +16,9 @@ Which rows are made
   data layer stored in candidates.parquet, in its stored order, so every method ranks the same
   lists. The history is everything the user did before the target (for test: train + valid).
 - Valid / test, product-search rows: one per (item of that search split, evaluation template),
-  target plus `negatives` items sampled (seeded) from the rest of the catalog. The data layer
-  stores no per-item lists, so these lists are stored here, in the rows' `candidate_ids`.
+  target plus `negatives` items sampled (seeded) from the rest of the catalog, one list per
+  item shared by all its templates. The data layer stores no per-item lists, so these lists are
+  stored here, in the rows' `candidate_ids`.
 - Evaluation templates: those of `DEFAULT_EVAL_TEMPLATE_IDS` that are selected (else every
   selected template whose target is the title and whose source needs only request fields).
 
@@ -333,17 +334,17 @@ class _Builder:
                 continue
             if split == "train":
                 chosen = [feasible[int(rng.integers(len(feasible)))] for _ in range(self.search_per_item)]
-            else:
-                chosen = feasible
-            for template in chosen:
-                spec = RowSpec(template, split, None, item_id, [], review, stamp)
-                if split == "train":
+                for template in chosen:
+                    spec = RowSpec(template, split, None, item_id, [], review, stamp)
                     self._add_shown(spec, rng, {item_id})
-                else:
-                    shown = _sample_negatives(rng, self.tables.item_ids, {item_id}, self.negatives)
-                    shown.insert(int(rng.integers(len(shown) + 1)), item_id)
-                    spec.shown = shown
-                specs.append(spec)
+                    specs.append(spec)
+                continue
+            # One candidate list per evaluated item, shared by all its templates (listed in T3,
+            # stored with T2): evaluation compares templates and methods on the same list.
+            shown = _sample_negatives(rng, self.tables.item_ids, {item_id}, self.negatives)
+            shown.insert(int(rng.integers(len(shown) + 1)), item_id)
+            for template in feasible:
+                specs.append(RowSpec(template, split, None, item_id, [], review, stamp, shown=list(shown)))
         return specs
 
     def _item_reviews(self, *, train_only: bool) -> dict[str, tuple[str | None, int]]:

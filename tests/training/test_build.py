@@ -127,6 +127,15 @@ def test_product_search_rows_follow_search_splits(built):
     assert {r["target_item_id"] for r in search["test"]} == {"i13"}
     assert Counter(r["template"] for r in search["test"]) == {"prod-search-03": 1, "prod-search-04": 1,
                                                               "prod-search-01": 1, "prod-search-02": 1}
+    # Every evaluation template of an item lists the same candidates in the same order (the T2
+    # rows store them too): each template and each method must rank one list.
+    for split in ("valid", "test"):
+        lists = {tuple(r["candidate_ids"]) for r in search[split]}
+        assert len(lists) == 1 and len(next(iter(lists))) == 4, (split, lists)  # the stored lists have 4
+        only = next(iter(lists))
+        assert only.count(search[split][0]["target_item_id"]) == 1
+        listing = [r for r in search[split] if REGISTRY[r["template"]].lists_candidates]
+        assert listing and all(r["candidates"] == [ITEMS[i][0] for i in only] for r in listing)
     train_items = {r["target_item_id"] for r in search["train"]}
     assert train_items == {i for i, s in SEARCH_SPLITS.items() if s == "train"}
     # i12's I1 comes from its only review (u3's, test split: fine for an evaluation row).

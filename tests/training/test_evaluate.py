@@ -18,7 +18,7 @@ from instructrec.training.evaluate import (
     read_slot, resolve_scenarios, restrict_training_set, with_candidate_list,
 )
 
-EVAL_TEMPLATES = "seq-rec-02,seq-rec-18,seq-rec-09,prod-search-04,pers-search-07,pers-search-08,pers-search-09"
+EVAL_TEMPLATES = "seq-rec-02,seq-rec-18,seq-rec-09,prod-search-04,prod-search-02,pers-search-07,pers-search-08,pers-search-09"
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +155,18 @@ def test_every_method_ranks_the_identical_stored_lists(run_a, world):
     assert set(results["scenarios"]["product-search"]["methods"]) == {"instructrec", "popularity"}
     for user, ids in lists["candidates-100:test"]:
         assert len(ids) == len(set(ids)) == 100
+
+
+def test_product_search_ranks_its_t2_and_t3_templates_on_one_list(world):
+    """The world's build holds a listing (T3, prod-search-04) and a non-listing (T2, prod-search-02)
+    template for product search: every test item is one instance with both prompts."""
+    from instructrec.training.baselines import load_prepared
+
+    items = load_prepared(world / "prepared").train.items
+    instances = load_instances(world / "instructions", "test", SCENARIOS["product-search"], {}, items)
+    assert instances and all(set(i.prompts) == {"prod-search-02", "prod-search-04"} for i in instances)
+    for inst in instances:
+        assert inst.candidate_ids.count(inst.target) == 1 and inst.query == items.category_path(inst.target)
 
 
 def test_product_search_never_ranks_a_training_target(run_a, world):
