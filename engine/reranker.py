@@ -40,6 +40,9 @@ __all__ = ["Reranker"]
 log = logging.getLogger(__name__)
 
 _ERRORS = ("raise", "return")
+# Titles per unit when their priors are scored (normalize="calibrated"): one empty encoding,
+# candidates packed into rows like any request's.
+_PRIOR_UNIT_TITLES = 256
 # Longest candidate title, in target tokens (closing </s> included). Decoder memory grows with the
 # square of a row's length (a 10,000-character title took 1.8 GiB), so a longer title is an
 # over_budget error of its request instead of a risk to the whole job. Real catalogues sit far
@@ -129,6 +132,9 @@ class Reranker:
                                     read_window=read_window, chunk_tokens=chunk_tokens, exact_head=exact_head)
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
+        # normalize="calibrated": log P(title | "") per title, keyed by its target ids, scored once
+        # per engine (a nightly job's catalog titles repeat across requests).
+        self._title_priors: dict[bytes, float] = {}
         cfg = backend.cfg
         # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
         # zero-width or control-character title tokenizes to just ["▁", "</s>"]).
@@ -195,6 +201,8 @@ class Reranker:
         assert isinstance(prepared, _Prepared)
         unit = self._unit(prepared, np.arange(len(prepared.titles)))
         self.stats.requests += 1
+        if normalize == "calibrated":
+            self._score_title_priors(prepared.targets)
         self._run_units([unit])
         return self._normalized(unit, normalize)
 
@@ -220,6 +228,8 @@ class Reranker:
             if isinstance(p, InputError):
                 fail(i, p)
         live = [p for p in prepared if isinstance(p, _Prepared)]
+        if normalize == "calibrated":
+            self._score_title_priors([t for p in live for t in p.targets])
 
         # Round 1 of everything: direct requests and the first round of each tournament.
         tournaments: dict[int, Tournament] = {}
@@ -427,11 +437,27 @@ class Reranker:
             out.append(error if error is not None else mine)  # type: ignore[arg-type]
         return out
 
-    @staticmethod
-    def _normalized(u: Unit, normalize: str) -> np.ndarray:
+    def _normalized(self, u: Unit, normalize: str) -> np.ndarray:
         if normalize == "mean":
             return u.scores / np.array([len(y) for y in u.targets], dtype=np.float64)
+        if normalize == "calibrated":
+            return u.scores - np.array([self._title_priors[y.tobytes()] for y in u.targets], dtype=np.float64)
         return u.scores
+
+    def _score_title_priors(self, targets: Sequence[np.ndarray]) -> None:
+        """log P(title | empty instruction) of every target not scored yet. A title the model
+        generates whatever it is asked (a frequent training target) has a high prior; subtracting
+        it leaves what the instruction adds (a pointwise mutual information), which lets titles
+        the model never generated in training compete (product search on unseen items)."""
+        missing = list({t.tobytes(): t for t in targets if t.tobytes() not in self._title_priors}.values())
+        if not missing:
+            return
+        empty = np.asarray(self._tokenize("", add_special_tokens=True)["input_ids"], dtype=np.int64)
+        units = [Unit(source=empty, targets=missing[a:a + _PRIOR_UNIT_TITLES])
+                 for a in range(0, len(missing), _PRIOR_UNIT_TITLES)]
+        self._run_units(units)
+        for unit in units:
+            self._title_priors.update((t.tobytes(), float(s)) for t, s in zip(unit.targets, unit.scores))
 
     def _run_units(self, units: list[Unit]) -> None:
         """Fill unit.scores (sum of token log-probs per candidate) for every unit, on the device."""

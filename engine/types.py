@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-# Reranker.score / rank `normalize`: a candidate's summed token log-likelihood, or that per token.
-NORMALIZE_CHOICES = ("sum", "mean")
+# Reranker.score / rank `normalize`: a candidate's summed token log-likelihood, that per token, or
+# that minus the title's own log-likelihood under an empty instruction (its prior: "calibrated").
+NORMALIZE_CHOICES = ("sum", "mean", "calibrated")
 
 __all__ = ["Request", "RankedResult", "EngineStats", "NORMALIZE_CHOICES"]
 

@@ -62,9 +62,10 @@ def register(subparsers) -> None:
     p.add_argument("--tune", action="store_true", help="grid-search every baseline (training/baselines/README.md)")
     p.add_argument("--dtype", default="auto", help="engine dtype: auto (bf16 on CUDA and on CPUs where it is native and measured "
                         "faster, else float32; docs/engine.md), float32, bfloat16")
-    p.add_argument("--score-forms", default="sum,mean",
+    p.add_argument("--score-forms", default="sum,mean,calibrated",
                    help="comma list of the candidate score forms each model method chooses between on validation "
-                        "(with the template): sum (the title's log-likelihood), mean (per title token)")
+                        "(with the template): sum (the title's log-likelihood), mean (per title token), "
+                        "calibrated (minus the title's log-likelihood under an empty instruction)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-to", type=Path, default=None, metavar="DIR",
                    help="a previous run's --out: rank exactly its instances and add this run's methods to its "

@@ -465,7 +465,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     forms = cfg.score_forms
     if isinstance(forms, str) or not forms or any(f not in SCORE_FORMS for f in forms) or len(set(forms)) < len(forms):
         raise InputError("score_forms", f"must be one or more distinct of {', '.join(SCORE_FORMS)}, got {forms!r}",
-                         "e.g. --score-forms sum,mean (chosen between on validation) or --score-forms sum")
+                         "e.g. --score-forms sum,mean,calibrated (chosen between on validation) or --score-forms sum")
     out = Path(cfg.out)
     evaluation = Evaluation(cfg)  # checks every input, then loads the data
     import torch

@@ -99,6 +99,32 @@ def test_one_candidate_and_mean(small, hf_small, tokenizer):
                                atol=1e-4 / n)
 
 
+def test_calibrated_is_the_title_log_likelihood_minus_its_prior(small, hf_small, tokenizer):
+    """log P(title | instruction) - log P(title | empty instruction), both from Hugging Face's own
+    forward; rank gives the same scores, and a title's prior is scored once per engine."""
+    given = hf_reference(hf_small, tokenizer, INSTRUCTION, TITLES)
+    prior = hf_reference(hf_small, tokenizer, "", TITLES)
+    ref = given - prior
+    # A difference of two fp32 sums: each term's FP32 error, relative to that term's magnitude.
+    tolerance = 2 * FP32["atol"] + FP32["rtol"] * (np.abs(given) + np.abs(prior))
+    ours = small.score(INSTRUCTION, TITLES, normalize="calibrated")
+    assert np.all(np.abs(ours - ref) <= tolerance), (ours - ref, tolerance)
+    assert not np.allclose(ours, small.score(INSTRUCTION, TITLES))  # the prior moved every score
+    small.reset_stats()
+    [result] = small.rank([Request(instruction=INSTRUCTION, candidates=TITLES, request_id="r")],
+                          normalize="calibrated")
+    by_title = dict(zip(result.ranked_ids, result.scores))
+    assert np.all(np.abs(np.array([by_title[str(i)] for i in range(len(TITLES))]) - ref) <= tolerance)
+    assert small.stats.encoder_passes == 1  # the priors were cached by score() above
+
+
+def test_calibrated_is_a_checked_choice(small):
+    from instructrec.engine.errors import InputError
+
+    with pytest.raises(InputError, match="normalize"):
+        small.score(INSTRUCTION, TITLES, normalize="pmi")
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_t5_dir):
     return Reranker.from_pretrained(tiny_t5_dir, dtype="float32")
