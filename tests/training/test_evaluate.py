@@ -180,7 +180,8 @@ def test_product_search_never_ranks_a_training_target(run_a, world):
 
 
 def test_model_metrics_match_a_plain_hugging_face_ranking(run_a, world, tiny_t5_dir, hf_log_likelihoods):
-    """The tuned-model column recomputed from HF forward log-likelihoods of the chosen template."""
+    """The tuned-model column recomputed from HF forward log-likelihoods of the chosen template
+    and score form."""
     from instructrec.training.metrics import summarize_ranks
 
     results, out = run_a
@@ -188,7 +189,7 @@ def test_model_metrics_match_a_plain_hugging_face_ranking(run_a, world, tiny_t5_
     lists = json.loads((out / "instances.json").read_text())["seq-rec:test"]
     by_key = {i.key: i for i in load_instances(world / "instructions", "test", SCENARIOS["seq-rec"], {}, None)}
     reference = summarize_ranks(hf_ranks(tiny_t5_dir, [by_key[key] for key, _ in lists], entry["template"],
-                                         hf_log_likelihoods))
+                                         hf_log_likelihoods, entry["normalize"]))
     for k in ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5"):
         assert entry[k] == pytest.approx(reference[k], abs=1e-9), k
 
@@ -461,7 +462,8 @@ def test_a_t2_template_ranks_every_candidate_as_its_answer(world, t2_instruction
         assert entry["templates"] == ["seq-rec-01"] and entry["methods"]["instructrec"]["template"] == "seq-rec-01"
         instances = [with_candidate_list(by_key[key], ids, titles_of) for key, ids in lists[f"{name}:test"]]
         assert instances and all(i.prompts["seq-rec-01"] == by_key[i.key].prompts["seq-rec-01"] for i in instances)
-        reference = summarize_ranks(hf_ranks(tiny_t5_dir, instances, "seq-rec-01", hf_log_likelihoods))
+        form = entry["methods"]["instructrec"]["normalize"]
+        reference = summarize_ranks(hf_ranks(tiny_t5_dir, instances, "seq-rec-01", hf_log_likelihoods, form))
         for k in ("hr@1", "hr@5", "ndcg@5"):
             assert entry["methods"]["instructrec"][k] == pytest.approx(reference[k], abs=1e-9), (name, k)
     assert {len(ids) for _, ids in lists["candidates-100:test"]} == {100}
