@@ -449,7 +449,8 @@ class Reranker:
         generates whatever it is asked (a frequent training target) has a high prior; subtracting
         it leaves what the instruction adds (a pointwise mutual information), which lets titles
         the model never generated in training compete (product search on unseen items)."""
-        missing = list({t.tobytes(): t for t in targets if t.tobytes() not in self._title_priors}.values())
+        by_key = {t.tobytes(): t for t in targets}
+        missing = [t for key, t in by_key.items() if key not in self._title_priors]
         if not missing:
             return
         empty = np.asarray(self._tokenize("", add_special_tokens=True)["input_ids"], dtype=np.int64)

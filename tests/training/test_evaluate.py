@@ -18,7 +18,8 @@ from instructrec.training.evaluate import (
     read_slot, resolve_scenarios, restrict_training_set, with_candidate_list,
 )
 
-EVAL_TEMPLATES = "seq-rec-02,seq-rec-18,seq-rec-09,prod-search-04,prod-search-02,pers-search-07,pers-search-08,pers-search-09"
+EVAL_TEMPLATES = ("seq-rec-02,seq-rec-18,seq-rec-09,prod-search-04,prod-search-02,pers-search-07,pers-search-08,"
+                  "pers-search-09")
 
 
 @pytest.fixture(scope="module")
