@@ -15,6 +15,7 @@ through `instructrec.kernels.lm_head_log_softmax_gather`, so [tokens x vocab] ne
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -43,6 +44,10 @@ _ERRORS = ("raise", "return")
 # Titles per unit when their priors are scored (normalize="calibrated"): one empty encoding,
 # candidates packed into rows like any request's.
 _PRIOR_UNIT_TITLES = 256
+# Title priors an engine keeps (least recently used go first). A Flan-T5 token id is 8 bytes in the
+# key, so an entry of a 12-token title costs about 250 bytes with the dict's own: a million, about
+# 250 MB, holds a large catalogue's titles, and a nightly job over a larger one scores a few twice.
+DEFAULT_TITLE_PRIOR_CACHE = 1_000_000
 # Longest candidate title, in target tokens (closing </s> included). Decoder memory grows with the
 # square of a row's length (a 10,000-character title took 1.8 GiB), so a longer title is an
 # over_budget error of its request instead of a risk to the whole job. Real catalogues sit far
@@ -90,19 +95,23 @@ class Reranker:
                  batch_tokens: int | None = None, group_size: int = 10, advance: int = 1,
                  seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
                  read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int | None = None,
-                 compile_model: bool = False, exact_head: bool = False):
+                 compile_model: bool = False, exact_head: bool = False,
+                 title_prior_cache: int = DEFAULT_TITLE_PRIOR_CACHE):
         """`backend`: anything that answers engine/backend.py's Backend protocol (the torch model
         of `from_pretrained` / `from_model`, or an OnnxBackend). Most callers use the class
         methods, which also resolve the model source and load the tokenizer.
         chunk_tokens: LM-head rows per matmul chunk (None: the kernels' measured default for
         the backend's device, instructrec.kernels.default_chunk_tokens). batch_tokens: token slots
         per batch (None: engine/runner.py's default_batch_tokens for the device). exact_head: fp32
-        LM-head logits with bf16 weights on CPU (torch backend; see TorchBackend.head for its cost)."""
+        LM-head logits with bf16 weights on CPU (torch backend; see TorchBackend.head for its cost).
+        title_prior_cache: title priors kept for normalize="calibrated" (least recently used go
+        first; the titles of one call are always kept until it returns)."""
         check_tournament_options(group_size, advance)
         for name, value in (("max_source_tokens", max_source_tokens), ("max_target_tokens", max_target_tokens),
                             ("batch_tokens", 1 if batch_tokens is None else batch_tokens),
                             ("row_tokens", row_tokens), ("read_window", read_window),
-                            ("chunk_tokens", 1 if chunk_tokens is None else chunk_tokens)):
+                            ("chunk_tokens", 1 if chunk_tokens is None else chunk_tokens),
+                            ("title_prior_cache", title_prior_cache)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(name, f"must be a positive int, got {value!r}")
         if device is not None and torch.device(device) != backend.device:
@@ -133,8 +142,10 @@ class Reranker:
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
         # normalize="calibrated": log P(title | "") per title, keyed by its target ids, scored once
-        # per engine (a nightly job's catalog titles repeat across requests).
-        self._title_priors: dict[bytes, float] = {}
+        # per engine while it stays among the `title_prior_cache` most recently used (a nightly
+        # job's catalogue titles repeat across requests).
+        self.title_prior_cache = title_prior_cache
+        self._title_priors: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         cfg = backend.cfg
         # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
         # zero-width or control-character title tokenizes to just ["▁", "</s>"]).
@@ -190,6 +201,13 @@ class Reranker:
     def reset_stats(self) -> None:
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
+
+    def clear_title_priors(self) -> None:
+        """Forget the cached title priors of normalize="calibrated". A prior is a float sum whose
+        last bits depend on the batch it was scored in, hence on which titles were missing at the
+        time; the batch job clears them at each part so that a part's scores depend on that part
+        alone (bit-identical on --resume and on any Ray actor)."""
+        self._title_priors.clear()
 
     # ---------------------------------------------------------------------------------- public
     def score(self, instruction: str, candidates: Sequence[str], normalize: str = "sum") -> np.ndarray:
@@ -450,15 +468,24 @@ class Reranker:
         it leaves what the instruction adds (a pointwise mutual information), which lets titles
         the model never generated in training compete (product search on unseen items)."""
         by_key = {t.tobytes(): t for t in targets}
-        missing = [t for key, t in by_key.items() if key not in self._title_priors]
-        if not missing:
-            return
-        empty = np.asarray(self._tokenize("", add_special_tokens=True)["input_ids"], dtype=np.int64)
-        units = [Unit(source=empty, targets=missing[a:a + _PRIOR_UNIT_TITLES])
-                 for a in range(0, len(missing), _PRIOR_UNIT_TITLES)]
-        self._run_units(units)
-        for unit in units:
-            self._title_priors.update((t.tobytes(), float(s)) for t, s in zip(unit.targets, unit.scores))
+        priors = self._title_priors
+        missing = []
+        for key, t in by_key.items():
+            if key in priors:
+                priors.move_to_end(key)  # used by this call: the last to go
+            else:
+                missing.append(t)
+        if missing:
+            empty = np.asarray(self._tokenize("", add_special_tokens=True)["input_ids"], dtype=np.int64)
+            units = [Unit(source=empty, targets=missing[a:a + _PRIOR_UNIT_TITLES])
+                     for a in range(0, len(missing), _PRIOR_UNIT_TITLES)]
+            self._run_units(units)
+            for unit in units:
+                priors.update((t.tobytes(), float(s)) for t, s in zip(unit.targets, unit.scores))
+            self.stats.title_priors += len(missing)
+        # This call's titles sit at the end; only older ones go, so its scores can still be read.
+        for _ in range(len(priors) - max(self.title_prior_cache, len(by_key))):
+            priors.popitem(last=False)
 
     def _run_units(self, units: list[Unit]) -> None:
         """Fill unit.scores (sum of token log-probs per candidate) for every unit, on the device."""

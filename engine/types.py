@@ -60,6 +60,7 @@ class EngineStats:
     padded_decoder_tokens: int = 0
     batches: int = 0  # encoder batches
     decoder_passes: int = 0  # a batch whose rows exceed the token budget is decoded in several
+    title_priors: int = 0  # titles whose prior was scored (normalize="calibrated"; cache misses)
 
     @property
     def decoder_padding_fraction(self) -> float:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from instructrec.engine import Reranker, Request
+from instructrec.engine.errors import InputError
 
 
 # Model tests run on one torch thread (see the one_torch_thread fixture in conftest).
@@ -118,9 +119,34 @@ def test_calibrated_is_the_title_log_likelihood_minus_its_prior(small, hf_small,
     assert small.stats.encoder_passes == 1  # the priors were cached by score() above
 
 
-def test_calibrated_is_a_checked_choice(small):
-    from instructrec.engine.errors import InputError
+def test_title_prior_cache_keeps_the_most_recently_used_titles(small, small_t5_dir):
+    """A capped cache scores the same as an uncapped one; it holds every title of the call in
+    progress, then drops the least recently used down to its cap, and a dropped title is scored
+    again when it comes back (EngineStats.title_priors counts prior scorings)."""
+    capped = Reranker.from_pretrained(small_t5_dir, dtype="float32", title_prior_cache=2)
+    expected = small.score(INSTRUCTION, TITLES, normalize="calibrated")
 
+    # Batches of other shapes round differently (~1e-4 here); a wrong prior is off by whole nats.
+    close = dict(rtol=0, atol=1e-3)
+
+    def calibrated(indices):
+        return capped.score(INSTRUCTION, [TITLES[i] for i in indices], normalize="calibrated")
+
+    np.testing.assert_allclose(calibrated(range(5)), expected, **close)
+    assert capped.stats.title_priors == 5 and len(capped._title_priors) == 5  # one call's titles all stay
+    np.testing.assert_allclose(calibrated([0, 1]), expected[[0, 1]], **close)
+    assert capped.stats.title_priors == 5 and len(capped._title_priors) == 2  # hits; trimmed to the cap
+    np.testing.assert_allclose(calibrated([2]), expected[[2]], **close)
+    assert capped.stats.title_priors == 6  # title 2 was dropped in the last call
+    np.testing.assert_allclose(calibrated([1]), expected[[1]], **close)
+    assert capped.stats.title_priors == 6  # title 1, used more recently than 0, stayed
+    np.testing.assert_allclose(calibrated([0]), expected[[0]], **close)
+    assert capped.stats.title_priors == 7  # title 0 went first
+    with pytest.raises(InputError, match="title_prior_cache"):
+        Reranker.from_pretrained(small_t5_dir, dtype="float32", title_prior_cache=0)
+
+
+def test_calibrated_is_a_checked_choice(small):
     with pytest.raises(InputError, match="normalize"):
         small.score(INSTRUCTION, TITLES, normalize="pmi")
 
@@ -193,4 +219,4 @@ def test_packed_rows_equal_one_candidate_per_row(tiny_t5_dir, tiny):
     packed = tiny.score(INSTRUCTION, titles)
     alone = one_per_row.score(INSTRUCTION, titles)
     assert tiny.stats.padded_decoder_tokens < one_per_row.stats.padded_decoder_tokens
-    np.testing.assert_allclose(packed, alone, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(packed, alone, **close)
