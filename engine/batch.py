@@ -34,7 +34,7 @@ from .errors import InstructRecError
 from .job_faults import FaultPlan
 from .job_ids import RequestIdSet, find_duplicate_request_ids
 from .job_input import INPUT_COLUMNS, InputFile, InputSchemaError, JobInput, iter_record_batches, scan_input
-from .job_model import EngineSettings, JobModel, model_differences
+from .job_model import LATER_OPTION_DEFAULTS, EngineSettings, JobModel, model_differences
 from .job_output import (
     DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART, LOCK_NAME, MANIFEST_NAME, SUMMARY_NAME, JobOutputError,
     OutputFolder, OutputWriteError, PartPlan, PartWriter, part_name,
@@ -68,17 +68,19 @@ def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, ou
             rows_per_part: int = DEFAULT_ROWS_PER_PART, chunk_rows: int = DEFAULT_CHUNK_ROWS,
             progress: bool = True, reranker_options: Mapping[str, Any] | None = None,
             revision: str | None = None, tokenizer: str | os.PathLike | None = None,
-            threads: int | None = None) -> dict[str, Any]:
+            threads: int | None = None, normalize: str = "sum") -> dict[str, Any]:
     """Rank every request of `input` (a Parquet file or folder) into the parts of `output`.
 
     `model`: a model folder (checkpoint or ONNX export), a Hub id (at `revision`), or
-    `random:<shape>` (with `tokenizer`). The schema is checked and the model resolved before the
+    `random:<shape>` (with `tokenizer`). `normalize`: the score candidates are ranked by, as in
+    `Reranker.rank` (sum, mean or calibrated). The schema is checked and the model resolved before the
     output folder is touched; the model loads after the output folder is checked, and the
     manifest is written once it has loaded. Returns the summary (also `output/_summary.json`).
     """
     job_input = scan_input(input)  # schema errors before loading anything
     settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
-                              group_size=group_size, threads=threads, extra=dict(reranker_options or {}))
+                              group_size=group_size, threads=threads, extra=dict(reranker_options or {}),
+                              normalize=normalize)
     job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer)
     return _run(job_model, job_input, output, resume=resume, rows_per_part=rows_per_part,
                 chunk_rows=chunk_rows, progress=progress)
@@ -87,10 +89,12 @@ def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, ou
 def run_job_with_reranker(reranker, input: str | os.PathLike | JobInput, output: str | os.PathLike, *,
                           resume: bool = False, rows_per_part: int = DEFAULT_ROWS_PER_PART,
                           chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
-                          options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                          options: Mapping[str, Any] | None = None, normalize: str = "sum") -> dict[str, Any]:
     """The job with a reranker the caller built. `options` (JSON-able) must describe everything
-    about the reranker that affects scores: it goes into the manifest, and --resume compares it."""
-    return _run(_GivenReranker(reranker, dict(options or {})), input, output, resume=resume,
+    about the reranker that affects scores: it goes into the manifest (with `normalize`), and
+    --resume compares it."""
+    EngineSettings(normalize=normalize)  # the same typed error as run_job for an unknown form
+    return _run(_GivenReranker(reranker, dict(options or {}), normalize), input, output, resume=resume,
                 rows_per_part=rows_per_part, chunk_rows=chunk_rows, progress=progress)
 
 
@@ -100,6 +104,7 @@ class _GivenReranker:
 
     reranker: Any
     options: dict
+    normalize: str = "sum"
 
     def settle_dtype(self, previous_options=None) -> "_GivenReranker":
         return self
@@ -108,7 +113,7 @@ class _GivenReranker:
         return {"kind": "in-memory"}
 
     def manifest_options(self) -> dict[str, Any]:
-        return self.options
+        return {**self.options, "normalize": self.normalize}
 
     def load(self):
         return self.reranker
@@ -125,7 +130,7 @@ def _run(job_model, input, output, *, resume: bool, rows_per_part: int, chunk_ro
         job_model = job_model.settle_dtype(previous.get("options"))
         manifest = job_manifest(job_input, plan, job_model.manifest_entry(), job_model.manifest_options(),
                                 {"runner": "in-process"})
-        folder.check(manifest, schema=OUTPUT_SCHEMA,
+        folder.check(manifest, schema=OUTPUT_SCHEMA, option_defaults=LATER_OPTION_DEFAULTS,
                      model_change=model_differences(previous.get("model"), manifest["model"]) if previous else None)
         reranker = job_model.load()  # after the output checks: a refused --resume costs nothing
         folder.start()  # the manifest, now that the model loaded (a failed load leaves none)
@@ -143,7 +148,8 @@ def _run(job_model, input, output, *, resume: bool, rows_per_part: int, chunk_ro
         skipped_rows = sum(plan.rows_in(p) for p in folder.finished_parts)
         with tqdm(total=plan.total_rows, initial=skipped_rows, unit="req", desc="rerank", file=sys.stderr,
                   disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:
-            for record in rank_parts(reranker, job_input, plan, todo, duplicate_ids, folder, faults):
+            for record in rank_parts(reranker, job_input, plan, todo, duplicate_ids, folder, faults,
+                                     normalize=manifest["options"]["normalize"]):
                 this_run.add_counts(record)
                 bar.update(record["rows"])
         finished = time.perf_counter()
@@ -202,15 +208,19 @@ def iter_part_chunks(job_input: JobInput, plan: PartPlan, parts: Collection[int]
 
 
 def rank_parts(reranker, job_input: JobInput, plan: PartPlan, parts: Sequence[int], duplicate_ids: Mapping[str, int],
-               folder: OutputFolder, faults: FaultPlan = FaultPlan()) -> Iterator[dict[str, Any]]:
-    """Rank and commit each of `parts` (in order) into `folder`; yields each part's commit record."""
+               folder: OutputFolder, faults: FaultPlan = FaultPlan(), *,
+               normalize: str = "sum") -> Iterator[dict[str, Any]]:
+    """Rank and commit each of `parts` (in order) into `folder`, by the `normalize` score; yields
+    each part's commit record."""
     writer: PartWriter | None = None
     tally = OutputCounts()
     try:
         for part, chunk in iter_part_chunks(job_input, plan, parts):
             if writer is None:
                 writer, tally = folder.part_writer(part), OutputCounts()
-            batch = rank_record_batch(reranker, chunk, duplicate_ids)
+                if normalize == "calibrated":
+                    reranker.clear_title_priors()  # the part's scores must not depend on earlier parts
+            batch = rank_record_batch(reranker, chunk, duplicate_ids, normalize)
             writer.write(batch)
             tally.add_batch(batch)
             faults.at("in-part", part)

@@ -20,6 +20,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell reports for a process kille
 
 def register(subparsers) -> None:
     from .job_output import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART
+    from .types import NORMALIZE_CHOICES
 
     parser = subparsers.add_parser(
         "rerank", help="rank the candidates of every request in a Parquet file or folder",
@@ -54,6 +55,11 @@ def register(subparsers) -> None:
                              "onnx backend; default: the runtime's, all cores; with --ray: --cpus-per-actor)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="engine token budget per batch (engine default if unset)")
     parser.add_argument("--group-size", type=int, default=10, help="tournament group size for long candidate lists")
+    parser.add_argument("--normalize", choices=NORMALIZE_CHOICES, default="sum",
+                        help="the score candidates are ranked by: sum (default; log P(title | instruction)), mean "
+                             "(per title token) or calibrated (minus the title's log-likelihood under an empty "
+                             "instruction, each title scored once); `instructrec eval` writes the form that won on "
+                             "validation into its metrics.json. Recorded in _job.json: --resume keeps it")
     parser.add_argument("--compile", action="store_true",
                         help="torch backend: torch.compile the encoder and decoder (minutes of compilation "
                              "first; 1.17x candidates/s on flan-t5-base bf16 here): for long jobs")
@@ -103,7 +109,7 @@ def _rerank(args: argparse.Namespace) -> int:
     engine_options = dict(backend=args.backend, device=args.device, dtype=args.dtype,
                           batch_tokens=args.batch_tokens, group_size=args.group_size, threads=args.threads,
                           revision=args.revision, tokenizer=args.tokenizer, resume=args.resume,
-                          rows_per_part=args.rows_per_part, chunk_rows=args.chunk_rows,
+                          rows_per_part=args.rows_per_part, chunk_rows=args.chunk_rows, normalize=args.normalize,
                           reranker_options={k: True for k, on in (("compile_model", args.compile),
                                                                   ("exact_head", args.exact_head)) if on} or None)
     resume_hint = (f"finished parts are kept in {args.output}: rerun the same command with --resume to finish "

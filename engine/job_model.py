@@ -22,13 +22,18 @@ from typing import Any, Mapping
 
 from .errors import InputError
 from .sources import CHECKPOINT, ONNX, RANDOM, ModelSource, resolve_model
+from .types import NORMALIZE_CHOICES
 
-__all__ = ["BACKENDS", "DTYPES", "EngineSettings", "JobModel", "model_differences"]
+__all__ = ["BACKENDS", "DTYPES", "EngineSettings", "JobModel", "model_differences", "LATER_OPTION_DEFAULTS"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
 DTYPES = ("auto", "float32", "bfloat16", "int8")
+# Options added after the manifest format was fixed, with the value a run before them used: an
+# output ranked before `normalize` existed was ranked by the summed score, and resuming it with
+# the default must not be refused for a key its manifest could not have.
+LATER_OPTION_DEFAULTS = {"normalize": "sum"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class EngineSettings:
     # runtime's default (all cores in-process; in a Ray actor, its --cpus-per-actor).
     threads: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # further Reranker options (compile_model, ...)
+    # The score each candidate is ranked by (`Reranker.rank(normalize=...)`): "sum", "mean" or
+    # "calibrated"; `instructrec eval` names the form that won on validation in its metrics.json.
+    normalize: str = "sum"
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -53,10 +61,15 @@ class EngineSettings:
             raise InputError("dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if self.threads is not None and self.threads < 1:
             raise InputError("threads", f"must be at least 1, got {self.threads}")
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise InputError("normalize", f"unknown score form {self.normalize!r}",
+                             f"use one of {', '.join(NORMALIZE_CHOICES)} (the form `instructrec eval` chose is in "
+                             "its metrics.json)")
 
     def options(self) -> dict[str, Any]:
         return {"backend": self.backend, "device": self.device, "dtype": self.dtype, "group_size": self.group_size,
-                "batch_tokens": self.batch_tokens, "threads": self.threads, **dict(self.extra)}
+                "batch_tokens": self.batch_tokens, "threads": self.threads, "normalize": self.normalize,
+                **dict(self.extra)}
 
     def reranker_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"group_size": self.group_size, **dict(self.extra)}

@@ -279,14 +279,18 @@ class OutputFolder:
                 "overwrites. Delete the folder or choose a new --output")
 
     # ------------------------------------------------------------------------------ check
-    def check(self, manifest: dict, *, schema: pa.Schema, model_change: str | None = None) -> None:
+    def check(self, manifest: dict, *, schema: pa.Schema, model_change: str | None = None,
+              option_defaults: Mapping[str, Any] | None = None) -> None:
         """Compare this run with the one being resumed (refuse any difference, naming it), remove
-        the debris of an interrupted run and find the finished parts."""
+        the debris of an interrupted run and find the finished parts. `option_defaults`: options
+        added since a manifest may have been written, with the value its run used."""
         self.manifest, self.schema = manifest, schema
         self._remove_debris(self._entries)
         previous = self.previous_manifest
         if previous is None:
             return
+        if option_defaults and isinstance(previous.get("options"), dict):
+            previous = {**previous, "options": {**option_defaults, **previous["options"]}}
         if previous.get("format") != manifest["format"]:
             raise JobOutputError(f"--resume: {self.location} was written by another version of this job (manifest "
                                  f"format {previous.get('format')}, this one writes {manifest['format']}); "

@@ -94,10 +94,11 @@ def rows_to_requests(batch: pa.RecordBatch | pa.Table, duplicate_ids: Mapping[st
     return out
 
 
-def rank_rows(reranker, rows: list) -> list:
-    """Rank the `Request`s among `rows` in one `Reranker.rank` call; `RowError`s pass through."""
+def rank_rows(reranker, rows: list, normalize: str = "sum") -> list:
+    """Rank the `Request`s among `rows` in one `Reranker.rank` call (by the `normalize` score);
+    `RowError`s pass through."""
     requests = [row for row in rows if not isinstance(row, RowError)]
-    results = iter(reranker.rank(requests, errors="return") if requests else ())
+    results = iter(reranker.rank(requests, errors="return", normalize=normalize) if requests else ())
     merged = []
     for row in rows:
         if isinstance(row, RowError):
@@ -126,9 +127,10 @@ def results_to_record_batch(results: Sequence) -> pa.RecordBatch:
     ], schema=OUTPUT_SCHEMA)
 
 
-def rank_record_batch(reranker, batch: pa.RecordBatch | pa.Table, duplicate_ids: Mapping[str, int]) -> pa.RecordBatch:
+def rank_record_batch(reranker, batch: pa.RecordBatch | pa.Table, duplicate_ids: Mapping[str, int],
+                      normalize: str = "sum") -> pa.RecordBatch:
     """Input rows -> output rows: the whole per-batch step, used by both runners."""
-    return results_to_record_batch(rank_rows(reranker, rows_to_requests(batch, duplicate_ids)))
+    return results_to_record_batch(rank_rows(reranker, rows_to_requests(batch, duplicate_ids), normalize))
 
 
 @dataclass

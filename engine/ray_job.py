@@ -33,7 +33,7 @@ from .errors import InputError, InstructRecError
 from .job_faults import FaultPlan
 from .job_ids import find_duplicate_request_ids
 from .job_input import JobInput, scan_input
-from .job_model import EngineSettings, JobModel, model_differences
+from .job_model import LATER_OPTION_DEFAULTS, EngineSettings, JobModel, model_differences
 from .job_output import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART, OutputFolder, PartPlan
 from .job_rows import OUTPUT_SCHEMA, OutputCounts
 from .job_storage import Location
@@ -71,6 +71,7 @@ class PartRanker:
     def __init__(self, job_model: JobModel, job_input: JobInput, plan: PartPlan, duplicate_ids: Mapping[str, int],
                  output: Location, faults: FaultPlan):
         self.reranker = job_model.load()
+        self.normalize = job_model.settings.normalize
         self.job_input, self.plan, self.duplicate_ids, self.faults = job_input, plan, duplicate_ids, faults
         self.folder = OutputFolder.for_workers(output, schema=OUTPUT_SCHEMA)
 
@@ -78,7 +79,7 @@ class PartRanker:
         records = []
         for part in batch["part"]:
             records += rank_parts(self.reranker, self.job_input, self.plan, [int(part)], self.duplicate_ids,
-                                  self.folder, self.faults)
+                                  self.folder, self.faults, normalize=self.normalize)
         return {"part": [r["part"] for r in records], "record": [json.dumps(r) for r in records]}
 
 
@@ -90,7 +91,7 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
                 cpus_per_actor: float = 1.0, max_restarts: int = DEFAULT_ACTOR_RESTARTS,
                 reranker_options: Mapping[str, Any] | None = None, revision: str | None = None,
                 tokenizer: str | os.PathLike | None = None, threads: int | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, normalize: str = "sum") -> dict[str, Any]:
     """Run the job on Ray Data. Uses the Ray instance this process is connected to, or connects
     to `address`, or starts a local one (shut down at the end). Returns the summary.
 
@@ -104,7 +105,8 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
     started = time.perf_counter()
     job_input = scan_input(input)  # schema errors before any work
     settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
-                              group_size=group_size, threads=threads, extra=dict(reranker_options or {}))
+                              group_size=group_size, threads=threads, extra=dict(reranker_options or {}),
+                              normalize=normalize)
     job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer)  # before any work
     plan = PartPlan(job_input.rows, rows_per_part, chunk_rows)
     faults = FaultPlan.from_env()
@@ -114,7 +116,7 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
         runtime = {"runner": "ray", "actors": actors, "cpus_per_actor": cpus_per_actor,
                    "gpus_per_actor": gpus_per_actor, "max_restarts": max_restarts}
         manifest = job_manifest(job_input, plan, job_model.manifest_entry(), job_model.manifest_options(), runtime)
-        folder.check(manifest, schema=OUTPUT_SCHEMA,
+        folder.check(manifest, schema=OUTPUT_SCHEMA, option_defaults=LATER_OPTION_DEFAULTS,
                      model_change=model_differences(previous.get("model"), manifest["model"]) if previous else None)
         duplicate_ids = find_duplicate_request_ids(job_input)
         folder.start()  # before the actors load the model; removed again if no part gets committed

@@ -195,3 +195,57 @@ def test_output_folder_not_written_by_the_job_is_refused_on_resume(tiny_t5_dir, 
     with pytest.raises(JobOutputError, match="has no _job.json but holds \\['notes.txt'\\]"):
         run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", resume=True, **FP32)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("normalize", ["mean", "calibrated"])
+def test_normalize_ranks_by_the_score_form_rank_gives_and_resume_keeps_it(tiny_t5_dir, reranker, tmp_path,
+                                                                           normalize):
+    rows = [good_row(i) for i in range(9)]
+    rows[4]["candidates"] = ["racing game 4 edition 0", "a much longer racing game title with many more tokens"]
+    write_rows(tmp_path / "in.parquet", rows)
+    summary = run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", normalize=normalize,
+                      rows_per_part=4, **FP32)
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    reference = reranker.rank([request_of(r) for r in rows], normalize=normalize)
+    summed = reranker.rank([request_of(r) for r in rows])
+    for got, want, plain in zip(out, reference, summed):
+        assert got["error"] is None and got["ranked_ids"] == list(want.ranked_ids)
+        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-6, atol=1e-5)
+    # The form changed the scores: this is not the default sum under another name.
+    assert any(not np.allclose(got["scores"], plain.scores, atol=1e-3) for got, plain in zip(out, summed))
+    assert json.loads((tmp_path / "out" / "_job.json").read_text())["options"]["normalize"] == normalize
+    assert summary["ok"] == 9
+
+    with pytest.raises(JobOutputError, match=f'options.normalize: was "{normalize}", now "sum"'):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, resume=True, **FP32)
+
+
+def test_an_output_written_before_normalize_existed_resumes_with_the_sum(tiny_t5_dir, tmp_path):
+    rows = [good_row(i) for i in range(6)]
+    write_rows(tmp_path / "in.parquet", rows)
+    run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, **FP32)
+    manifest_path = tmp_path / "out" / "_job.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["options"]["normalize"]  # as the job wrote it before the option existed
+    manifest_path.write_text(json.dumps(manifest))
+    (tmp_path / "out" / "_commit-00001.json").unlink()
+    with pytest.raises(JobOutputError, match='options.normalize: was "sum", now "calibrated"'):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, resume=True,
+                normalize="calibrated", **FP32)
+    summary = run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, resume=True, **FP32)
+    assert summary["parts_written"] == 1 and summary["rows"] == 6
+
+
+def test_an_unknown_score_form_is_refused_before_any_work(tiny_t5_dir, tmp_path):
+    from instructrec.engine.errors import InputError
+
+    write_rows(tmp_path / "in.parquet", [good_row(0)])
+    with pytest.raises(InputError, match="normalize: unknown score form 'pmi'.*sum, mean, calibrated"):
+        run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", normalize="pmi", **FP32)
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "instructrec", "rerank", "--model", str(tiny_t5_dir), "--input",
+         str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cli-out"), "--normalize", "pmi"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--normalize: invalid choice: 'pmi'" in done.stderr, done.stderr
+    assert not (tmp_path / "cli-out").exists()

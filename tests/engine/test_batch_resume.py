@@ -101,3 +101,27 @@ def test_a_part_without_its_commit_record_is_ranked_again(tiny_t5_dir, tmp_path)
     summary = run_job(tiny_t5_dir, input_path, tmp_path / "out", resume=True, **options)
     assert summary["parts_written"] == 1 and summary["parts_skipped"] == 4 and summary["rows"] == ROWS
     assert pq.read_table(tmp_path / "out").equals(reference)
+
+
+def test_calibrated_scores_of_a_resumed_part_are_bit_identical(tiny_t5_dir, tmp_path):
+    """normalize="calibrated" caches each title's prior, and a prior's last bits depend on the batch
+    it was scored in. Titles shared across parts: in the first run part 1 finds part 0's priors
+    cached, in the resumed run it scores them itself; the job clears the cache at every part, so
+    both runs give the same bits (and the manifest records the score form)."""
+    catalogue = [f"starship tactics volume {k}" for k in range(23)]
+    table = pa.table({
+        "request_id": [f"req-{i:03d}" for i in range(ROWS)],
+        "candidates": [[catalogue[(5 * i + 3 * j) % len(catalogue)] for j in range(3 + i % 4)] for i in range(ROWS)],
+        "instruction": [f"Which game suits a player who loved title {i}?" for i in range(ROWS)],
+    })
+    pq.write_table(table, tmp_path / "requests.parquet", row_group_size=13)
+    options = dict(rows_per_part=ROWS_PER_PART, chunk_rows=CHUNK_ROWS, dtype="float32", progress=False,
+                   normalize="calibrated")
+    run_job(tiny_t5_dir, tmp_path / "requests.parquet", tmp_path / "out", **options)
+    reference = pq.read_table(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "_job.json").read_text())["options"]["normalize"] == "calibrated"
+    for part in (1, 3):
+        (tmp_path / "out" / f"_commit-{part:05d}.json").unlink()
+    summary = run_job(tiny_t5_dir, tmp_path / "requests.parquet", tmp_path / "out", resume=True, **options)
+    assert summary["parts_written"] == 2 and summary["engine_stats"]["title_priors"] > 0
+    assert pq.read_table(tmp_path / "out").equals(reference)
