@@ -45,6 +45,7 @@ from .job_rows import (
 )
 from .job_summary import format_summary, job_manifest, job_summary, summarize_output
 from .sources import ModelSource
+from .types import parse_score_form
 
 __all__ = [
     # the job
@@ -73,7 +74,7 @@ def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, ou
 
     `model`: a model folder (checkpoint or ONNX export), a Hub id (at `revision`), or
     `random:<shape>` (with `tokenizer`). `normalize`: the score candidates are ranked by, as in
-    `Reranker.rank` (sum, mean or calibrated). The schema is checked and the model resolved before the
+    `Reranker.rank` (sum, mean, calibrated or calibrated:W). The schema is checked and the model resolved before the
     output folder is touched; the model loads after the output folder is checked, and the
     manifest is written once it has loaded. Returns the summary (also `output/_summary.json`).
     """
@@ -214,11 +215,12 @@ def rank_parts(reranker, job_input: JobInput, plan: PartPlan, parts: Sequence[in
     each part's commit record."""
     writer: PartWriter | None = None
     tally = OutputCounts()
+    calibrated = parse_score_form(normalize).kind == "calibrated"
     try:
         for part, chunk in iter_part_chunks(job_input, plan, parts):
             if writer is None:
                 writer, tally = folder.part_writer(part), OutputCounts()
-                if normalize == "calibrated":
+                if calibrated:
                     reranker.clear_title_priors()  # the part's scores must not depend on earlier parts
             batch = rank_record_batch(reranker, chunk, duplicate_ids, normalize)
             writer.write(batch)

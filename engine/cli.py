@@ -20,7 +20,6 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell reports for a process kille
 
 def register(subparsers) -> None:
     from .job_output import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART
-    from .types import NORMALIZE_CHOICES
 
     parser = subparsers.add_parser(
         "rerank", help="rank the candidates of every request in a Parquet file or folder",
@@ -55,11 +54,12 @@ def register(subparsers) -> None:
                              "onnx backend; default: the runtime's, all cores; with --ray: --cpus-per-actor)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="engine token budget per batch (engine default if unset)")
     parser.add_argument("--group-size", type=int, default=10, help="tournament group size for long candidate lists")
-    parser.add_argument("--normalize", choices=NORMALIZE_CHOICES, default="sum",
+    parser.add_argument("--normalize", type=_score_form, default="sum",
                         help="the score candidates are ranked by: sum (default; log P(title | instruction)), mean "
-                             "(per title token) or calibrated (minus the title's log-likelihood under an empty "
-                             "instruction, each title scored once); `instructrec eval` writes the form that won on "
-                             "validation into its metrics.json. Recorded in _job.json: --resume keeps it")
+                             "(per title token), calibrated (minus the title's log-likelihood under an empty "
+                             "instruction, each title scored once) or calibrated:W (minus W times it; a negative W "
+                             "adds it); `instructrec eval` writes the form that won on validation into its "
+                             "metrics.json. Recorded in _job.json: --resume keeps it")
     parser.add_argument("--compile", action="store_true",
                         help="torch backend: torch.compile the encoder and decoder (minutes of compilation "
                              "first; 1.17x candidates/s on flan-t5-base bf16 here): for long jobs")
@@ -100,6 +100,18 @@ def _device(text: str) -> str:
 
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N")
+    return text
+
+
+def _score_form(text: str) -> str:
+    """sum, mean, calibrated or calibrated:W, checked before any work."""
+    from .errors import InputError
+    from .types import parse_score_form
+
+    try:
+        parse_score_form(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problem} ({exc.fix})") from None
     return text
 
 

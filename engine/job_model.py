@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from .errors import InputError
 from .sources import CHECKPOINT, ONNX, RANDOM, ModelSource, resolve_model
-from .types import NORMALIZE_CHOICES
+from .types import parse_score_form
 
 __all__ = ["BACKENDS", "DTYPES", "EngineSettings", "JobModel", "model_differences", "LATER_OPTION_DEFAULTS"]
 
@@ -50,8 +50,9 @@ class EngineSettings:
     # runtime's default (all cores in-process; in a Ray actor, its --cpus-per-actor).
     threads: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # further Reranker options (compile_model, ...)
-    # The score each candidate is ranked by (`Reranker.rank(normalize=...)`): "sum", "mean" or
-    # "calibrated"; `instructrec eval` names the form that won on validation in its metrics.json.
+    # The score each candidate is ranked by (`Reranker.rank(normalize=...)`): "sum", "mean",
+    # "calibrated" or "calibrated:W"; `instructrec eval` names the form that won on validation in
+    # its metrics.json.
     normalize: str = "sum"
 
     def __post_init__(self):
@@ -61,10 +62,7 @@ class EngineSettings:
             raise InputError("dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if self.threads is not None and self.threads < 1:
             raise InputError("threads", f"must be at least 1, got {self.threads}")
-        if self.normalize not in NORMALIZE_CHOICES:
-            raise InputError("normalize", f"unknown score form {self.normalize!r}",
-                             f"use one of {', '.join(NORMALIZE_CHOICES)} (the form `instructrec eval` chose is in "
-                             "its metrics.json)")
+        parse_score_form(self.normalize)
 
     def options(self) -> dict[str, Any]:
         return {"backend": self.backend, "device": self.device, "dtype": self.dtype, "group_size": self.group_size,

@@ -34,7 +34,7 @@ from .packing import Unit
 from .runner import DEFAULT_READ_WINDOW, DEFAULT_ROW_TOKENS, DeviceRunner
 from .sources import ModelSource
 from .tournament import Tournament, check_tournament_options
-from .types import NORMALIZE_CHOICES, EngineStats, RankedResult, Request
+from .types import EngineStats, RankedResult, Request, ScoreForm, parse_score_form
 
 __all__ = ["Reranker"]
 
@@ -212,17 +212,19 @@ class Reranker:
     # ---------------------------------------------------------------------------------- public
     def score(self, instruction: str, candidates: Sequence[str], normalize: str = "sum") -> np.ndarray:
         """log P(title | instruction) of every candidate, teacher-forced, all under one encoding
-        (no tournament; `{candidates}` in the instruction lists all of them). [K] float64."""
-        _check_choice("normalize", normalize, NORMALIZE_CHOICES)
+        (no tournament; `{candidates}` in the instruction lists all of them). [K] float64.
+        normalize: "sum", "mean" (per title token), "calibrated" (minus the title's log-likelihood
+        under an empty instruction) or "calibrated:W" (minus W times it)."""
+        form = parse_score_form(normalize)
         request = Request(instruction=instruction, candidates=candidates)
         prepared = self._prepare([request], errors="raise")[0]
         assert isinstance(prepared, _Prepared)
         unit = self._unit(prepared, np.arange(len(prepared.titles)))
         self.stats.requests += 1
-        if normalize == "calibrated":
+        if form.kind == "calibrated":
             self._score_title_priors(prepared.targets)
         self._run_units([unit])
-        return self._normalized(unit, normalize)
+        return self._normalized(unit, form)
 
     def rank(self, requests: Sequence[Request], errors: str = "raise",
              normalize: str = "sum") -> list[RankedResult]:
@@ -230,7 +232,7 @@ class Reranker:
         errors="return": a bad request gets a result with `error`/`error_kind` set and empty
         lists, and never disturbs the others; errors="raise": the first InputError is raised."""
         _check_choice("errors", errors, _ERRORS)
-        _check_choice("normalize", normalize, NORMALIZE_CHOICES)
+        form = parse_score_form(normalize)
         results: list[RankedResult | None] = [None] * len(requests)
         self.stats.requests += len(requests)
 
@@ -246,7 +248,7 @@ class Reranker:
             if isinstance(p, InputError):
                 fail(i, p)
         live = [p for p in prepared if isinstance(p, _Prepared)]
-        if normalize == "calibrated":
+        if form.kind == "calibrated":
             self._score_title_priors([t for p in live for t in p.targets])
 
         # Round 1 of everything: direct requests and the first round of each tournament.
@@ -271,11 +273,11 @@ class Reranker:
                 t = tournaments.get(i)
                 if t is None:  # scored directly: rank by score
                     u = group_units[0]
-                    s = self._normalized(u, normalize)
+                    s = self._normalized(u, form)
                     order = np.argsort(-s, kind="stable")
                     results[i] = _result(p, order, s[order])
                     continue
-                t.record([self._normalized(u, normalize) for u in group_units])
+                t.record([self._normalized(u, form) for u in group_units])
                 if t.done:
                     order, s = t.result()
                     results[i] = _result(p, order, s)
@@ -455,11 +457,12 @@ class Reranker:
             out.append(error if error is not None else mine)  # type: ignore[arg-type]
         return out
 
-    def _normalized(self, u: Unit, normalize: str) -> np.ndarray:
-        if normalize == "mean":
+    def _normalized(self, u: Unit, form: ScoreForm) -> np.ndarray:
+        if form.kind == "mean":
             return u.scores / np.array([len(y) for y in u.targets], dtype=np.float64)
-        if normalize == "calibrated":
-            return u.scores - np.array([self._title_priors[y.tobytes()] for y in u.targets], dtype=np.float64)
+        if form.kind == "calibrated":
+            priors = np.array([self._title_priors[y.tobytes()] for y in u.targets], dtype=np.float64)
+            return u.scores - form.prior_weight * priors
         return u.scores
 
     def _score_title_priors(self, targets: Sequence[np.ndarray]) -> None:

@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
+
+from .errors import InputError
 
 # Reranker.score / rank `normalize`: a candidate's summed token log-likelihood, that per token, or
 # that minus the title's own log-likelihood under an empty instruction (its prior: "calibrated").
+# "calibrated:W" subtracts W times the prior: W = 1 is "calibrated", 0 the sum, and a negative W
+# adds the prior, which favours the titles the model generates whatever it is asked (the most
+# frequent training targets, close to popularity). W is a setting chosen on validation.
 NORMALIZE_CHOICES = ("sum", "mean", "calibrated")
 
-__all__ = ["Request", "RankedResult", "EngineStats", "NORMALIZE_CHOICES"]
+__all__ = ["Request", "RankedResult", "EngineStats", "NORMALIZE_CHOICES", "ScoreForm", "parse_score_form"]
+
+
+class ScoreForm(NamedTuple):
+    """A parsed `normalize` value: its kind (one of NORMALIZE_CHOICES) and, for "calibrated", the
+    weight of the title prior it subtracts."""
+
+    kind: str
+    prior_weight: float = 0.0
+
+
+def parse_score_form(value: str, field: str = "normalize") -> ScoreForm:
+    """"sum", "mean", "calibrated" or "calibrated:W" (W a finite number) -> ScoreForm; anything
+    else is an InputError naming `field`."""
+    fix = ('use sum, mean, calibrated, or calibrated:W to subtract W times the title prior (e.g. '
+           'calibrated:0.5; a negative W adds it)')
+    if not isinstance(value, str):
+        raise InputError(field, f"unknown score form {value!r}", fix)
+    kind, colon, weight_text = value.partition(":")
+    if kind not in NORMALIZE_CHOICES or (colon and kind != "calibrated"):
+        raise InputError(field, f"unknown score form {value!r}", fix)
+    if kind != "calibrated":
+        return ScoreForm(kind)
+    if not colon:
+        return ScoreForm(kind, 1.0)
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        raise InputError(field, f"{value!r}: the prior weight {weight_text!r} is not a number", fix) from None
+    if not math.isfinite(weight):
+        raise InputError(field, f"{value!r}: the prior weight must be finite", fix)
+    return ScoreForm(kind, weight)
 
 
 @dataclass

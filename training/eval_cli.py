@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     p.add_argument("--score-forms", default="sum,mean,calibrated",
                    help="comma list of the candidate score forms each model method chooses between on validation "
                         "(with the template): sum (the title's log-likelihood), mean (per title token), "
-                        "calibrated (minus the title's log-likelihood under an empty instruction)")
+                        "calibrated (minus the title's log-likelihood under an empty instruction), calibrated:W "
+                        "(minus W times it; a negative W adds it, e.g. calibrated:-0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-to", type=Path, default=None, metavar="DIR",
                    help="a previous run's --out: rank exactly its instances and add this run's methods to its "

@@ -32,8 +32,10 @@ CANDIDATE_MODES = ("stored", "hard", "sampled")
 RANKING_TASKS = ("T2", "T3")
 METRIC_KEYS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
 SELECTION_METRIC = "ndcg@5"
-# A candidate's score: its title's log-likelihood ("sum") or that per title token ("mean"): the
-# engine's `normalize` values. A sum favours short titles, so the form is chosen on validation.
+# A candidate's score: its title's log-likelihood ("sum"), that per title token ("mean"), or that
+# minus the title's prior ("calibrated", or "calibrated:W" for W times it): the engine's
+# `normalize` values. A sum favours short titles, so the form is chosen on validation; these are
+# the default choices.
 SCORE_FORMS = NORMALIZE_CHOICES
 
 

@@ -61,6 +61,7 @@ import numpy as np
 
 from instructrec.engine.errors import InputError, ModelLoadError
 from instructrec.engine.sources import CHECKPOINT, RANDOM, ModelSource, resolve_model
+from instructrec.engine.types import parse_score_form
 
 from .eval_domain import Domain, baseline_scores
 from .eval_report import dataset_stats, merge_results, model_info, results_markdown
@@ -463,9 +464,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(name, f"must be an integer >= 0, got {value!r}")
     forms = cfg.score_forms
-    if isinstance(forms, str) or not forms or any(f not in SCORE_FORMS for f in forms) or len(set(forms)) < len(forms):
-        raise InputError("score_forms", f"must be one or more distinct of {', '.join(SCORE_FORMS)}, got {forms!r}",
+    if isinstance(forms, str) or not forms or len(set(forms)) < len(forms):
+        raise InputError("score_forms", f"must be one or more distinct of {', '.join(SCORE_FORMS)} or calibrated:W, "
+                         f"got {forms!r}",
                          "e.g. --score-forms sum,mean,calibrated (chosen between on validation) or --score-forms sum")
+    for form in forms:
+        parse_score_form(form, field="score_forms")
     out = Path(cfg.out)
     evaluation = Evaluation(cfg)  # checks every input, then loads the data
     import torch

@@ -197,7 +197,7 @@ def test_output_folder_not_written_by_the_job_is_refused_on_resume(tiny_t5_dir, 
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("normalize", ["mean", "calibrated"])
+@pytest.mark.parametrize("normalize", ["mean", "calibrated", "calibrated:-0.5"])
 def test_normalize_ranks_by_the_score_form_rank_gives_and_resume_keeps_it(tiny_t5_dir, reranker, tmp_path,
                                                                            normalize):
     rows = [good_row(i) for i in range(9)]
@@ -245,7 +245,8 @@ def test_an_unknown_score_form_is_refused_before_any_work(tiny_t5_dir, tmp_path)
     assert not (tmp_path / "out").exists()
     done = subprocess.run(
         [sys.executable, "-m", "instructrec", "rerank", "--model", str(tiny_t5_dir), "--input",
-         str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cli-out"), "--normalize", "pmi"],
+         str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cli-out"), "--normalize", "calibrated:half"],
         capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--normalize: invalid choice: 'pmi'" in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr
+    assert "--normalize: 'calibrated:half': the prior weight 'half' is not a number" in done.stderr, done.stderr
     assert not (tmp_path / "cli-out").exists()

@@ -119,6 +119,27 @@ def test_calibrated_is_the_title_log_likelihood_minus_its_prior(small, hf_small,
     assert small.stats.encoder_passes == 1  # the priors were cached by score() above
 
 
+@pytest.mark.parametrize("weight", [0.5, -0.5])
+def test_calibrated_with_a_weight_subtracts_that_multiple_of_the_prior(small, hf_small, tokenizer, weight):
+    """normalize="calibrated:W" = log P(title | instruction) - W log P(title | ""), from Hugging Face's
+    forward; a negative W adds the prior."""
+    given = hf_reference(hf_small, tokenizer, INSTRUCTION, TITLES)
+    prior = hf_reference(hf_small, tokenizer, "", TITLES)
+    tolerance = 2 * FP32["atol"] + FP32["rtol"] * (np.abs(given) + abs(weight) * np.abs(prior))
+    ours = small.score(INSTRUCTION, TITLES, normalize=f"calibrated:{weight}")
+    assert np.all(np.abs(ours - (given - weight * prior)) <= tolerance), (ours - given + weight * prior, tolerance)
+    [result] = small.rank([Request(instruction=INSTRUCTION, candidates=TITLES, request_id="r")],
+                          normalize=f"calibrated:{weight}")
+    by_title = dict(zip(result.ranked_ids, result.scores))
+    np.testing.assert_array_equal([by_title[str(i)] for i in range(len(TITLES))], ours)
+
+
+@pytest.mark.parametrize("form", ["pmi", "mean:1", "calibrated:", "calibrated:x", "calibrated:nan", "sum:0"])
+def test_an_unknown_score_form_names_the_field(small, form):
+    with pytest.raises(InputError, match="^normalize: .*use sum, mean, calibrated, or calibrated:W"):
+        small.score(INSTRUCTION, TITLES, normalize=form)
+
+
 def test_title_prior_cache_keeps_the_most_recently_used_titles(small, small_t5_dir):
     """A capped cache scores the same as an uncapped one; it holds every title of the call in
     progress, then drops the least recently used down to its cap, and a dropped title is scored
@@ -144,11 +165,6 @@ def test_title_prior_cache_keeps_the_most_recently_used_titles(small, small_t5_d
     assert capped.stats.title_priors == 7  # title 0 went first
     with pytest.raises(InputError, match="title_prior_cache"):
         Reranker.from_pretrained(small_t5_dir, dtype="float32", title_prior_cache=0)
-
-
-def test_calibrated_is_a_checked_choice(small):
-    with pytest.raises(InputError, match="normalize"):
-        small.score(INSTRUCTION, TITLES, normalize="pmi")
 
 
 @pytest.fixture(scope="module")

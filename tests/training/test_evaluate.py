@@ -521,6 +521,6 @@ def test_one_score_form_skips_the_choice_and_bad_forms_are_refused(world, t2_ins
     expected = summarize_ranks(hf_ranks(tiny_t5_dir, ranked, "seq-rec-01", hf_log_likelihoods, "mean"))
     assert method["ndcg@5"] == pytest.approx(expected["ndcg@5"], abs=1e-9)
     assert "| seq-rec-01 | mean |" in (tmp_path / "run" / "results.md").read_text()
-    for forms in ((), ("sum", "max"), ("sum", "sum"), "sum"):
+    for forms in ((), ("sum", "max"), ("sum", "sum"), "sum", ("calibrated:x",), ("mean:1",)):
         with pytest.raises(InputError, match="score_forms"):
             evaluate(config(world, tiny_t5_dir, tmp_path / "bad", instructions=only_t2, score_forms=forms))
