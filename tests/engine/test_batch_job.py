@@ -85,6 +85,12 @@ def request_of(row: dict) -> Request:
     return Request(**fields)
 
 
+def rerank_cli(model, input_path, output, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "instructrec", "rerank", "--model", str(model), "--input",
+                           str(input_path), "--output", str(output), *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def reranker(tiny_t5_dir):
     return Reranker.from_pretrained(tiny_t5_dir, dtype="float32")
@@ -151,10 +157,7 @@ def test_schema_error_stops_the_cli_before_any_work(tiny_t5_dir, tmp_path):
         run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "api-out")
     assert not (tmp_path / "api-out").exists()
 
-    done = subprocess.run(
-        [sys.executable, "-m", "instructrec", "rerank", "--model", str(tiny_t5_dir), "--input",
-         str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cli-out"), "--dtype", "float32"],
-        capture_output=True, text=True, timeout=120)
+    done = rerank_cli(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "cli-out", "--dtype", "float32")
     assert done.returncode == 2, done.stderr
     assert "column 'candidates' must be list<string> but is string in in.parquet" in done.stderr
     assert "Traceback" not in done.stderr
@@ -243,10 +246,7 @@ def test_an_unknown_score_form_is_refused_before_any_work(tiny_t5_dir, tmp_path)
     with pytest.raises(InputError, match="normalize: unknown score form 'pmi'.*sum, mean, calibrated"):
         run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", normalize="pmi", **FP32)
     assert not (tmp_path / "out").exists()
-    done = subprocess.run(
-        [sys.executable, "-m", "instructrec", "rerank", "--model", str(tiny_t5_dir), "--input",
-         str(tmp_path / "in.parquet"), "--output", str(tmp_path / "cli-out"), "--normalize", "calibrated:half"],
-        capture_output=True, text=True, timeout=120)
+    done = rerank_cli(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "cli-out", "--normalize", "calibrated:half")
     assert done.returncode == 2, done.stderr
     assert "--normalize: 'calibrated:half': the prior weight 'half' is not a number" in done.stderr, done.stderr
     assert not (tmp_path / "cli-out").exists()
