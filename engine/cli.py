@@ -54,7 +54,7 @@ def register(subparsers) -> None:
                              "onnx backend; default: the runtime's, all cores; with --ray: --cpus-per-actor)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="engine token budget per batch (engine default if unset)")
     parser.add_argument("--group-size", type=int, default=10, help="tournament group size for long candidate lists")
-    parser.add_argument("--normalize", type=_score_form, default="sum",
+    parser.add_argument("--normalize", type=_score_form, default="sum", metavar="FORM",
                         help="the score candidates are ranked by: sum (default; log P(title | instruction)), mean "
                              "(per title token), calibrated (minus the title's log-likelihood under an empty "
                              "instruction, each title scored once) or calibrated:W (minus W times it; a negative W "
