@@ -74,9 +74,10 @@ def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, ou
 
     `model`: a model folder (checkpoint or ONNX export), a Hub id (at `revision`), or
     `random:<shape>` (with `tokenizer`). `normalize`: the score candidates are ranked by, as in
-    `Reranker.rank` (sum, mean, calibrated or calibrated:W). The schema is checked and the model resolved before the
-    output folder is touched; the model loads after the output folder is checked, and the
-    manifest is written once it has loaded. Returns the summary (also `output/_summary.json`).
+    `Reranker.rank` (sum, mean, calibrated or calibrated:W). The schema is checked and the model
+    resolved before the output folder is touched; the model loads after the output folder is
+    checked, and the manifest is written once it has loaded. Returns the summary (also
+    `output/_summary.json`).
     """
     job_input = scan_input(input)  # schema errors before loading anything
     settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
