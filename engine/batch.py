@@ -95,7 +95,7 @@ def run_job_with_reranker(reranker, input: str | os.PathLike | JobInput, output:
     """The job with a reranker the caller built. `options` (JSON-able) must describe everything
     about the reranker that affects scores: it goes into the manifest (with `normalize`), and
     --resume compares it."""
-    EngineSettings(normalize=normalize)  # the same typed error as run_job for an unknown form
+    parse_score_form(normalize)  # an unknown form: the typed error of run_job, before any work
     return _run(_GivenReranker(reranker, dict(options or {}), normalize), input, output, resume=resume,
                 rows_per_part=rows_per_part, chunk_rows=chunk_rows, progress=progress)
 
