@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import itertools
 import math
 import os
 import signal
@@ -48,6 +49,7 @@ import numpy as np
 from instructrec.engine.errors import InputError, InstructRecError
 from instructrec.engine.flops import T5Shape, training_flops
 
+from .compact_vocab import catalogue_titles, compact_tokenizer, vocab_rows
 from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
@@ -214,6 +216,11 @@ class _Run:
                 raise InputError("init_embeddings", f"{self.source.describe()} has trained embeddings already",
                                  "use it with a random:<shape> --model, or drop --init-embeddings")
             require_encoder(cfg.init_embeddings)
+        if cfg.compact_vocab and not self.source.is_random:
+            raise InputError("compact_vocab", f"{self.source.describe()} has trained weights over its own vocabulary",
+                             "use it with a random:<shape> --model, or drop --compact-vocab (a model trained "
+                             "with it already holds its compact tokenizer)")
+        self.catalogue_titles = catalogue_titles(cfg.vocab_catalog) if cfg.vocab_catalog is not None else []
         self.instances = []
         if cfg.rank_eval:
             path = folder / "valid.parquet"
@@ -240,6 +247,8 @@ class _Run:
     def prepare_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         lengths = (cfg.max_source_length, cfg.max_target_length)
+        if cfg.compact_vocab:
+            self.use_compact_vocabulary()
         table = self.train_table
         self.train_rows = tokenize_rows(self.tokenizer, table.column("instruction").to_pylist(),
                                         table.column("target").to_pylist(), *lengths, "train")
@@ -275,6 +284,27 @@ class _Run:
         if self.state is not None and cfg.stop_after is not None and cfg.stop_after <= self.state["step"]:
             raise InputError("stop_after", f"the checkpoint is already at step {self.state['step']}",
                              f"pass a --stop-after above {self.state['step']}, or drop it to finish the run")
+
+    def use_compact_vocabulary(self) -> None:
+        """--compact-vocab: the tokenizer of the pieces this run's text uses (training/compact_vocab.py)
+        and a model vocabulary of its size. A resumed run reads the one its checkpoint saved: its
+        weights' rows are that tokenizer's ids."""
+        if self.resume_dir is not None:
+            from instructrec.engine.loading import load_tokenizer as engine_load_tokenizer
+
+            compact = engine_load_tokenizer(self.resume_dir)
+        else:
+            texts = [self.train_table.column("instruction").to_pylist(), self.train_table.column("target").to_pylist(),
+                     self.valid_table.column("instruction").to_pylist(), self.valid_table.column("target").to_pylist()]
+            if "candidates" in self.valid_table.column_names:
+                texts.append(title for titles in self.valid_table.column("candidates").to_pylist()
+                             for title in titles or ())
+            texts.append(self.catalogue_titles)
+            compact = compact_tokenizer(self.tokenizer, itertools.chain.from_iterable(texts))
+        self.tokenizer = compact
+        self.model_config.vocab_size = vocab_rows(compact)
+        log.info("compact vocabulary: the model's embedding and LM head hold %d rows (%d tokens)",
+                 self.model_config.vocab_size, len(compact))
 
     # ---------------------------------------------------------------- model, optimiser, state
     def build(self) -> None:

@@ -74,6 +74,14 @@ class TrainConfig:
                                  "all-MiniLM-L6-v2 vectors of their text, projected to d_model (needs "
                                  "the `text` extra)", IO, choices=INIT_EMBEDDINGS)
     tokenizer: Path | None = _flag(None, "tokenizer folder (default: the model's folder)", IO, type=Path)
+    compact_vocab: bool = _flag(False, "with a random:<shape> --model, give the model only the tokens its "
+                                "text can use (the pieces of the training and validation rows, of every "
+                                "template's wording and of --vocab-catalog's titles, plus single "
+                                "characters and special tokens): a far smaller embedding, LM head and "
+                                "softmax; the model's folder holds the compact tokenizer", IO)
+    vocab_catalog: Path | None = _flag(None, "with --compact-vocab, also keep the pieces of every item title "
+                                       "in this folder from `instructrec data prepare` (the catalogue the "
+                                       "model will rank, unseen items included)", IO, type=Path, metavar="DIR")
     resume: bool = _flag(False, "continue from the newest checkpoint under OUT/checkpoints (any "
                          "number of processes, same global batch)", IO)
     stop_after: int | None = _flag(None, "save a checkpoint and stop after this many steps (split a run "
@@ -173,6 +181,8 @@ class TrainConfig:
         values["global_batch_size"] = global_batch_size
         if self.init_embeddings != "random":  # only when set: older checkpoints predate the field
             values["init_embeddings"] = self.init_embeddings
+        if self.compact_vocab:  # only when on, as above
+            values["compact_vocab"] = True
         if self.rank_negatives:  # only when on: checkpoints of plain-NLL runs predate these fields
             values.update(rank_negatives=self.rank_negatives, rank_weight=self.rank_weight,
                           rank_prefix_tokens=self.rank_prefix_tokens)
@@ -234,6 +244,8 @@ def validate_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not (0.0 <= value < 1.0):
             raise InputError(name, f"must lie in [0, 1), got {value!r}")
+    if cfg.vocab_catalog is not None and not cfg.compact_vocab:
+        raise InputError("vocab_catalog", "only shapes a compact vocabulary", "add --compact-vocab, or drop --vocab-catalog")
     if cfg.lora_r and not cfg.lora_targets:
         raise InputError("lora_targets", "is empty", "name T5 linear layers, e.g. q,v or q,k,v,o")
     if cfg.lora_r and not (cfg.lora_alpha > 0):
