@@ -21,6 +21,10 @@ clipping as `instructrec train` runs them. Variants, each adding one change to t
 - `+ shape buckets`: source and target lengths rounded up to multiples of 16 and the head's rows
   to 64 (training.tune_data.SHAPE_MULTIPLE, what `instructrec train` does in bf16 on a CPU), so
   oneDNN's per-shape bf16 kernels are reused; only where the bf16 row runs.
+- `+ compact vocabulary`: `instructrec train --compact-vocab` (training/compact_vocab.py): the
+  model's embedding, LM head and softmax hold only the tokens the whole --instructions file
+  uses (plus the templates' wording, single characters and special tokens), not 32,128; the rows
+  are tokenized with that tokenizer. Buckets on where the row above runs.
 
 Each variant runs in a process of its own: the kernels oneDNN compiles for one variant's shapes
 would otherwise serve the next variant's identical batches and flatter it.
@@ -33,6 +37,7 @@ to another machine; the CPU and its flags head the report.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import sys
@@ -46,7 +51,8 @@ def _cpu_seconds() -> float:
 
 
 def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_size: int, steps: int,
-            warmup: int, fused: bool = False, multiple: int = 1, seed: int = 0, threads: int | None = None) -> dict:
+            warmup: int, fused: bool = False, multiple: int = 1, seed: int = 0, threads: int | None = None,
+            vocab_size: int | None = None) -> dict:
     import torch
     from transformers import T5Config
 
@@ -60,6 +66,8 @@ def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_si
     config = shape_config(shape)
     config.pop("model_type", None)
     config["dropout_rate"] = 0.0
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
     model = random_t5(T5Config(**config)).train()  # the model `train` starts from for random:<shape>
     stand_in = install_hidden_states_head(model) if head else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if fused else {"foreach": True}))
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from instructrec.engine.capabilities import auto_dtype_name, cpu_info
     from instructrec.engine.presets import SHAPES
+    from instructrec.training.compact_vocab import compact_tokenizer, vocab_rows
     from instructrec.training.tune_data import SHAPE_MULTIPLE, tokenize_rows
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -131,20 +140,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--instructions {args.instructions}: no such file (an instruction build's train.parquet)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    table = pq.read_table(args.instructions, columns=["instruction", "target"]).slice(0, args.max_rows)
+    whole = pq.read_table(args.instructions, columns=["instruction", "target"])
+    table = whole.slice(0, args.max_rows)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    rows = tokenize_rows(tokenizer, table.column("instruction").to_pylist(), table.column("target").to_pylist(),
-                         512, 64, "train")
+    texts = table.column("instruction").to_pylist(), table.column("target").to_pylist()
+    rows = tokenize_rows(tokenizer, *texts, 512, 64, "train")
+    # The compact vocabulary of the whole file, as `instructrec train --compact-vocab` builds it.
+    compact = compact_tokenizer(tokenizer, itertools.chain(whole.column("instruction").to_pylist(),
+                                                           whole.column("target").to_pylist()))
+    compact_rows = tokenize_rows(compact, *texts, 512, 64, "train")
     native_bf16 = auto_dtype_name("cpu") == "bfloat16"
     info = cpu_info()
     print(f"CPU: {info.summary()}; {torch.get_num_threads()} torch threads; {table.num_rows} rows of "
-          f"{args.instructions}")
+          f"{args.instructions}; compact vocabulary of the whole file: {len(compact)} tokens in "
+          f"{vocab_rows(compact)} rows (full: {len(tokenizer)})")
     variants = [("plain", dict(head=False, grouped=False, bf16=False)),
                 ("+ length-grouped", dict(head=False, grouped=True, bf16=False)),
                 ("+ bf16 autocast", dict(head=False, grouped=True, bf16=True)),
                 ("+ real-token head", dict(head=True, grouped=True, bf16=native_bf16)),
                 ("+ fused AdamW", dict(head=True, grouped=True, bf16=native_bf16, fused=True)),
-                ("+ shape buckets", dict(head=True, grouped=True, bf16=True, fused=True, multiple=SHAPE_MULTIPLE))]
+                ("+ shape buckets", dict(head=True, grouped=True, bf16=True, fused=True, multiple=SHAPE_MULTIPLE)),
+                ("+ compact vocabulary", dict(head=True, grouped=True, bf16=native_bf16, fused=True,
+                                              multiple=SHAPE_MULTIPLE if native_bf16 else 1,
+                                              vocab_size=vocab_rows(compact)))]
     results = []
     print("\n| shape | variant | rows/s | rows/CPU-s | x plain (rows/CPU-s) |\n|---|---|---:|---:|---:|")
     for shape in shapes:
@@ -154,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {shape} | {name} | skipped: this CPU has no native bf16 matmul (auto picks fp32) | | |")
                 continue
             run = measure if args.in_process else measure_in_fresh_process
-            r = run(rows, shape, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+            r = run(compact_rows if "vocab_size" in flags else rows, shape, batch_size=args.batch_size,
+                    steps=args.steps, warmup=args.warmup,
                     threads=args.threads, **flags)
             base = base or r["rows_per_cpu_s"]
             r.update(shape=shape, variant=name, ratio=r["rows_per_cpu_s"] / base)
