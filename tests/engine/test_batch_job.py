@@ -15,6 +15,7 @@ import pytest
 from instructrec.engine import Reranker, Request
 from instructrec.engine.batch import (
     DUPLICATE_REQUEST_ID, MISSING_REQUEST_ID, OUTPUT_SCHEMA, InputSchemaError, JobOutputError, run_job,
+    run_job_with_reranker,
 )
 
 # The engine's dtype="auto" may pick bf16 on this CPU: the references below are fp32.
@@ -221,6 +222,28 @@ def test_normalize_ranks_by_the_score_form_rank_gives_and_resume_keeps_it(tiny_t
 
     with pytest.raises(JobOutputError, match=f'options.normalize: was "{normalize}", now "sum"'):
         run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=4, resume=True, **FP32)
+
+
+def test_a_callers_reranker_ranks_by_the_score_form_and_resume_compares_its_options(reranker, tmp_path):
+    rows = [good_row(i) for i in range(5)]
+    write_rows(tmp_path / "in.parquet", rows)
+    options = {"model": "tiny", "dtype": "float32"}
+    summary = run_job_with_reranker(reranker, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=2,
+                                    progress=False, options=options, normalize="calibrated:0.5")
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    reference = reranker.rank([request_of(r) for r in rows], normalize="calibrated:0.5")
+    for got, want in zip(out, reference):
+        assert got["error"] is None and got["ranked_ids"] == list(want.ranked_ids)
+        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-6, atol=1e-5)
+    assert json.loads((tmp_path / "out" / "_job.json").read_text())["options"] == {**options,
+                                                                                  "normalize": "calibrated:0.5"}
+    assert summary["ok"] == 5
+    with pytest.raises(JobOutputError, match='options.normalize: was "calibrated:0.5", now "sum"'):
+        run_job_with_reranker(reranker, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=2,
+                              progress=False, options=options, resume=True)
+    with pytest.raises(JobOutputError, match="options.model"):
+        run_job_with_reranker(reranker, tmp_path / "in.parquet", tmp_path / "out", rows_per_part=2, progress=False,
+                              options={**options, "model": "other"}, resume=True, normalize="calibrated:0.5")
 
 
 def test_an_output_written_before_normalize_existed_resumes_with_the_sum(tiny_t5_dir, tmp_path):
