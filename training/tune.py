@@ -293,6 +293,8 @@ class _Run:
             from instructrec.engine.loading import load_tokenizer as engine_load_tokenizer
 
             compact = engine_load_tokenizer(self.resume_dir)
+            log.info("resuming with the compact vocabulary the checkpoint saved (%d tokens)%s", len(compact),
+                     "; --vocab-catalog is not read again" if self.cfg.vocab_catalog is not None else "")
         else:
             texts = [self.train_table.column("instruction").to_pylist(), self.train_table.column("target").to_pylist(),
                      self.valid_table.column("instruction").to_pylist(), self.valid_table.column("target").to_pylist()]
