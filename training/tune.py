@@ -30,9 +30,9 @@ The stages, in order:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import itertools
 import math
 import os
 import signal
