@@ -26,18 +26,19 @@ tokenizer would also have.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from instructrec.engine.errors import InputError
 
+from .embedding_init import WORD_START
+
 log = logging.getLogger(__name__)
 
-# SentencePiece's word-start marker.
-WORD_START = "\u2581"
 # The model's vocabulary is the tokenizer's length rounded up to this (T5 itself holds 32,100 tokens
 # in 32,128 rows): matmul-friendly head shapes. The rows past the tokenizer are never a target.
 VOCAB_ROWS_MULTIPLE = 64
@@ -94,22 +95,21 @@ def compact_tokenizer(tokenizer, texts: Iterable[str]):
                          "use a T5 / Flan-T5 tokenizer, or drop --compact-vocab")
     pieces = spec["model"]["vocab"]  # [piece, score], index = id
     added = {int(token["id"]) for token in spec["added_tokens"]}
-    keep = used_piece_ids(tokenizer, [*texts, *template_wording()])
+    keep = used_piece_ids(tokenizer, itertools.chain(texts, template_wording()))
     keep.update(i for i, (piece, _) in enumerate(pieces) if len(piece.replace(WORD_START, "")) <= 1)
     keep.update(tokenizer.all_special_ids)
     keep.add(int(spec["model"]["unk_id"]))
-    kept_pieces = sorted(i for i in keep if i < len(pieces) and i not in added)
-    kept_added = sorted(i for i in added)  # specials and sentinels, all of them
-    # Added tokens that sit inside the piece table (T5: <pad> </s> <unk> at 0-2) keep their slot.
-    kept_pieces = sorted(set(kept_pieces) | {i for i in kept_added if i < len(pieces)})
+    # Every added token is kept (specials and sentinels). Those inside the piece table (T5: <pad>
+    # </s> <unk> at 0-2) keep their place among the pieces; the others follow them in order.
+    kept_pieces = sorted(i for i in keep | added if i < len(pieces))
     new_id = {old: new for new, old in enumerate(kept_pieces)}
-    for offset, old in enumerate(i for i in kept_added if i >= len(pieces)):
+    for offset, old in enumerate(sorted(i for i in added if i >= len(pieces))):
         new_id[old] = len(kept_pieces) + offset
     spec["model"]["vocab"] = [pieces[i] for i in kept_pieces]
     spec["model"]["unk_id"] = new_id[int(spec["model"]["unk_id"])]
     for token in spec["added_tokens"]:
         token["id"] = new_id[int(token["id"])]
-    _renumber_post_processor(spec.get("post_processor"), tokenizer, new_id)
+    _renumber_post_processor(spec.get("post_processor"), new_id)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         for stale in ("spiece.model", "added_tokens.json"):  # the slow tokenizer's full vocabulary
@@ -126,13 +126,13 @@ def compact_tokenizer(tokenizer, texts: Iterable[str]):
     return compact
 
 
-def _renumber_post_processor(processor: dict | None, tokenizer, new_id: dict[int, int]) -> None:
+def _renumber_post_processor(processor: dict | None, new_id: dict[int, int]) -> None:
     """The template post-processor names </s> by id: give it the compact id."""
     if not processor:
         return
     if processor.get("type") == "Sequence":
         for inner in processor.get("processors", []):
-            _renumber_post_processor(inner, tokenizer, new_id)
+            _renumber_post_processor(inner, new_id)
         return
     for special in (processor.get("special_tokens") or {}).values():
         special["ids"] = [new_id[int(i)] for i in special["ids"]]
@@ -142,13 +142,6 @@ def vocab_rows(tokenizer) -> int:
     """The model's vocabulary size for a compact tokenizer: its length rounded up to
     VOCAB_ROWS_MULTIPLE."""
     return -(-len(tokenizer) // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
-
-
-def source_ids(full_tokenizer, compact, ids: Sequence[int] | None = None) -> list[int]:
-    """The full tokenizer's id of each compact id (all of them by default): the rows a compact
-    model's embedding takes from a full one."""
-    ids = range(len(compact)) if ids is None else ids
-    return full_tokenizer.convert_tokens_to_ids(compact.convert_ids_to_tokens(list(ids)))
 
 
 def catalogue_titles(folder: Path) -> list[str]:

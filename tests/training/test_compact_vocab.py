@@ -15,8 +15,7 @@ import torch
 
 from instructrec.engine.errors import InputError
 from instructrec.engine.templates import REGISTRY
-from instructrec.training.compact_vocab import (VOCAB_ROWS_MULTIPLE, compact_tokenizer, source_ids,
-                                                template_wording, vocab_rows)
+from instructrec.training.compact_vocab import VOCAB_ROWS_MULTIPLE, compact_tokenizer, template_wording, vocab_rows
 from instructrec.training.tune import TrainConfig, train
 
 TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8 Deluxe", "Portal 2 - PC", "Tetris Effect: Connected",
@@ -25,6 +24,12 @@ TEXTS = [f"Past purchases of this shopper, oldest to newest: {a}; {b}. Name the 
          for a, b in zip(TITLES, TITLES[1:])] + TITLES
 # A title none of the texts holds, with words whose own pieces the compact vocabulary drops.
 UNSEEN = "Quantum Break: Zyxel Vengeance - Nintendo Wii"
+
+
+def source_ids(full_tokenizer, compact, ids=None):
+    """The full tokenizer's id of each compact id (all of them by default), through the pieces' text."""
+    ids = range(len(compact)) if ids is None else ids
+    return full_tokenizer.convert_tokens_to_ids(compact.convert_ids_to_tokens(list(ids)))
 
 
 def pieces(tokenizer, text):
