@@ -25,8 +25,10 @@ candidates listed in the instruction) and T2 (no list; each candidate's title sc
 answer). Each candidate's score is its title's log-likelihood (`sum`, the paper's) or that per
 title token (`mean`, the engine's length-normalised score). Each model method picks one template
 and score form among those (`score_forms`) by NDCG@5 on a seeded sample of that type's validation
-instances with the stored lists (the original's rule for templates); hard-negatives and
-candidates-100 reuse seq-rec's choice (same type).
+instances with the stored lists (the original's rule for templates). Hard negatives choose on
+validation instances whose lists are retrieved the same way (the two-tower's top 9): popularity
+is strong on those lists, so the form that wins on stored lists need not win there.
+Candidates-100 reuses seq-rec's choice (same type; saves ranking 100-candidate validation lists).
 
 Runs can be split: a run writes every list it ranks to OUT/instances.json before ranking; another
 run with `add_to` ranks exactly those lists and merges its methods into that run's metrics (the
@@ -325,9 +327,15 @@ class Evaluation:
                              "rebuild the instructions with that scenario's templates")
         label = f"{scenario.name}:{split}"
         if self.fixed_lists is not None:
-            if label not in self.fixed_lists:
+            if label not in self.fixed_lists and split == "valid":
+                # Validation lists only choose a model method's template and form (no baseline ranks
+                # them): a run recorded before hard negatives had their own gets them drawn here.
+                log.warning("%s has no validation lists %s (recorded by an older version): drawing them in this "
+                            "run, as that run would have", self.cfg.add_to, label)
+            elif label not in self.fixed_lists:
                 raise InputError("add_to", f"{self.cfg.add_to} has no instances of {label}",
                                  "evaluate the same scenarios as the run you add to")
+        if self.fixed_lists is not None and label in self.fixed_lists:
             by_key = {inst.key: inst for inst in found}
             missing = [key for key, _ in self.fixed_lists[label] if key not in by_key]
             if missing:
@@ -389,8 +397,8 @@ class Evaluation:
             if len(test[0].prompts) * len(cfg.score_forms) > 1 and key not in self._valid_cache:
                 # Drawn (and recorded) even without a model method, so a later --add-to run
                 # chooses the template and score form on these same validation lists.
-                stored = replace(scenario, name=key, candidates="stored")
-                self._valid_cache[key] = self.instances(stored, "valid", domain, cfg.valid_instances, seen_targets)
+                listed = replace(scenario, name=key, candidates="hard" if scenario.candidates == "hard" else "stored")
+                self._valid_cache[key] = self.instances(listed, "valid", domain, cfg.valid_instances, seen_targets)
         if lists_path is not None:
             lists_path.parent.mkdir(parents=True, exist_ok=True)
             lists_path.write_text(json.dumps(self.lists) + "\n")
@@ -429,9 +437,11 @@ class Evaluation:
     @staticmethod
     def _selection_key(scenario: Scenario, domain: Domain) -> str:
         """Templates are chosen per instruction type and domain, on that type's validation
-        instances with the stored lists: hard-negatives and candidates-100 reuse seq-rec's choice
-        (the same <P1, I0, T3> templates), which saves ranking 100-candidate validation lists."""
-        return f"{domain.name}:{scenario.preference}+{scenario.intention}"
+        instances with the stored lists; hard negatives on validation instances with retrieved
+        lists (their own key); candidates-100 reuses seq-rec's choice (the same <P1, I0, T3>
+        templates), which saves ranking 100-candidate validation lists."""
+        key = f"{domain.name}:{scenario.preference}+{scenario.intention}"
+        return f"{key}:hard" if scenario.candidates == "hard" else key
 
     def _model_method(self, method: str, scenario: Scenario, domain: Domain, test: list[Instance],
                       seen_targets: set[str] | None) -> dict:

@@ -503,6 +503,51 @@ def test_templates_and_score_forms_are_chosen_between_on_validation(world, t2_in
     assert len({json.dumps(reference[c], sort_keys=True) for c in choices}) > 2
 
 
+def test_hard_negatives_choose_their_form_on_validation_lists_retrieved_the_same_way(
+        world, t2_instructions, tiny_t5_dir, tmp_path, hf_log_likelihoods, caplog):
+    """Hard negatives pick their score form on validation instances whose 9 negatives the two-tower
+    retrieved (only the target was interacted with), by the Hugging Face ranking's NDCG@5 there, not
+    on seq-rec's stored lists; an --add-to folder recorded without those lists gets them drawn, the
+    same ones."""
+    from instructrec.training.metrics import summarize_ranks
+
+    only_t2 = t2_only_folder(t2_instructions, tmp_path / "instructions")
+    run = dict(instructions=only_t2, scenarios=("seq-rec", "hard-negatives"), valid_instances=8)
+    results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", methods=("instructrec", "two-tower"), **run))
+    lists = json.loads((tmp_path / "run" / "instances.json").read_text())
+    assert {"main:P1+I0:valid", "main:P1+I0:hard:valid"} <= set(lists)
+    seen = {}
+    for r in pq.read_table(world / "prepared" / "interactions.parquet").to_pylist():
+        seen.setdefault(r["user_id"], set()).add(r["item_id"])
+    hard_valid = lists["main:P1+I0:hard:valid"]
+    assert len(hard_valid) == 8
+    assert all(len(ids) == 10 and len(set(ids) & seen[user]) == 1 for user, ids in hard_valid)
+    stored = dict(map(tuple, ((k, tuple(v)) for k, v in lists["main:P1+I0:valid"])))
+    assert any(tuple(ids) != stored.get(user) for user, ids in hard_valid)
+
+    titles_of = dict(zip(*pq.read_table(world / "prepared" / "items.parquet", columns=["item_id", "title"])
+                         .to_pydict().values()))
+    valid = {i.key: i for i in load_instances(only_t2, "valid", SCENARIOS["seq-rec"], {}, None)}
+    picked = [with_candidate_list(valid[key], ids, titles_of) for key, ids in hard_valid]
+    forms = ("sum", "mean", "calibrated")
+    reference = {f: summarize_ranks(hf_ranks(tiny_t5_dir, picked, "seq-rec-01", hf_log_likelihoods, f)) for f in forms}
+    method = results["scenarios"]["hard-negatives"]["methods"]["instructrec"]
+    for f in forms:
+        assert method["valid_by_choice"][f"seq-rec-01 {f}"]["ndcg@5"] == pytest.approx(reference[f]["ndcg@5"], abs=1e-9)
+    assert method["normalize"] == max(forms, key=lambda f: (reference[f]["ndcg@5"], -forms.index(f)))
+    assert method["valid_by_choice"] != results["scenarios"]["seq-rec"]["methods"]["instructrec"]["valid_by_choice"]
+
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "metrics.json").write_text((tmp_path / "run" / "metrics.json").read_text())
+    (older / "instances.json").write_text(json.dumps({k: v for k, v in lists.items() if ":hard:" not in k}))
+    with caplog.at_level("WARNING", logger="instructrec.training.evaluate"):
+        added = evaluate(config(world, tiny_t5_dir, tmp_path / "added", methods=("instructrec",), add_to=older, **run))
+    assert "main:P1+I0:hard:valid" in caplog.text
+    assert json.loads((tmp_path / "added" / "instances.json").read_text())["main:P1+I0:hard:valid"] == hard_valid
+    assert without_timings(added["scenarios"]["hard-negatives"]["methods"]["instructrec"]) == without_timings(method)
+
+
 def test_one_score_form_skips_the_choice_and_bad_forms_are_refused(world, t2_instructions, tiny_t5_dir, tmp_path,
                                                                   hf_log_likelihoods):
     """--score-forms mean ranks every list per title token (Hugging Face's log-likelihood over the
