@@ -9,6 +9,7 @@ and embedding lookups are left out (well under 1% of the total at these shapes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Iterable, Mapping
 
 __all__ = ["T5Shape", "FlopCount", "encoding_flops", "training_flops"]
@@ -86,11 +87,14 @@ def encoding_flops(shape: T5Shape, source_len: int, target_lens: Iterable[int], 
     return FlopCount(float(encoder), float(cross_kv), float(decoder), float(head))
 
 
-def training_flops(shape: T5Shape, source_lens: Iterable[int], target_lens: Iterable[int]) -> float:
+def training_flops(shape: T5Shape, source_lens: Iterable[int], target_lens: Iterable[int],
+                   negative_lens: Iterable[Iterable[int]] | None = None) -> float:
     """Model FLOPs of one training step over rows (source length, target length): each row's
     forward (its target decoded causally, the head on its real target tokens) times 3 for the
-    forward and the two backward products (gradients of inputs and of weights)."""
+    forward and the two backward products (gradients of inputs and of weights). `negative_lens`
+    (`train --rank-negatives`): per row, the decoded lengths of its negatives, each one more
+    decoder pass and head over the row's one encoding."""
     forward = 0.0
-    for s, n in zip(source_lens, target_lens):
-        forward += encoding_flops(shape, int(s), [int(n)]).total
+    for s, n, others in zip(source_lens, target_lens, repeat(()) if negative_lens is None else negative_lens):
+        forward += encoding_flops(shape, int(s), [int(n), *(int(m) for m in others)]).total
     return 3.0 * forward

@@ -87,6 +87,7 @@ class TrainResult:
     # Model FLOPs of the steps run by this call (engine/flops.py: forward x 3) per second of them,
     # and that rate as a fraction of the measured matmul peak of the precision (CPU only: the
     # probe of engine/capabilities.py at this run's threads, times the processes; None on CUDA).
+    model_flops: float = 0.0  # of the steps run by this call (with --rank-negatives, their decoding too)
     model_flops_per_s: float = 0.0
     flop_utilisation: float | None = None
     precision: str = "fp32"
@@ -261,6 +262,7 @@ class _Run:
                  len(self.train_rows), len(table.column("template").unique()), len(self.valid_rows),
                  len(self.instances), f" ({', '.join(f'{t} {n}' for t, n in sorted(ranked.items()))})" if ranked else "")
         self.negatives = None
+        self.negative_lengths: dict[int, list[int]] = {}  # per step: row -> its negatives' decoded lengths
         if cfg.rank_negatives:
             if acc.num_processes > 1:
                 # The candidates are decoded against encoder states computed outside the wrapped
@@ -442,10 +444,16 @@ class _Run:
         pad, start = self.tokenizer.pad_token_id, self.model_config.decoder_start_token_id
         nll_sum = torch.zeros((), device=acc.device)
         rank_sum = torch.zeros((), device=acc.device)
+        self.negative_lengths = {}  # filled below, read by record_step for the model FLOPs
         for micro in process_slots(rows, cfg.grad_accum, acc.num_processes, acc.process_index):
             weight = 1.0 if len(micro) else 0.0  # an empty slot: a zero-weight row keeps collectives in step
             micro = micro if len(micro) else rows[:1]
             negatives = self.negatives.draw(micro, cfg.rank_negatives, cfg.seed, step) if self.negatives else None
+            if negatives is not None and weight:
+                lengths = self.train_rows.target_lengths[negatives]
+                if cfg.rank_prefix_tokens:
+                    lengths = np.minimum(lengths, cfg.rank_prefix_tokens)
+                self.negative_lengths.update(zip(micro.tolist(), lengths.tolist()))
             with acc.accumulate(self.model):
                 batch = collate(self.train_rows, micro, pad, start, acc.device, self.pad_multiple)
                 with acc.autocast():
@@ -481,8 +489,9 @@ class _Run:
     def record_step(self, step: int, rows, loss: float, lr_used: float, dt: float) -> None:
         self.examples_seen += len(rows)
         self.loop_examples += len(rows)
+        negative_lengths = [self.negative_lengths.get(row, ()) for row in rows.tolist()] if self.negatives else None
         self.loop_flops += training_flops(self.shape, self.train_rows.source_lengths[rows],
-                                          self.train_rows.target_lengths[rows])
+                                          self.train_rows.target_lengths[rows], negative_lengths)
         self.train_s += dt
         self.result.step_losses[step] = loss
         if self.metrics is not None:
@@ -607,6 +616,7 @@ class _Run:
     def finish(self) -> TrainResult:
         cfg, acc, result = self.cfg, self.accelerator, self.result
         result.examples_per_s = self.loop_examples / self.train_s if self.train_s > 0 else 0.0
+        result.model_flops = self.loop_flops
         result.model_flops_per_s = self.loop_flops / self.train_s if self.train_s > 0 else 0.0
         result.flop_utilisation = self.flop_utilisation(result.model_flops_per_s)
         if not result.stopped_early or result.time_capped:

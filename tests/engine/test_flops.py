@@ -20,3 +20,11 @@ def test_one_encoding_counted_by_hand():
 
 def test_training_step_is_three_forwards_summed_over_rows():
     assert training_flops(TOY, [3, 3], [2, 2]) == 3 * 2 * 604
+
+
+def test_ranking_negatives_add_their_decoding_and_head_only():
+    # Row: source 3, own target 2 (604 as above), negatives of 2 and 1 tokens over the same encoding.
+    # Negative of 2: decoder 240 + head 40 = 280. Negative of 1: 1 x (32 + 16 + 36) + causal self
+    # attention over 1 pair 2*2*1*2 = 8 + cross attention 2*2*1*3*2 = 24 -> 116, head 2*2*5 = 20.
+    assert training_flops(TOY, [3], [2], [[2, 1]]) == 3 * (604 + 280 + 136)
+    assert training_flops(TOY, [3, 3], [2, 2], [[], []]) == training_flops(TOY, [3, 3], [2, 2])

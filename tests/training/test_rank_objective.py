@@ -231,3 +231,29 @@ def test_bad_ranking_settings_fail_before_training(dataset, tmp_path, tokenizer_
         train(config(dataset, tmp_path / "run", tokenizer_dir, **overrides))
     assert excinfo.value.field == field
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_model_flops_count_each_negative_decoded(dataset, tmp_path, tokenizer_dir, prefix):
+    """One epoch of 16 rows in two steps: with K negatives cut to one token (prefix 1), each row
+    adds K one-token decodings and heads over its own encoding, whatever negatives were drawn;
+    whole negatives add at least that."""
+    from transformers import AutoTokenizer
+
+    from instructrec.engine.flops import T5Shape, encoding_flops
+
+    plain = train(config(dataset, tmp_path / "plain", tokenizer_dir, max_steps=2))
+    ranked = train(config(dataset, tmp_path / "ranked", tokenizer_dir, max_steps=2, rank_negatives=3,
+                          rank_prefix_tokens=prefix))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    import pyarrow.parquet as pq
+
+    sources = [len(tokenizer(text).input_ids) for text in pq.read_table(dataset / "train.parquet")["instruction"].to_pylist()]
+    shape = T5Shape.from_config(shape_config("t5-tiny"))
+    one_token = sum(encoding_flops(shape, s, [1]).decoder + encoding_flops(shape, s, [1]).head for s in sources)
+    extra = ranked.model_flops - plain.model_flops
+    assert plain.model_flops > 0
+    if prefix:
+        assert extra == pytest.approx(3 * 3 * one_token, rel=1e-12)
+    else:
+        assert extra > 3 * 3 * one_token
