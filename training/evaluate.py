@@ -329,9 +329,10 @@ class Evaluation:
         if self.fixed_lists is not None:
             if label not in self.fixed_lists and split == "valid":
                 # Validation lists only choose a model method's template and form (no baseline ranks
-                # them): a run recorded before hard negatives had their own gets them drawn here.
-                log.warning("%s has no validation lists %s (recorded by an older version): drawing them in this "
-                            "run, as that run would have", self.cfg.add_to, label)
+                # them): a run recorded before hard negatives had their own, or one that had nothing
+                # to choose, gets them drawn here.
+                log.warning("%s has no validation lists %s (an older version or a run with nothing to choose did not "
+                            "record them): drawing them in this run, as that run would have", self.cfg.add_to, label)
             elif label not in self.fixed_lists:
                 raise InputError("add_to", f"{self.cfg.add_to} has no instances of {label}",
                                  "evaluate the same scenarios as the run you add to")
