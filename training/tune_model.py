@@ -214,33 +214,13 @@ def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels
     return linear_cross_entropy(out.reshape(-1, out.shape[-1])[rows], head.weight, flat_labels[rows])
 
 
-def _shared_cross_attention(model, states, copies: int):
-    """A decoder cache holding every layer's cross-attention keys/values of `states` [B, S, D],
-    projected once per row and repeated `copies` times along the batch (row-major, as
-    repeat_interleave), with an empty self-attention cache: a decoder pass over B x copies
-    sequences then skips projecting the same source copies times (at K = 8 negatives that
-    projection outweighed the whole encoder). Gradients flow through the one projection."""
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    rows, length, _ = states.shape
-    cross = DynamicCache()
-    for index, block in enumerate(model.get_decoder().block):
-        attention = block.layer[1].EncDecAttention
-        heads = (rows, length, attention.n_heads, attention.key_value_proj_dim)
-        keys = attention.k(states).view(heads).transpose(1, 2).repeat_interleave(copies, dim=0)
-        values = attention.v(states).view(heads).transpose(1, 2).repeat_interleave(copies, dim=0)
-        cross.update(keys, values, index)
-    return EncoderDecoderCache(DynamicCache(), cross)  # marks each filled layer as computed
-
-
 def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, labels, negative_decoder_ids,
                            negative_labels, head=None, prefix_tokens: int = 0):
     """The `--rank-negatives` objective's two sums over a batch of B rows: labels [B, T] are the rows'
     own targets, negative_labels [B x K, T'] their K negatives each, row-major (collate_negatives).
 
-    Each instruction is encoded once; its states serve its own target and its negatives, decoded
-    in a second pass padded to their own length, whose cross-attention keys/values are projected
-    once per row and repeated (`_shared_cross_attention`), not projected again for every copy. A candidate's score is its
+    Each instruction is encoded once; its states serve its own target and, repeated, its
+    negatives, decoded in a second pass padded to their own length. A candidate's score is its
     summed token log-likelihood, the engine's default `normalize="sum"` score, or with
     `prefix_tokens` that of its first prefix_tokens tokens. Returns (summed token NLL of the own
     targets, summed softmax cross-entropy of each own target among its row's K + 1 scores),
@@ -256,10 +236,10 @@ def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, 
     negatives = negative_labels.shape[0] // rows
     states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
-    def scored(states, mask, decoder_ids, targets, cache=None):
+    def scored(states, mask, decoder_ids, targets):
         """(per-sequence summed log-likelihood, the same over the first prefix_tokens tokens)."""
         out = model(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
-                    decoder_input_ids=decoder_ids, past_key_values=cache, use_cache=cache is not None).logits
+                    decoder_input_ids=decoder_ids).logits
         keep = targets != -100
         picked = targets[keep]
         if head is None:  # `out` holds the logits already
@@ -276,7 +256,7 @@ def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, 
     own_total, own_score = scored(states, attention_mask, decoder_input_ids, labels)
     _, negative_scores = scored(states.repeat_interleave(negatives, dim=0),
                                 attention_mask.repeat_interleave(negatives, dim=0), negative_decoder_ids,
-                                negative_labels, _shared_cross_attention(model, states, negatives))
+                                negative_labels)
     scores = torch.cat([own_score[:, None], negative_scores.view(rows, negatives)], dim=1)
     target = torch.zeros(rows, dtype=torch.long, device=scores.device)
     return -own_total.sum(), F.cross_entropy(scores, target, reduction="sum")

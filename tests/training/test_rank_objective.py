@@ -112,26 +112,6 @@ def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_
         assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
 
 
-def test_negatives_reuse_their_rows_cross_attention_projection():
-    """The negatives' decoder pass reads the keys/values projected once per row: every decoder
-    layer's cross-attention key projection sees 2 x B source rows in all (own targets, then the
-    shared projection), not B + B x K."""
-    model = tiny_t5(False, seed=3)
-    rows, negatives = 3, 4
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 300, (rows, 10), generator=gen)
-    own = torch.randint(2, 300, (rows, 5), generator=gen)
-    others = torch.randint(2, 300, (rows * negatives, 4), generator=gen)
-    seen = []
-    hooks = [block.layer[1].EncDecAttention.k.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-             for block in model.get_decoder().block]
-    ranked_sequence_losses(model, ids, torch.ones_like(ids), model._shift_right(own), own,
-                           model._shift_right(others), others)
-    for hook in hooks:
-        hook.remove()
-    assert seen and sum(seen) == 2 * rows * len(model.get_decoder().block)
-
-
 def test_chunked_token_log_likelihoods_equal_the_whole_log_softmax():
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(23, 16, generator=gen, dtype=torch.float64, requires_grad=True)
