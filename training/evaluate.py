@@ -326,17 +326,17 @@ class Evaluation:
             raise InputError("instructions", f"no {split} instances for scenario {scenario.name} in {domain.instructions}",
                              "rebuild the instructions with that scenario's templates")
         label = f"{scenario.name}:{split}"
-        if self.fixed_lists is not None:
-            if label not in self.fixed_lists and split == "valid":
-                # Validation lists only choose a model method's template and form (no baseline ranks
-                # them): a run recorded before hard negatives had their own, or one that had nothing
-                # to choose, gets them drawn here.
-                log.warning("%s has no validation lists %s (an older version or a run with nothing to choose did not "
-                            "record them): drawing them in this run, as that run would have", self.cfg.add_to, label)
-            elif label not in self.fixed_lists:
+        recorded = self.fixed_lists is not None and label in self.fixed_lists
+        if self.fixed_lists is not None and not recorded:
+            if split != "valid":
                 raise InputError("add_to", f"{self.cfg.add_to} has no instances of {label}",
                                  "evaluate the same scenarios as the run you add to")
-        if self.fixed_lists is not None and label in self.fixed_lists:
+            # Validation lists only choose a model method's template and form (no baseline ranks
+            # them): a run recorded before hard negatives had their own, or one that had nothing to
+            # choose, gets them drawn here.
+            log.warning("%s has no validation lists %s (an older version or a run with nothing to choose did not "
+                        "record them): drawing them in this run, as that run would have", self.cfg.add_to, label)
+        if recorded:
             by_key = {inst.key: inst for inst in found}
             missing = [key for key, _ in self.fixed_lists[label] if key not in by_key]
             if missing:
