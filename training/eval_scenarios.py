@@ -119,10 +119,19 @@ class Instance:
     prompts: dict[str, str]  # template id -> instruction text (or with {candidates})
     history: tuple[str, ...] = ()  # item ids, for the baselines
     query: str | None = None  # for TEM / the search tower
+    # A list swapped in (hard negatives, an --add-to folder's lists): per listed template, the
+    # structured request fields its instruction was rendered from, so that the engine renders it
+    # with the new list and fits the history to the model's own budget (dropping the oldest titles,
+    # as the build did for the stored list) instead of refusing a free instruction that overflows.
+    fields: dict[str, dict] = field(default_factory=dict)
 
     @property
     def positive(self) -> int:
         return self.candidate_ids.index(self.target)
+
+    def request_fields(self, template: str) -> dict:
+        """The Request fields stating the need with `template` (the candidates are added apart)."""
+        return self.fields.get(template) or {"instruction": self.prompts[template]}
 
 
 def _slot_pattern(source: str) -> re.Pattern:
@@ -278,7 +287,45 @@ def with_candidate_list(inst: Instance, ids: list[str], titles_of: dict[str, str
         return inst
     if inst.target not in ids:
         raise InstructRecError(f"candidate list of {inst.key!r} lacks its target {inst.target!r}")
-    return replace(inst, candidate_ids=list(ids), titles=[titles_of[i] for i in ids], prompts=_list_placeholder(inst))
+    from instructrec.engine.templates import REGISTRY
+
+    history_titles = [titles_of[i] for i in inst.history if i in titles_of]
+    fields = {template: _request_fields(inst.key, template, text, history_titles)
+              for template, text in inst.prompts.items() if REGISTRY[template].lists_candidates}
+    return replace(inst, candidate_ids=list(ids), titles=[titles_of[i] for i in ids], prompts=_list_placeholder(inst),
+                   fields=fields)
+
+
+def _request_fields(key: str, template: str, instruction: str, history_titles: list[str]) -> dict:
+    """The structured fields that render `instruction` with `template` (its candidates left out)."""
+    from instructrec.engine.templates import REGISTRY
+
+    match = _slot_pattern(REGISTRY[template].source).fullmatch(instruction)
+    if match is None:
+        raise InstructRecError(f"the instruction of {key!r} ({template}) does not read back as its template; "
+                               "cannot swap in another list (rebuild the instructions)")
+    fields = {"template": template}
+    for name, value in match.groupdict().items():
+        if name == "history":
+            fields["history"] = _history_items(value, history_titles)
+        elif name != "candidates":
+            fields[name] = value
+    return fields
+
+
+def _history_items(text: str, history_titles: list[str]) -> list[str]:
+    """The history titles an instruction's history slot shows: the newest of the user's history
+    titles that format to exactly `text` (a title may itself hold the separator), else, where the
+    user's history is not known, the text split at its separators."""
+    from instructrec.engine.formatting import HISTORY_SEPARATOR, format_history
+
+    for newest in range(1, len(history_titles) + 1):
+        shown = format_history(history_titles[-newest:])
+        if shown == text:
+            return history_titles[-newest:]
+        if len(shown) > len(text):
+            break
+    return text.split(HISTORY_SEPARATOR)
 
 
 def sampled_negatives(inst: Instance, universe: list[str], interacted: set[str], k: int, seed: int) -> list[str]:

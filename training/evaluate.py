@@ -135,7 +135,7 @@ def engine_ranks(reranker, instances: Sequence[Instance], template: str, chunk: 
     ranks, errors = [], 0
     for start in range(0, len(instances), chunk):
         part = instances[start:start + chunk]
-        requests = [Request(instruction=inst.prompts[template], candidates=inst.titles,
+        requests = [Request(**inst.request_fields(template), candidates=inst.titles,
                             candidate_ids=inst.candidate_ids, request_id=inst.key) for inst in part]
         for inst, result in zip(part, reranker.rank(requests, errors="return", normalize=normalize)):
             k = len(inst.candidate_ids)

@@ -119,6 +119,51 @@ def test_a_swapped_list_renders_as_the_template_would(world):
     assert text == expected and swapped.titles == [titles_of[i] for i in reversed_ids]
 
 
+def test_a_swapped_list_over_the_budget_keeps_the_newest_history_titles_that_fit(tiny_t5_dir, hf_log_likelihoods):
+    """A list swapped in (hard negatives) can hold longer titles than the stored one the build
+    fitted the history around. Its request then renders the template with the new list and keeps
+    the newest history titles that fit the model's budget, whole (the oldest title holds the
+    history separator itself), scored as Hugging Face scores that text; before, the engine refused
+    the free instruction and the list counted as a miss. A swap that fits reads as before."""
+    from transformers import AutoTokenizer
+
+    from instructrec.engine import Reranker, Request
+    from instructrec.engine.formatting import build_instruction, render_template
+    from instructrec.training.evaluate import engine_ranks
+    from instructrec.training.metrics import pessimistic_rank
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    history = {f"h{i}": f"Dungeon Saga {i} Collector Edition" for i in range(12)}
+    history["h0"] = "Galaxy Raiders; Director's Cut"
+    stored = {f"s{i}": f"Kart {i}" for i in range(10)}
+    longer = {f"n{i}": f"Crystal Archipelago Legends {i}" for i in range(9)}
+    titles_of = {**history, **stored, **longer}
+    stored_text = render_template("seq-rec-02", {"history": list(history.values()),
+                                                 "candidates": list(stored.values())}).source
+    budget = len(tokenizer(stored_text).input_ids) + 3
+    inst = Instance("u1", "u1", "s0", list(stored), list(stored.values()), {"seq-rec-02": stored_text},
+                    history=tuple(history))
+    reranker = Reranker.from_pretrained(tiny_t5_dir, backend="torch", dtype="float32", max_source_tokens=budget)
+
+    reordered = with_candidate_list(inst, list(reversed(stored)), titles_of)
+    assert (build_instruction(**reordered.request_fields("seq-rec-02"), candidates=reordered.titles)
+            == build_instruction(instruction=reordered.prompts["seq-rec-02"], candidates=reordered.titles))
+
+    swapped = with_candidate_list(inst, ["s0", *longer], titles_of)
+    titles = list(history.values())
+    dropped = next(k for k in range(len(titles)) if len(tokenizer(render_template(
+        "seq-rec-02", {"history": titles[k:], "candidates": swapped.titles}).source).input_ids) <= budget)
+    assert dropped >= 2  # the fitted text starts past the title holding "; "
+    expected = render_template("seq-rec-02", {"history": titles[dropped:], "candidates": swapped.titles}).source
+    reference = hf_log_likelihoods(tiny_t5_dir, expected, swapped.titles)
+
+    result = reranker.rank([Request(**swapped.request_fields("seq-rec-02"), candidates=swapped.titles,
+                                    candidate_ids=swapped.candidate_ids)])[0]
+    scores = dict(zip(result.ranked_ids, result.scores))
+    assert [scores[c] for c in swapped.candidate_ids] == pytest.approx(list(reference), abs=1e-4)
+    assert engine_ranks(reranker, [swapped], "seq-rec-02") == ([pessimistic_rank(reference, 0)], 0)
+
+
 def test_restrict_training_set_drops_the_held_out_type_and_search_eval_targets(world, tmp_path):
     report = restrict_training_set(world / "instructions", world / "prepared", tmp_path / "t", "P2+I1")
     before = pq.read_table(world / "instructions" / "train.parquet").to_pylist()
