@@ -307,16 +307,16 @@ def _request_fields(key: str, template: str, instruction: str, history_titles: l
     fields = {"template": template}
     for name, value in match.groupdict().items():
         if name == "history":
-            fields["history"] = _history_items(value, history_titles)
+            fields["history"] = _history_items(value, history_titles, key)
         elif name != "candidates":
             fields[name] = value
     return fields
 
 
-def _history_items(text: str, history_titles: list[str]) -> list[str]:
+def _history_items(text: str, history_titles: list[str], key: str = "") -> list[str]:
     """The history titles an instruction's history slot shows: the newest of the user's history
-    titles that format to exactly `text` (a title may itself hold the separator), else, where the
-    user's history is not known, the text split at its separators."""
+    titles that format to exactly `text` (a title may itself hold the separator), else the text
+    split at its separators (a WARNING where the user's history is known but does not match)."""
     from instructrec.engine.formatting import HISTORY_SEPARATOR, format_history
 
     for newest in range(1, len(history_titles) + 1):
@@ -325,6 +325,10 @@ def _history_items(text: str, history_titles: list[str]) -> list[str]:
             return history_titles[-newest:]
         if len(shown) > len(text):
             break
+    if history_titles:
+        log.warning("the instruction of %r does not show the newest titles of the user's prepared history; its "
+                    "history is split at %r to fit a swapped-in list (a title holding it would be cut)", key,
+                    HISTORY_SEPARATOR)
     return text.split(HISTORY_SEPARATOR)
 
 

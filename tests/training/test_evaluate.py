@@ -164,6 +164,23 @@ def test_a_swapped_list_over_the_budget_keeps_the_newest_history_titles_that_fit
     assert engine_ranks(reranker, [swapped], "seq-rec-02") == ([pessimistic_rank(reference, 0)], 0)
 
 
+def test_a_history_that_does_not_match_the_instruction_is_split_and_said(caplog):
+    """A swapped list needs the history's titles one by one: read from the user's prepared history
+    where it matches the instruction, else split at the separator, loudly when a history was known."""
+    from instructrec.engine.formatting import render_template
+
+    text = render_template("seq-rec-02", {"history": ["Alpha", "Beta Quest"], "candidates": ["Kart", "Drift"]}).source
+    inst = Instance("u1", "u1", "c1", ["c1", "c2"], ["Kart", "Drift"], {"seq-rec-02": text}, history=("x", "y"))
+    with caplog.at_level("WARNING", logger="instructrec.training.eval_scenarios"):
+        known = with_candidate_list(inst, ["c2", "c1"], {"x": "Alpha", "y": "Beta Quest", "c1": "Kart", "c2": "Drift"})
+    assert known.fields["seq-rec-02"] == {"template": "seq-rec-02", "history": ["Alpha", "Beta Quest"]}
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="instructrec.training.eval_scenarios"):
+        other = with_candidate_list(inst, ["c2", "c1"], {"x": "Gamma", "y": "Delta", "c1": "Kart", "c2": "Drift"})
+    assert other.fields["seq-rec-02"]["history"] == ["Alpha", "Beta Quest"]
+    assert "'u1'" in caplog.text and "split" in caplog.text
+
+
 def test_restrict_training_set_drops_the_held_out_type_and_search_eval_targets(world, tmp_path):
     report = restrict_training_set(world / "instructions", world / "prepared", tmp_path / "t", "P2+I1")
     before = pq.read_table(world / "instructions" / "train.parquet").to_pylist()
