@@ -146,14 +146,20 @@ def _slot_pattern(source: str) -> re.Pattern:
     return re.compile("".join(parts), re.DOTALL)
 
 
-def read_slot(template_id: str, instruction: str, slot: str) -> str:
-    """The value of `slot` in an instruction rendered by `template_id` (e.g. the vague intention)."""
+def read_slots(template_id: str, instruction: str) -> dict[str, str] | None:
+    """Every slot value of an instruction rendered by `template_id`; None if it does not read back."""
     from instructrec.engine.templates import REGISTRY
 
     match = _slot_pattern(REGISTRY[template_id].source).fullmatch(instruction)
-    if match is None or slot not in match.groupdict():
+    return None if match is None else match.groupdict()
+
+
+def read_slot(template_id: str, instruction: str, slot: str) -> str:
+    """The value of `slot` in an instruction rendered by `template_id` (e.g. the vague intention)."""
+    values = read_slots(template_id, instruction)
+    if values is None or slot not in values:
         raise InstructRecError(f"cannot read {slot!r} back from an instruction of template {template_id}")
-    return match.group(slot)
+    return values[slot]
 
 
 def templates_of(scenario: Scenario) -> list[str]:
@@ -298,14 +304,12 @@ def with_candidate_list(inst: Instance, ids: list[str], titles_of: dict[str, str
 
 def _request_fields(key: str, template: str, instruction: str, history_titles: list[str]) -> dict:
     """The structured fields that render `instruction` with `template` (its candidates left out)."""
-    from instructrec.engine.templates import REGISTRY
-
-    match = _slot_pattern(REGISTRY[template].source).fullmatch(instruction)
-    if match is None:
+    values = read_slots(template, instruction)
+    if values is None:
         raise InstructRecError(f"the instruction of {key!r} ({template}) does not read back as its template; "
                                "cannot swap in another list (rebuild the instructions)")
     fields = {"template": template}
-    for name, value in match.groupdict().items():
+    for name, value in values.items():
         if name == "history":
             fields["history"] = _history_items(value, history_titles, key)
         elif name != "candidates":
@@ -313,7 +317,7 @@ def _request_fields(key: str, template: str, instruction: str, history_titles: l
     return fields
 
 
-def _history_items(text: str, history_titles: list[str], key: str = "") -> list[str]:
+def _history_items(text: str, history_titles: list[str], key: str) -> list[str]:
     """The history titles an instruction's history slot shows: the newest of the user's history
     titles that format to exactly `text` (a title may itself hold the separator), else the text
     split at its separators (a WARNING where the user's history is known but does not match)."""
