@@ -48,6 +48,7 @@ import numpy as np
 
 from instructrec.engine.errors import InputError, InstructRecError
 from instructrec.engine.flops import T5Shape, training_flops
+from instructrec.engine.types import parse_score_form
 
 from .compact_vocab import catalogue_titles, compact_tokenizer, vocab_rows
 from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
@@ -263,6 +264,14 @@ class _Run:
                  len(self.instances), f" ({', '.join(f'{t} {n}' for t, n in sorted(ranked.items()))})" if ranked else "")
         self.negatives = None
         self.negative_lengths: dict[int, list[int]] = {}  # per step: row -> its negatives' decoded lengths
+        self.rank_score_form = parse_score_form(cfg.rank_score, field="rank_score")
+        # The engine's empty instruction (its title priors): the tokenizer's ids for "".
+        self.empty_ids = None
+        if self.rank_score_form.kind == "calibrated":
+            import torch
+
+            empty = self.tokenizer("", add_special_tokens=True)["input_ids"]
+            self.empty_ids = torch.tensor([empty], dtype=torch.long, device=acc.device)
         if cfg.rank_negatives:
             if acc.num_processes > 1:
                 # The candidates are decoded against encoder states computed outside the wrapped
@@ -276,8 +285,8 @@ class _Run:
                 log.warning("--rank-negatives %d: template(s) %s have at most %d distinct targets; their rows "
                             "rank against repeated negatives", cfg.rank_negatives, ", ".join(few), cfg.rank_negatives)
             log.info("ranking term: each row's target against %d others of its template (%d to %d distinct per "
-                     "template), weight %g", cfg.rank_negatives, min(sizes.values()), max(sizes.values()),
-                     cfg.rank_weight)
+                     "template), weight %g, score %s", cfg.rank_negatives, min(sizes.values()), max(sizes.values()),
+                     cfg.rank_weight, cfg.rank_score)
         self.global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
         steps_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
         self.planned_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -465,7 +474,8 @@ class _Run:
                         negative_batch = collate_negatives(self.train_rows, negatives, pad, start, acc.device,
                                                            cfg.rank_prefix_tokens)
                         nll, rank = ranked_sequence_losses(self.model, *batch, *negative_batch, head=self.head,
-                                                           prefix_tokens=cfg.rank_prefix_tokens)
+                                                           prefix_tokens=cfg.rank_prefix_tokens,
+                                                           score_form=self.rank_score_form, empty_ids=self.empty_ids)
                         objective = nll * (weight * scale) + rank * (weight * row_scale * cfg.rank_weight)
                         rank_sum += weight * rank.detach()
                 acc.backward(objective)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from instructrec.engine.errors import InputError
+from instructrec.engine.types import parse_score_form
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -147,6 +148,14 @@ class TrainConfig:
     # title's first tokens: ranking by a prefix scores K negatives for a fraction of the price.
     rank_prefix_tokens: int = _flag(0, "rank the candidates by the log-likelihood of their first N tokens "
                                     "(negatives are decoded that far only); 0: whole targets", OPT, metavar="N")
+    # Evaluation chooses a score form per scenario on validation (seq-rec mostly picks
+    # calibrated:0.5); the ranking term can train the form that will be used to rank. The prior of
+    # a calibrated form is the title's log-likelihood under the empty instruction, taken without
+    # gradient: a baseline the conditional score has to beat, not a quantity the term trains.
+    rank_score: str = _flag("sum", "the candidates' score in the ranking term: sum, mean (per token), "
+                            "calibrated or calibrated:W (minus W times the title's log-likelihood under an "
+                            "empty instruction), as `instructrec eval --score-forms` names them", OPT,
+                            metavar="FORM")
 
     lora_r: int = _flag(0, "adapter rank; 0: train all weights", LORA)
     lora_alpha: float = _flag(16.0, "adapter scaling", LORA)
@@ -186,6 +195,8 @@ class TrainConfig:
         if self.rank_negatives:  # only when on: checkpoints of plain-NLL runs predate these fields
             values.update(rank_negatives=self.rank_negatives, rank_weight=self.rank_weight,
                           rank_prefix_tokens=self.rank_prefix_tokens)
+            if self.rank_score != "sum":  # only when set, as above
+                values["rank_score"] = self.rank_score
         return values
 
     def to_json(self) -> dict:
@@ -236,6 +247,10 @@ def validate_config(cfg: TrainConfig) -> None:
                                    and cfg.rank_weight > 0):
         raise InputError("rank_weight", f"must be a positive number, got {cfg.rank_weight!r}",
                          "or drop --rank-negatives for the plain NLL")
+    parse_score_form(cfg.rank_score, field="rank_score")
+    if cfg.rank_score != "sum" and not cfg.rank_negatives:
+        raise InputError("rank_score", f"{cfg.rank_score!r} scores the ranking term, which is off",
+                         "add --rank-negatives K, or drop --rank-score")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise InputError("weight_decay", f"must be >= 0, got {cfg.weight_decay!r}")
     if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):

@@ -215,16 +215,19 @@ def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels
 
 
 def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, labels, negative_decoder_ids,
-                           negative_labels, head=None, prefix_tokens: int = 0):
+                           negative_labels, head=None, prefix_tokens: int = 0, score_form=None, empty_ids=None):
     """The `--rank-negatives` objective's two sums over a batch of B rows: labels [B, T] are the rows'
     own targets, negative_labels [B x K, T'] their K negatives each, row-major (collate_negatives).
 
     Each instruction is encoded once; its states serve its own target and, repeated, its
     negatives, decoded in a second pass padded to their own length. A candidate's score is its
     summed token log-likelihood, the engine's default `normalize="sum"` score, or with
-    `prefix_tokens` that of its first prefix_tokens tokens. Returns (summed token NLL of the own
-    targets, summed softmax cross-entropy of each own target among its row's K + 1 scores),
-    0-d fp32 tensors.
+    `prefix_tokens` that of its first prefix_tokens tokens. `score_form` (engine.types.ScoreForm;
+    None: the sum) turns that score into the evaluation's other forms: "mean" divides it by the
+    tokens scored, "calibrated" with weight W subtracts W times the same score of the candidate
+    under the empty instruction `empty_ids` [1, L] (its prior, computed without gradient).
+    Returns (summed token NLL of the own targets, summed softmax cross-entropy of each own target
+    among its row's K + 1 scores), 0-d fp32 tensors.
     """
     import torch
     import torch.nn.functional as F
@@ -253,10 +256,30 @@ def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, 
         early = where[:, 1] < prefix_tokens
         return total, token_lp.new_zeros(targets.shape[0]).index_add(0, where[early, 0], token_lp[early])
 
+    def scored_tokens(targets):
+        return (targets != -100).sum(1).clamp(max=prefix_tokens or targets.shape[1]).to(own_score.dtype)
+
     own_total, own_score = scored(states, attention_mask, decoder_input_ids, labels)
     _, negative_scores = scored(states.repeat_interleave(negatives, dim=0),
                                 attention_mask.repeat_interleave(negatives, dim=0), negative_decoder_ids,
                                 negative_labels)
+    kind = score_form.kind if score_form is not None else "sum"
+    if kind == "mean":
+        own_score = own_score / scored_tokens(labels)
+        negative_scores = negative_scores / scored_tokens(negative_labels)
+    elif kind == "calibrated" and score_form.prior_weight:
+        if empty_ids is None:
+            raise ValueError("a calibrated ranking score needs the empty instruction's ids (empty_ids)")
+        with torch.no_grad():
+            empty_mask = torch.ones_like(empty_ids)
+            empty_states = model.get_encoder()(input_ids=empty_ids, attention_mask=empty_mask,
+                                               return_dict=True).last_hidden_state
+            for_own = (empty_states.expand(rows, -1, -1), empty_mask.expand(rows, -1))
+            for_negatives = (empty_states.expand(rows * negatives, -1, -1), empty_mask.expand(rows * negatives, -1))
+            own_prior = scored(*for_own, decoder_input_ids, labels)[1]
+            negative_prior = scored(*for_negatives, negative_decoder_ids, negative_labels)[1]
+        own_score = own_score - score_form.prior_weight * own_prior
+        negative_scores = negative_scores - score_form.prior_weight * negative_prior
     scores = torch.cat([own_score[:, None], negative_scores.view(rows, negatives)], dim=1)
     target = torch.zeros(rows, dtype=torch.long, device=scores.device)
     return -own_total.sum(), F.cross_entropy(scores, target, reduction="sum")

@@ -14,6 +14,7 @@ import torch
 
 from instructrec.engine.errors import InputError
 from instructrec.engine.presets import shape_config
+from instructrec.engine.types import parse_score_form
 from instructrec.training.tune import train
 from instructrec.training.tune_data import NegativePool, TokenizedRows, collate_negatives
 from instructrec.training.loss import token_log_likelihoods
@@ -68,7 +69,8 @@ def hf_token_log_likelihoods(model, ids, mask, target):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("hidden_states_head", [False, True])
 @pytest.mark.parametrize("prefix_tokens", [0, 2])
-def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_head, prefix_tokens):
+@pytest.mark.parametrize("form", ["sum", "mean", "calibrated:0.5", "calibrated:-1"])
+def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_head, prefix_tokens, form):
     reference = tiny_t5(tied, seed=3)
     model = copy.deepcopy(reference)
     head = install_hidden_states_head(model) if hidden_states_head else None
@@ -83,11 +85,15 @@ def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_
     others[4, 1:] = -100
     others[8, 3:] = -100
 
+    empty = torch.tensor([[1]])  # the empty instruction: the tokenizer's "" is its EOS
+    score_form = parse_score_form(form)
     nll, rank = ranked_sequence_losses(model, ids, mask, reference._shift_right(own), own,
-                                       reference._shift_right(others), others, head=head, prefix_tokens=prefix_tokens)
+                                       reference._shift_right(others), others, head=head, prefix_tokens=prefix_tokens,
+                                       score_form=score_form, empty_ids=empty)
     (nll + 0.7 * rank).backward()
 
-    # Reference: each candidate scored alone by Hugging Face's forward.
+    # Reference: each candidate scored alone by Hugging Face's forward; a calibrated form's prior
+    # is the candidate under the empty instruction, a constant to the gradient.
     cut = prefix_tokens or None
     want_nll = torch.zeros((), dtype=torch.float64)
     scores = torch.zeros(rows, 1 + negatives, dtype=torch.float64)
@@ -95,7 +101,14 @@ def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_
         sequences = [own[r:r + 1]] + [others[r * negatives + k:r * negatives + k + 1] for k in range(negatives)]
         for c, seq in enumerate(sequences):
             token_lp = hf_token_log_likelihoods(reference, ids[r:r + 1], mask[r:r + 1], seq)
-            scores[r, c] = token_lp[:cut].sum()
+            score = token_lp[:cut].sum()
+            if score_form.kind == "mean":
+                score = score / len(token_lp[:cut])
+            elif score_form.kind == "calibrated":
+                with torch.no_grad():
+                    prior = hf_token_log_likelihoods(reference, empty, torch.ones_like(empty), seq)[:cut].sum()
+                score = score - score_form.prior_weight * prior
+            scores[r, c] = score
             if c == 0:
                 want_nll = want_nll - token_lp.sum()
     want_rank = (torch.logsumexp(scores, dim=1) - scores[:, 0]).sum()
@@ -182,9 +195,11 @@ def test_negative_batches_hold_each_rows_negatives_in_order_padded_on_their_own(
 # --------------------------------------------------------------------------- the trainer
 
 
-def test_trainer_logs_the_ranking_term_and_keeps_the_loss_the_nll(dataset, tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("rank_score", ["sum", "calibrated:0.5"])
+def test_trainer_logs_the_ranking_term_and_keeps_the_loss_the_nll(dataset, tmp_path, tokenizer_dir, rank_score):
     plain = train(config(dataset, tmp_path / "plain", tokenizer_dir, max_steps=2))
-    ranked = train(config(dataset, tmp_path / "ranked", tokenizer_dir, max_steps=2, rank_negatives=3))
+    ranked = train(config(dataset, tmp_path / "ranked", tokenizer_dir, max_steps=2, rank_negatives=3,
+                          rank_score=rank_score))
     # Same initialisation and batch: step 1's reported loss (the NLL before any update) agrees.
     assert ranked.step_losses[1] == pytest.approx(plain.step_losses[1], rel=1e-5)
     records = [json.loads(line) for line in (tmp_path / "ranked" / "metrics.jsonl").read_text().splitlines()]
@@ -213,11 +228,13 @@ def test_ranking_term_trains_the_targets_to_the_top(dataset, tmp_path, tokenizer
         assert TITLES[int(np.argmax(scores))] == row["target"], row["instruction"]
 
 
-def test_resume_refuses_another_ranking_setting(dataset, tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("changed, field", [(dict(rank_negatives=3), "rank_negatives"),
+                                            (dict(rank_negatives=2, rank_score="calibrated:0.5"), "rank_score")])
+def test_resume_refuses_another_ranking_setting(dataset, tmp_path, tokenizer_dir, changed, field):
     out = tmp_path / "run"
     train(config(dataset, out, tokenizer_dir, max_steps=4, stop_after=2, rank_negatives=2))
-    with pytest.raises(InputError, match="rank_negatives"):
-        train(config(dataset, out, tokenizer_dir, max_steps=4, rank_negatives=3, resume=True))
+    with pytest.raises(InputError, match=field):
+        train(config(dataset, out, tokenizer_dir, max_steps=4, resume=True, **changed))
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -225,6 +242,9 @@ def test_resume_refuses_another_ranking_setting(dataset, tmp_path, tokenizer_dir
     (dict(rank_negatives=2, rank_weight=0.0), "rank_weight"),
     (dict(rank_negatives=2, rank_weight=float("inf")), "rank_weight"),
     (dict(rank_negatives=2, rank_prefix_tokens=-1), "rank_prefix_tokens"),
+    (dict(rank_negatives=2, rank_score="calibrated:x"), "rank_score"),
+    (dict(rank_negatives=2, rank_score="median"), "rank_score"),
+    (dict(rank_score="calibrated"), "rank_score"),
 ])
 def test_bad_ranking_settings_fail_before_training(dataset, tmp_path, tokenizer_dir, overrides, field):
     with pytest.raises(InputError) as excinfo:
