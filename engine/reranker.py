@@ -233,15 +233,70 @@ class Reranker:
         lists, and never disturbs the others; errors="raise": the first InputError is raised."""
         _check_choice("errors", errors, _ERRORS)
         form = parse_score_form(normalize)
-        results: list[RankedResult | None] = [None] * len(requests)
         self.stats.requests += len(requests)
+        return self._rank(requests, errors, form)
+
+    def rank_forms(self, requests: Sequence[Request], forms: Sequence[str],
+                   errors: str = "raise") -> dict[str, list[RankedResult]]:
+        """rank() under several score forms at once: {form: results in input order}, each the
+        results of rank(requests, errors, normalize=form). The forms differ only in how a
+        candidate's summed log-likelihood is normalized, so a request scored directly is
+        encoded and decoded once for all of them (a model evaluation choosing its form on
+        validation saves a pass per extra form); a tournament runs once per form, as its later
+        rounds depend on the scores."""
+        _check_choice("errors", errors, _ERRORS)
+        if isinstance(forms, str) or not forms or len(set(forms)) != len(forms):
+            raise InputError("forms", f"expected distinct score forms, got {forms!r}",
+                             "pass a list such as ['sum', 'calibrated:0.5']")
+        parsed = {f: parse_score_form(f, field="forms") for f in forms}
+        self.stats.requests += len(requests)
+        out: dict[str, list[RankedResult | None]] = {f: [None] * len(requests) for f in forms}
 
         def fail(i: int, e: InputError) -> None:
             if errors == "raise":
                 raise e
-            r = requests[i]
-            results[i] = RankedResult(request_id=r.request_id if isinstance(r, Request) else None,
-                                      n_candidates=_n(r), error=str(e), error_kind=e.kind)
+            for results in out.values():
+                results[i] = _failure(requests[i], e)
+
+        prepared = self._prepare(requests, errors)
+        direct: list[_Prepared] = []
+        tournament: list[int] = []
+        for i, p in enumerate(prepared):
+            if isinstance(p, InputError):
+                fail(i, p)
+            elif p.lists and len(p.titles) > self.group_size:
+                tournament.append(i)
+            else:
+                direct.append(p)
+        if any(form.kind == "calibrated" for form in parsed.values()):
+            self._score_title_priors([t for p in direct for t in p.targets])
+        units: list[Unit] = []
+        for p, new in zip(direct, self._units_for([(p, None) for p in direct])):
+            if isinstance(new, InputError):
+                fail(p.index, new)
+            else:
+                units += new
+        self._run_units(units)
+        for u in units:  # one unit per direct request
+            p = prepared[u.owner]
+            for f, form in parsed.items():
+                s = self._normalized(u, form)
+                order = np.argsort(-s, kind="stable")
+                out[f][u.owner] = _result(p, order, s[order])
+        if tournament:
+            subset = [requests[i] for i in tournament]
+            for f, form in parsed.items():
+                for i, result in zip(tournament, self._rank(subset, errors, form)):
+                    out[f][i] = result
+        return out  # type: ignore[return-value]
+
+    def _rank(self, requests: Sequence[Request], errors: str, form: ScoreForm) -> list[RankedResult]:
+        results: list[RankedResult | None] = [None] * len(requests)
+
+        def fail(i: int, e: InputError) -> None:
+            if errors == "raise":
+                raise e
+            results[i] = _failure(requests[i], e)
 
         prepared = self._prepare(requests, errors)
         for i, p in enumerate(prepared):
@@ -510,6 +565,12 @@ def _n(r: Any) -> int:
         return 0 if r.candidates is None or isinstance(r.candidates, str) else len(r.candidates)
     except TypeError:
         return 0
+
+
+def _failure(r: Any, e: InputError) -> RankedResult:
+    """The result of a request the engine refused (errors="return")."""
+    return RankedResult(request_id=r.request_id if isinstance(r, Request) else None,
+                        n_candidates=_n(r), error=str(e), error_kind=e.kind)
 
 
 def _by_owner(units: list[Unit]) -> dict[int, list[Unit]]:

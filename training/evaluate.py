@@ -76,7 +76,7 @@ from .metrics import pessimistic_rank, summarize_ranks
 
 __all__ = [
     "BASELINE_METHODS", "METHODS", "MODEL_METHODS", "SCENARIOS", "EvalConfig", "Evaluation", "Instance", "Scenario",
-    "engine_ranks", "evaluate", "load_instances", "merge_results", "parse_instruction_type", "ranks_from_scores",
+    "engine_ranks", "engine_ranks_by_form", "evaluate", "load_instances", "merge_results", "parse_instruction_type", "ranks_from_scores",
     "read_slot", "resolve_methods", "resolve_scenarios", "restrict_training_set", "results_markdown",
     "with_candidate_list",
 ]
@@ -129,31 +129,43 @@ def ranks_from_scores(scores: np.ndarray, instances: Sequence[Instance]) -> list
 def engine_ranks(reranker, instances: Sequence[Instance], template: str, chunk: int = 256,
                  normalize: str = "sum") -> tuple[list[int], int]:
     """(rank of each target, number of requests the engine rejected) for one template and score form."""
+    return engine_ranks_by_form(reranker, instances, template, (normalize,), chunk)[normalize]
+
+
+def engine_ranks_by_form(reranker, instances: Sequence[Instance], template: str, forms: Sequence[str],
+                         chunk: int = 256) -> dict[str, tuple[list[int], int]]:
+    """engine_ranks for several score forms, each list scored once for all of them
+    (Reranker.rank_forms): {form: (ranks, rejected requests)}."""
     from instructrec.engine import Request
     from instructrec.engine.formatting import CANDIDATES_PLACEHOLDER
 
-    ranks, errors = [], 0
+    out: dict[str, tuple[list[int], int]] = {form: ([], 0) for form in forms}
     for start in range(0, len(instances), chunk):
         part = instances[start:start + chunk]
         requests = [Request(**inst.request_fields(template), candidates=inst.titles,
                             candidate_ids=inst.candidate_ids, request_id=inst.key) for inst in part]
-        for inst, result in zip(part, reranker.rank(requests, errors="return", normalize=normalize)):
-            k = len(inst.candidate_ids)
-            if result.error is not None:
-                errors += 1
-                log.debug("engine rejected %s: %s", inst.key, result.error)
-                ranks.append(k + 1)
-                continue
-            if k > reranker.group_size and CANDIDATES_PLACEHOLDER in inst.prompts[template]:
-                # Tournament: scores of different rounds are not comparable; the order is the ranking.
-                by_id = {cid: -float(pos) for pos, cid in enumerate(result.ranked_ids)}
-            else:
-                by_id = dict(zip(result.ranked_ids, result.scores))
-            ranks.append(pessimistic_rank([by_id[c] for c in inst.candidate_ids], inst.positive))
-    if errors:
-        log.warning("template %s: the engine rejected %d of %d requests; they count as misses",
-                    template, errors, len(instances))
-    return ranks, errors
+        by_form = reranker.rank_forms(requests, list(forms), errors="return")
+        for form in forms:
+            ranks, errors = out[form]
+            for inst, result in zip(part, by_form[form], strict=True):
+                k = len(inst.candidate_ids)
+                if result.error is not None:
+                    errors += 1
+                    log.debug("engine rejected %s: %s", inst.key, result.error)
+                    ranks.append(k + 1)
+                    continue
+                if k > reranker.group_size and CANDIDATES_PLACEHOLDER in inst.prompts[template]:
+                    # Tournament: scores of different rounds are not comparable; the order is the ranking.
+                    by_id = {cid: -float(pos) for pos, cid in enumerate(result.ranked_ids)}
+                else:
+                    by_id = dict(zip(result.ranked_ids, result.scores))
+                ranks.append(pessimistic_rank([by_id[c] for c in inst.candidate_ids], inst.positive))
+            out[form] = (ranks, errors)
+    for form, (_, errors) in out.items():
+        if errors:
+            log.warning("template %s, score %s: the engine rejected %d of %d requests; they count as misses",
+                        template, form, errors, len(instances))
+    return out
 
 
 def build_untuned(source: ModelSource, tokenizer: Path | None, seed: int):
@@ -454,9 +466,10 @@ class Evaluation:
         if len(choices) > 1:
             key = self._selection_key(scenario, domain)
             if (method, key) not in self._chosen:
-                for template, form in choices:
-                    ranks, errors = engine_ranks(reranker, self._valid_cache[key], template, normalize=form)
-                    selection[f"{template} {form}"] = dict(_metrics(ranks), errors=errors)
+                for template in templates:  # one scoring pass per template serves every form
+                    by_form = engine_ranks_by_form(reranker, self._valid_cache[key], template, self.cfg.score_forms)
+                    for form, (ranks, errors) in by_form.items():
+                        selection[f"{template} {form}"] = dict(_metrics(ranks), errors=errors)
                 # Highest validation NDCG@5; max keeps the first of a tie: the first template id, then form.
                 best = max(choices, key=lambda choice: selection[" ".join(choice)][SELECTION_METRIC])
                 self._chosen[method, key] = (best, selection)

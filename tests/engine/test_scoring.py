@@ -236,3 +236,46 @@ def test_packed_rows_equal_one_candidate_per_row(tiny_t5_dir, tiny):
     alone = one_per_row.score(INSTRUCTION, titles)
     assert tiny.stats.padded_decoder_tokens < one_per_row.stats.padded_decoder_tokens
     np.testing.assert_allclose(packed, alone, rtol=1e-6, atol=1e-5)
+
+
+def test_rank_forms_equal_rank_per_form_with_one_scoring_pass(small):
+    """Reranker.rank_forms against rank() run once per form: the same results, for requests scored
+    directly, a listed one large enough for a tournament and a refused one; the direct requests
+    are encoded once for all forms."""
+    forms = ["sum", "mean", "calibrated", "calibrated:0.5"]
+    direct = [Request(instruction=INSTRUCTION[: 60 + 40 * r], candidates=TITLES[r:], request_id=f"d{r}")
+              for r in range(3)]
+    listed = Request(instruction="Pick the next game among: {candidates}",
+                     candidates=[f"Game number {i}" for i in range(13)], request_id="t")
+    refused = Request(instruction=INSTRUCTION, candidates=[], request_id="bad")
+    requests = [direct[0], listed, refused, direct[1], direct[2]]
+
+    small.clear_title_priors()
+    small.reset_stats()
+    together = small.rank_forms(direct, forms)
+    shared_passes = small.stats.encoder_passes
+    small.clear_title_priors()
+    small.reset_stats()
+    small.rank(direct, normalize="calibrated")
+    assert shared_passes == small.stats.encoder_passes  # one pass per request (+ the priors) for four forms
+
+    together = small.rank_forms(requests, forms, errors="return")
+    assert list(together) == forms
+    for form in forms:
+        alone = small.rank(requests, errors="return", normalize=form)
+        for got, want in zip(together[form], alone, strict=True):
+            assert (got.request_id, got.ranked_ids, got.error, got.error_kind, got.n_candidates) == \
+                   (want.request_id, want.ranked_ids, want.error, want.error_kind, want.n_candidates)
+            np.testing.assert_allclose(got.scores, want.scores, **FP32)
+    assert together["sum"][2].error_kind == "invalid_input" and "candidates" in together["sum"][2].error
+    # The forms really differ: mean divides each sum by the title's token count.
+    assert together["mean"][0].ranked_ids != together["sum"][0].ranked_ids or \
+        not np.allclose(together["mean"][0].scores, together["sum"][0].scores)
+    with pytest.raises(InputError, match="^candidates"):
+        small.rank_forms(requests, forms)
+
+
+@pytest.mark.parametrize("forms", [[], ["sum", "sum"], "sum", ["sum", "pmi"]])
+def test_rank_forms_refuses_bad_forms(small, forms):
+    with pytest.raises(InputError, match="^forms"):
+        small.rank_forms([Request(instruction=INSTRUCTION, candidates=TITLES)], forms)
