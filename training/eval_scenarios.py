@@ -317,11 +317,53 @@ def _request_fields(key: str, template: str, instruction: str, history_titles: l
     return fields
 
 
-def _history_items(text: str, history_titles: list[str], key: str) -> list[str]:
-    """The history titles an instruction's history slot shows: the newest of the user's history
-    titles that format to exactly `text` (a title may itself hold the separator), else the text
-    split at its separators (a WARNING where the user's history is known but does not match)."""
-    from instructrec.engine.formatting import HISTORY_SEPARATOR, format_history
+def with_request_fields(inst: Instance, titles_of: dict[str, str]) -> Instance:
+    """The instance with the structured request fields of every instruction that renders back from
+    them exactly (those a swapped list set are kept). The build fitted each instruction to the
+    Flan-T5 tokenizer's source budget; a model with another tokenizer (a compact vocabulary spells
+    another domain's words in smaller pieces) can count more tokens, and the engine would refuse the
+    free text. From its fields the engine renders the same text where it fits, and otherwise drops
+    the oldest history titles, as the build did. An instruction without a history the user's
+    prepared titles show exactly, or that renders differently, stays the stored text."""
+    from instructrec.engine.formatting import CANDIDATES_PLACEHOLDER, build_instruction, format_candidate_list
+    from instructrec.engine.templates import REGISTRY
+
+    if not inst.history:
+        return inst
+    history_titles = [titles_of[i] for i in inst.history if i in titles_of]
+    fields = dict(inst.fields)
+    for template, text in inst.prompts.items():
+        if template in fields:
+            continue
+        values = read_slots(template, text)
+        if values is None or "history" not in values:
+            continue
+        history = _matching_history(values["history"], history_titles)
+        if history is None:
+            continue
+        others = {name: value for name, value in values.items() if name not in ("history", "candidates")}
+        if not set(others) <= _TEXT_FIELDS:
+            continue
+        found = {"template": template, "history": history, **others}
+        try:
+            listed = inst.titles if REGISTRY[template].lists_candidates else None
+            same = build_instruction(**found, candidates=listed) == text.replace(
+                CANDIDATES_PLACEHOLDER, format_candidate_list(inst.titles))
+        except InputError:  # these fields do not render (the stored text is used as it is)
+            same = False
+        if same:
+            fields[template] = found
+    return replace(inst, fields=fields) if fields != inst.fields else inst
+
+
+# The slots besides the history and the candidates that a Request carries as fields of its own.
+_TEXT_FIELDS = {"preference", "intention", "context"}
+
+
+def _matching_history(text: str, history_titles: list[str]) -> list[str] | None:
+    """The newest of the user's history titles that format to exactly `text` (a title may itself
+    hold the separator); None if none do."""
+    from instructrec.engine.formatting import format_history
 
     for newest in range(1, len(history_titles) + 1):
         shown = format_history(history_titles[-newest:])
@@ -329,6 +371,18 @@ def _history_items(text: str, history_titles: list[str], key: str) -> list[str]:
             return history_titles[-newest:]
         if len(shown) > len(text):
             break
+    return None
+
+
+def _history_items(text: str, history_titles: list[str], key: str) -> list[str]:
+    """The history titles an instruction's history slot shows: the newest of the user's history
+    titles that format to exactly `text`, else the text split at its separators (a WARNING where
+    the user's history is known but does not match)."""
+    from instructrec.engine.formatting import HISTORY_SEPARATOR
+
+    matching = _matching_history(text, history_titles)
+    if matching is not None:
+        return matching
     if history_titles:
         log.warning("the instruction of %r does not show the newest titles of the user's prepared history; its "
                     "history is split at %r to fit a swapped-in list (a title holding it would be cut)", key,

@@ -70,7 +70,7 @@ from .eval_report import dataset_stats, merge_results, model_info, results_markd
 from .eval_scenarios import (
     BASELINE_METHODS, METHODS, METRIC_KEYS, MODEL_METHODS, SCENARIOS, SCORE_FORMS, SELECTION_METRIC, Instance,
     Scenario, has_rows, load_instances, read_slot, resolve_methods, resolve_scenarios, sample, sampled_negatives,
-    templates_of, with_candidate_list, with_candidates)
+    templates_of, with_candidate_list, with_candidates, with_request_fields)
 from .eval_train_set import parse_instruction_type, restrict_training_set
 from .metrics import pessimistic_rank, summarize_ranks
 
@@ -356,10 +356,11 @@ class Evaluation:
                                  f"{domain.instructions} (first {missing[0]!r})", "use the same --instructions")
             chosen = [with_candidate_list(by_key[key], ids, domain.titles) for key, ids in self.fixed_lists[label]]
             self.lists[label] = self.fixed_lists[label]
-            return chosen
-        chosen = self._new_instances(scenario, domain, sample(found, n, self.cfg.seed, label))
-        self.lists[label] = [[inst.key, inst.candidate_ids] for inst in chosen]
-        return chosen
+        else:
+            chosen = self._new_instances(scenario, domain, sample(found, n, self.cfg.seed, label))
+            self.lists[label] = [[inst.key, inst.candidate_ids] for inst in chosen]
+        # Rendered from their fields, so the engine fits each history to the model's own budget.
+        return [with_request_fields(inst, domain.titles) for inst in chosen]
 
     def _unseen_targets(self, found: list[Instance], seen: set[str], label: str, domain: Domain) -> list[Instance]:
         """Product search is about items the model never generated in training: the instances whose

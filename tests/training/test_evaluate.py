@@ -164,6 +164,53 @@ def test_a_swapped_list_over_the_budget_keeps_the_newest_history_titles_that_fit
     assert engine_ranks(reranker, [swapped], "seq-rec-02") == ([pessimistic_rank(reference, 0)], 0)
 
 
+@pytest.mark.parametrize("template", ["seq-rec-01", "seq-rec-02", "pers-search-08"])
+def test_a_stored_instruction_over_the_models_budget_keeps_the_newest_history_titles_that_fit(
+        tiny_t5_dir, hf_log_likelihoods, template):
+    """The build fits each instruction to the Flan-T5 tokenizer's budget; a model that counts more
+    tokens for it (a compact vocabulary on another domain's words; here a smaller budget) refused
+    the stored text, which counted as a miss. Rendered from its fields, the engine keeps the newest
+    history titles that fit, scored as Hugging Face scores that text; under the full budget the
+    text is the stored one, and an instruction whose history is not the user's stays as it is."""
+    from transformers import AutoTokenizer
+
+    from instructrec.engine import Reranker
+    from instructrec.engine.formatting import build_instruction, render_template
+    from instructrec.training.evaluate import engine_ranks, with_request_fields
+    from instructrec.training.metrics import pessimistic_rank
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    history = {f"h{i}": f"Dungeon Saga {i} Collector Edition" for i in range(12)}
+    history["h0"] = "Galaxy Raiders; Director's Cut"
+    candidates = {f"s{i}": f"Kart {i}" for i in range(10)}
+    slots = {"history": list(history.values()), "intention": "Racing", "candidates": list(candidates.values())}
+    stored_text = render_template(template, slots).source
+    inst = Instance("u1", "u1", "s3", list(candidates), list(candidates.values()), {template: stored_text},
+                    history=tuple(history))
+    titles_of = {**history, **candidates}
+    fitted = with_request_fields(inst, titles_of)
+    assert fitted.fields[template]["history"] == list(history.values())
+    listed = inst.titles if template != "seq-rec-01" else None  # seq-rec-01 (T2) lists no candidates
+    assert build_instruction(**fitted.request_fields(template), candidates=listed) == stored_text
+
+    full = Reranker.from_pretrained(tiny_t5_dir, backend="torch", dtype="float32")
+    assert engine_ranks(full, [fitted], template) == engine_ranks(full, [inst], template)
+
+    budget = len(tokenizer(stored_text).input_ids) - 12
+    small = Reranker.from_pretrained(tiny_t5_dir, backend="torch", dtype="float32", max_source_tokens=budget)
+    assert engine_ranks(small, [inst], template) == ([len(candidates) + 1], 1)  # refused: a miss
+    titles = list(history.values())
+    dropped = next(k for k in range(len(titles)) if len(tokenizer(render_template(
+        template, {**slots, "history": titles[k:]}).source).input_ids) <= budget)
+    assert dropped >= 1
+    expected = render_template(template, {**slots, "history": titles[dropped:]}).source
+    reference = hf_log_likelihoods(tiny_t5_dir, expected, inst.titles)
+    assert engine_ranks(small, [fitted], template) == ([pessimistic_rank(reference, inst.positive)], 0)
+
+    other = with_request_fields(inst, {**titles_of, "h11": "Another Title"})
+    assert other.fields == {} and other.request_fields(template) == {"instruction": stored_text}
+
+
 def test_a_history_that_does_not_match_the_instruction_is_split_and_said(caplog):
     """A swapped list needs the history's titles one by one: read from the user's prepared history
     where it matches the instruction, else split at the separator, loudly when a history was known."""
