@@ -325,7 +325,7 @@ def with_request_fields(inst: Instance, titles_of: dict[str, str]) -> Instance:
     free text. From its fields the engine renders the same text where it fits, and otherwise drops
     the oldest history titles, as the build did. An instruction without a history the user's
     prepared titles show exactly, or that renders differently, stays the stored text."""
-    from instructrec.engine.formatting import CANDIDATES_PLACEHOLDER, build_instruction, format_candidate_list
+    from instructrec.engine.formatting import build_instruction
     from instructrec.engine.templates import REGISTRY
 
     if not inst.history:
@@ -347,8 +347,7 @@ def with_request_fields(inst: Instance, titles_of: dict[str, str]) -> Instance:
         found = {"template": template, "history": history, **others}
         try:
             listed = inst.titles if REGISTRY[template].lists_candidates else None
-            same = build_instruction(**found, candidates=listed) == text.replace(
-                CANDIDATES_PLACEHOLDER, format_candidate_list(inst.titles))
+            same = build_instruction(**found, candidates=listed) == text
         except InputError:  # these fields do not render (the stored text is used as it is)
             same = False
         if same:
