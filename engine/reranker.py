@@ -234,7 +234,7 @@ class Reranker:
         _check_choice("errors", errors, _ERRORS)
         form = parse_score_form(normalize)
         self.stats.requests += len(requests)
-        return self._rank(requests, errors, form)
+        return self._rank(requests, errors, {normalize: form})[normalize]
 
     def rank_forms(self, requests: Sequence[Request], forms: Sequence[str],
                    errors: str = "raise") -> dict[str, list[RankedResult]]:
@@ -243,108 +243,75 @@ class Reranker:
         candidate's summed log-likelihood is normalized, so a request scored directly is
         encoded and decoded once for all of them (a model evaluation choosing its form on
         validation saves a pass per extra form); a tournament runs once per form, as its later
-        rounds depend on the scores."""
+        rounds depend on the scores, but a group that several forms' tournaments hold in the
+        same round (all of round 1, a later one where the forms advanced the same titles) is
+        scored once."""
         _check_choice("errors", errors, _ERRORS)
         if isinstance(forms, str) or not forms or len(set(forms)) != len(forms):
             raise InputError("forms", f"expected distinct score forms, got {forms!r}",
                              "pass a list such as ['sum', 'calibrated:0.5']")
         parsed = {f: parse_score_form(f, field="forms") for f in forms}
         self.stats.requests += len(requests)
+        return self._rank(requests, errors, parsed)
+
+    def _rank(self, requests: Sequence[Request], errors: str,
+              forms: dict[str, ScoreForm]) -> dict[str, list[RankedResult]]:
+        """{form name: results in input order}. Each round runs the next step of every live
+        request in one batch: a request scored directly (once, read by every form) or the next
+        round of each form's tournament."""
         out: dict[str, list[RankedResult | None]] = {f: [None] * len(requests) for f in forms}
+        failed: set[int] = set()
 
         def fail(i: int, e: InputError) -> None:
             if errors == "raise":
                 raise e
+            failed.add(i)
             for results in out.values():
                 results[i] = _failure(requests[i], e)
-
-        prepared = self._prepare(requests, errors)
-        direct: list[_Prepared] = []
-        tournament: list[int] = []
-        for i, p in enumerate(prepared):
-            if isinstance(p, InputError):
-                fail(i, p)
-            elif p.lists and len(p.titles) > self.group_size:
-                tournament.append(i)
-            else:
-                direct.append(p)
-        if any(form.kind == "calibrated" for form in parsed.values()):
-            self._score_title_priors([t for p in direct for t in p.targets])
-        units: list[Unit] = []
-        for p, new in zip(direct, self._units_for([(p, None) for p in direct])):
-            if isinstance(new, InputError):
-                fail(p.index, new)
-            else:
-                units += new
-        self._run_units(units)
-        for u in units:  # one unit per direct request
-            p = prepared[u.owner]
-            for f, form in parsed.items():
-                s = self._normalized(u, form)
-                order = np.argsort(-s, kind="stable")
-                out[f][u.owner] = _result(p, order, s[order])
-        if tournament:
-            subset = [requests[i] for i in tournament]
-            for f, form in parsed.items():
-                for i, result in zip(tournament, self._rank(subset, errors, form)):
-                    out[f][i] = result
-        return out  # type: ignore[return-value]
-
-    def _rank(self, requests: Sequence[Request], errors: str, form: ScoreForm) -> list[RankedResult]:
-        results: list[RankedResult | None] = [None] * len(requests)
-
-        def fail(i: int, e: InputError) -> None:
-            if errors == "raise":
-                raise e
-            results[i] = _failure(requests[i], e)
 
         prepared = self._prepare(requests, errors)
         for i, p in enumerate(prepared):
             if isinstance(p, InputError):
                 fail(i, p)
         live = [p for p in prepared if isinstance(p, _Prepared)]
-        if form.kind == "calibrated":
+        if any(form.kind == "calibrated" for form in forms.values()):
             self._score_title_priors([t for p in live for t in p.targets])
 
-        # Round 1 of everything: direct requests and the first round of each tournament.
-        tournaments: dict[int, Tournament] = {}
-        units: list[Unit] = []
+        # A step: (request, form, tournament), or (request, None, None) for a request scored directly.
+        steps: list[tuple[_Prepared, str | None, Tournament | None]] = []
         for p in live:
             if p.lists and len(p.titles) > self.group_size:
-                tournaments[p.index] = Tournament(len(p.titles), self.group_size, self.advance, self.seed)
-        for p, new in zip(live, self._units_for([(p, tournaments.get(p.index)) for p in live])):
-            if isinstance(new, InputError):
-                tournaments.pop(p.index, None)
-                fail(p.index, new)
+                steps += [(p, f, Tournament(len(p.titles), self.group_size, self.advance, self.seed))
+                          for f in forms]
             else:
-                units += new
-        by_index = {p.index: p for p in live}
-        while units:
-            self._run_units(units)
-            next_units: list[Unit] = []
-            advancing: list[tuple[_Prepared, Tournament]] = []
-            for i, group_units in _by_owner(units).items():
-                p = by_index[i]
-                t = tournaments.get(i)
-                if t is None:  # scored directly: rank by score
-                    u = group_units[0]
-                    s = self._normalized(u, form)
-                    order = np.argsort(-s, kind="stable")
-                    results[i] = _result(p, order, s[order])
+                steps.append((p, None, None))
+        while steps:
+            running: list[tuple[_Prepared, str | None, Tournament | None, list[Unit]]] = []
+            for (p, f, t), new in zip(steps, self._units_for([(p, t) for p, _, t in steps])):
+                if p.index in failed:
                     continue
-                t.record([self._normalized(u, form) for u in group_units])
-                if t.done:
-                    order, s = t.result()
-                    results[i] = _result(p, order, s)
-                    continue
-                advancing.append((p, t))
-            for (p, _), new in zip(advancing, self._units_for(advancing)):
                 if isinstance(new, InputError):
                     fail(p.index, new)
                 else:
-                    next_units += new
-            units = next_units
-        return results  # type: ignore[return-value]
+                    running.append((p, f, t, new))
+            running = [r for r in running if r[0].index not in failed]
+            self._run_units(list({id(u): u for *_, units in running for u in units}.values()))
+            steps = []
+            for p, f, t, units in running:
+                if t is None:  # scored directly: rank by score under every form
+                    for name, form in forms.items():
+                        s = self._normalized(units[0], form)
+                        order = np.argsort(-s, kind="stable")
+                        out[name][p.index] = _result(p, order, s[order])
+                    continue
+                assert f is not None
+                t.record([self._normalized(u, forms[f]) for u in units])
+                if t.done:
+                    order, s = t.result()
+                    out[f][p.index] = _result(p, order, s)
+                else:
+                    steps.append((p, f, t))
+        return out  # type: ignore[return-value]
 
     # --------------------------------------------------------------------------- preparation
     def _prepare(self, requests: Sequence[Request], errors: str) -> list["_Prepared | InputError"]:
@@ -497,19 +464,28 @@ class Reranker:
 
     def _units_for(self, work: list[tuple[_Prepared, Tournament | None]]) -> "list[list[Unit] | InputError]":
         """The units of each request's next step (the whole request, or the groups of its
-        tournament's next round), or the first InputError among them."""
+        tournament's next round), or the first InputError among them. A group that several work
+        items hold (the same round of one request's tournaments under different score forms)
+        gets one unit, shared."""
         flat: list[tuple[_Prepared, np.ndarray]] = []
-        spans: list[tuple[int, int]] = []
+        where: dict[tuple[int, bytes], int] = {}
+        refs: list[list[int]] = []
         for p, t in work:
             groups = [np.arange(len(p.titles))] if t is None else t.groups()
-            spans.append((len(flat), len(flat) + len(groups)))
-            flat += [(p, g) for g in groups]
+            mine = []
+            for g in groups:
+                key = (p.index, np.asarray(g, dtype=np.int64).tobytes())
+                if key not in where:
+                    where[key] = len(flat)
+                    flat.append((p, g))
+                mine.append(where[key])
+            refs.append(mine)
         units = self._make_units(flat)
         out: list[list[Unit] | InputError] = []
-        for a, b in spans:
-            mine = units[a:b]
-            error = next((u for u in mine if isinstance(u, InputError)), None)
-            out.append(error if error is not None else mine)  # type: ignore[arg-type]
+        for mine in refs:
+            made = [units[n] for n in mine]
+            error = next((u for u in made if isinstance(u, InputError)), None)
+            out.append(error if error is not None else made)  # type: ignore[arg-type]
         return out
 
     def _normalized(self, u: Unit, form: ScoreForm) -> np.ndarray:
@@ -571,13 +547,6 @@ def _failure(r: Any, e: InputError) -> RankedResult:
     """The result of a request the engine refused (errors="return")."""
     return RankedResult(request_id=r.request_id if isinstance(r, Request) else None,
                         n_candidates=_n(r), error=str(e), error_kind=e.kind)
-
-
-def _by_owner(units: list[Unit]) -> dict[int, list[Unit]]:
-    out: dict[int, list[Unit]] = {}
-    for u in units:
-        out.setdefault(u.owner, []).append(u)
-    return out
 
 
 def _result(p: _Prepared, order: np.ndarray, scores: np.ndarray) -> RankedResult:

@@ -279,3 +279,23 @@ def test_rank_forms_equal_rank_per_form_with_one_scoring_pass(small):
 def test_rank_forms_refuses_bad_forms(small, forms):
     with pytest.raises(InputError, match="^forms"):
         small.rank_forms([Request(instruction=INSTRUCTION, candidates=TITLES)], forms)
+
+
+def test_rank_forms_score_a_tournament_round_the_forms_share_once(small):
+    """Every form's tournament of a request starts from the same seeded round 1, so rank_forms
+    encodes its groups once, not once per form; the results stay those of rank() per form."""
+    listed = Request(instruction="Pick the next game among: {candidates}",
+                     candidates=[f"Game number {i}" for i in range(3 * small.group_size + 1)], request_id="t")
+    forms = ["sum", "mean"]
+    first_round = -(-len(listed.candidates) // small.group_size)
+    small.reset_stats()
+    alone = {f: small.rank([listed], normalize=f)[0] for f in forms}
+    passes_alone = small.stats.encoder_passes
+    small.reset_stats()
+    together = small.rank_forms([listed], forms)
+    # Round 1 once instead of twice; a later round once per form, or once where both forms
+    # advanced the same titles.
+    assert first_round < small.stats.encoder_passes <= passes_alone - first_round
+    for f in forms:
+        assert together[f][0].ranked_ids == alone[f].ranked_ids
+        np.testing.assert_allclose(together[f][0].scores, alone[f].scores, **FP32)
