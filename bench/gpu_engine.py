@@ -46,32 +46,27 @@ def random_engine_model(shape_name: str, device, dtype):
     return model.eval().requires_grad_(False)
 
 
-def bf16_peaks(shape_name: str, device: str = "cuda", square: int = 8192) -> dict:
-    """Measured bf16 matmul FLOP/s on `device`: GEMMs shaped like the model's (the bench's own
-    measure) and one square product of `square` (8192^3 on a GPU); utilisation is reported
-    against the larger."""
+def bf16_peak(shape_name: str, device: str = "cuda") -> float:
+    """Measured bf16 matmul FLOP/s on `device`, utilisation's denominator: on a GPU the peak of
+    `instructrec bench` (bench/peaks.py: GEMMs shaped like the model's and one large square,
+    timed with CUDA events); elsewhere the best of the model-shaped GEMMs."""
     import torch
 
     from instructrec.bench.flops import T5Shape, matmul_peak
+    from instructrec.bench.peaks import cuda_bf16_peak
     from instructrec.engine.presets import shape_config
 
-    shaped = matmul_peak(T5Shape.from_config(shape_config(shape_name)), "bfloat16", 1, device)["flops_per_s"]
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a = torch.randn(square, square, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    sync()
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        a @ a
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return {"model_shaped": shaped, f"square_{square}": 2 * square ** 3 / best}
+    shape = T5Shape.from_config(shape_config(shape_name))
+    if torch.device(device).type == "cuda":
+        rate, where = cuda_bf16_peak(shape, device)
+        if rate is None:
+            raise RuntimeError(f"no bf16 peak on {device}: {where['note']}")
+        return rate
+    return matmul_peak(shape, "bfloat16", 1, device)["flops_per_s"]
 
 
 def engine_measure(tok: Path, models: list[str], device: str = "cuda", requests: dict | None = None,
-                   batch_tokens: tuple | None = None, square: int = 8192, seed: int = 0) -> list[dict]:
+                   batch_tokens: tuple | None = None, seed: int = 0) -> list[dict]:
     """This engine in bf16 on `device`, one row per (model, batch tokens, workload): rerank-10 at
     every batch size, rerank-100 and latency at the last. batch_tokens: None in it is the engine's
     default; None for the whole tuple: ENGINE_BATCH_TOKEN_FACTORS times the default, then the
@@ -97,8 +92,7 @@ def engine_measure(tok: Path, models: list[str], device: str = "cuda", requests:
     requests = requests or ENGINE_REQUESTS
     rows = []
     for model_name in models:
-        peaks = bf16_peaks(model_name, device, square)
-        peak = max(peaks.values())
+        peak = bf16_peak(model_name, device)
         model = random_engine_model(model_name, dev, torch.bfloat16)
         shape = T5Shape.from_config(shape_config(model_name))
         for tokens in batch_tokens:

@@ -94,7 +94,7 @@ def test_cuda_wheel_index_follows_the_driver():
 
 def test_engine_measurement_runs_on_cpu(tokenizer_dir, one_torch_thread):
     rows = gpu_engine.engine_measure(tokenizer_dir, ["t5-tiny"], device="cpu", requests={"t5-tiny": 8},
-                                    batch_tokens=(None, 2048), square=128)
+                                    batch_tokens=(None, 2048))
     assert [(r["workload"], r["batch_tokens"]) for r in rows] == [
         ("rerank-10", 8192), ("rerank-10", 2048), ("rerank-100", 2048), ("latency", 2048)]
     by = {r["workload"]: r for r in rows[1:]}
