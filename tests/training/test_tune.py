@@ -406,3 +406,33 @@ def test_resume_with_precision_auto_keeps_the_precision_it_resolved_to(dataset, 
     assert resumed.precision == "fp32"
     fresh = train(config(dataset, tmp_path / "fresh", tokenizer_dir, precision="auto", max_steps=1))
     assert fresh.precision == "bf16"
+
+
+def test_report_to_tensorboard_logs_every_step_and_each_templates_validation(dataset, tmp_path, tokenizer_dir):
+    """`--report-to tensorboard`: the event files, read back with TensorBoard's own reader, hold
+    every step's loss and learning rate and each evaluation's scalars, the per-template ranking
+    metrics flattened to valid/<template>/<metric>, equal to metrics.jsonl's records."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(config(dataset, out, tokenizer_dir, max_steps=4, eval_every=2, optimizer="adamw", lr=3e-3,
+                 rank_eval=True, report_to="tensorboard"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars: dict[str, dict[int, float]] = {}
+    for events in (out / "runs").rglob("events.out.tfevents.*"):
+        reader = EventAccumulator(str(events.parent))
+        reader.Reload()
+        for tag in reader.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in reader.Scalars(tag)})
+    train_records = {r["step"]: r for r in records if r["kind"] == "train"}
+    assert sorted(scalars["train/loss"]) == sorted(train_records) == [1, 2, 3, 4]
+    for step, r in train_records.items():
+        assert scalars["train/loss"][step] == pytest.approx(r["loss"], rel=1e-6)
+    evaluations = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evaluations] == [2, 4]
+    for r in evaluations:
+        assert scalars["valid/valid_loss"][r["step"]] == pytest.approx(r["valid_loss"], rel=1e-6)
+        assert scalars["valid/hr@1"][r["step"]] == pytest.approx(r["hr@1"])
+        for template, summary in r["by_template"].items():
+            assert scalars[f"valid/{template}/ndcg@5"][r["step"]] == pytest.approx(summary["ndcg@5"], rel=1e-6)

@@ -87,13 +87,6 @@ def test_help_shows_no_default_for_switches(capsys):
     assert "(default: 512)" in text and "(default: adafactor)" in text and "(default: q,v)" in text
 
 
-def test_report_to_tensorboard_writes_event_files(dataset, tmp_path, tokenizer_dir):
-    pytest.importorskip("tensorboard")
-    out = tmp_path / "tb"
-    train(config(dataset, out, model="random:t5-tiny", tokenizer=tokenizer_dir, report_to="tensorboard"))
-    assert list((out / "runs").rglob("events.out.tfevents.*"))
-
-
 def test_report_to_an_uninstalled_tracker_is_refused(dataset, tmp_path, tokenizer_dir):
     from accelerate.utils import is_wandb_available
 
