@@ -86,8 +86,15 @@ def merge_results(previous: dict, new: dict) -> dict:
 
 
 METHOD_LABELS = {"instructrec": "InstructRec (ours, tuned)", "zero-shot": "untuned (random init)",
+                 "instructrec+popularity": "InstructRec + popularity prior (ours, hybrid)",
                  "popularity": "Popularity", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
                  "two-tower": "two-tower (DSSM-style)", "tem": "TEM"}
+
+
+def _score_label(m: dict) -> str:
+    """The score form of a model method; the fused one also names its popularity weight."""
+    form = m.get("normalize", "")
+    return f"{form} + {m['popularity_weight']:g} x popularity" if "popularity_weight" in m else form
 
 
 def _model_label(model: dict) -> str:
@@ -142,7 +149,7 @@ def results_markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for method, m in entry["methods"].items():
             lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(f"{m[k]:.4f}" for k in METRIC_KEYS)
-                         + f" | {m.get('template', '')} | {m.get('normalize', '')} | {m.get('errors', '')} |")
+                         + f" | {m.get('template', '')} | {_score_label(m)} | {m.get('errors', '')} |")
         for method, value in entry.get("theirs", {}).items():
             label = "InstructRec (Flan-T5-XL 3B)" if method == "instructrec" else METHOD_LABELS.get(method, method)
             lines.append(f"| *theirs: {label}* | *{value:.4f}* | | | | | | | |")

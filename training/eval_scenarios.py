@@ -21,7 +21,12 @@ from instructrec.engine.types import NORMALIZE_CHOICES
 
 log = logging.getLogger(__name__)
 
-MODEL_METHODS = ("instructrec", "zero-shot")
+# "instructrec+popularity": the tuned model's score fused with the candidate's training popularity
+# (evaluate.with_popularity; the weight chosen on validation), a hybrid reported beside the model.
+FUSED_METHOD = "instructrec+popularity"
+MODEL_METHODS = ("instructrec", "zero-shot", FUSED_METHOD)
+# The methods that rank with the tuned checkpoint (a random:<shape> model can only be zero-shot).
+TUNED_METHODS = ("instructrec", FUSED_METHOD)
 BASELINE_METHODS = ("popularity", "sasrec", "bert4rec", "two-tower", "tem")
 METHODS = MODEL_METHODS + BASELINE_METHODS
 CANDIDATE_MODES = ("stored", "hard", "sampled")
@@ -32,6 +37,8 @@ CANDIDATE_MODES = ("stored", "hard", "sampled")
 RANKING_TASKS = ("T2", "T3")
 METRIC_KEYS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
 SELECTION_METRIC = "ndcg@5"
+# The popularity weights FUSED_METHOD chooses between on validation (0: the model alone).
+POPULARITY_WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 # A candidate's score: its title's log-likelihood ("sum"), that per title token ("mean"), or that
 # minus the title's prior ("calibrated", or "calibrated:W" for W times it): the engine's
 # `normalize` values. A sum favours short titles, so the form is chosen on validation; these are

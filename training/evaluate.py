@@ -29,6 +29,9 @@ instances with the stored lists (the original's rule for templates). Hard negati
 validation instances whose lists are retrieved the same way (the two-tower's top 9): popularity
 is strong on those lists, so the form that wins on stored lists need not win there.
 Candidates-100 reuses seq-rec's choice (same type; saves ranking 100-candidate validation lists).
+`instructrec+popularity` is a hybrid reported beside the model: the tuned model's scores of its
+chosen template and form fused with the candidates' training popularity (`with_popularity`), the
+weight chosen on the same validation lists.
 
 Runs can be split: a run writes every list it ranks to OUT/instances.json before ranking; another
 run with `add_to` ranks exactly those lists and merges its methods into that run's metrics (the
@@ -68,7 +71,8 @@ from instructrec.engine.types import parse_score_form
 from .eval_domain import Domain, baseline_scores
 from .eval_report import dataset_stats, merge_results, model_info, results_markdown
 from .eval_scenarios import (
-    BASELINE_METHODS, METHODS, METRIC_KEYS, MODEL_METHODS, SCENARIOS, SCORE_FORMS, SELECTION_METRIC, Instance,
+    BASELINE_METHODS, FUSED_METHOD, METHODS, METRIC_KEYS, MODEL_METHODS, POPULARITY_WEIGHTS, SCENARIOS, SCORE_FORMS,
+    SELECTION_METRIC, TUNED_METHODS, Instance,
     Scenario, has_rows, load_instances, read_slot, resolve_methods, resolve_scenarios, sample, sampled_negatives,
     templates_of, with_candidate_list, with_candidates, with_request_fields)
 from .eval_train_set import parse_instruction_type, restrict_training_set
@@ -76,9 +80,9 @@ from .metrics import pessimistic_rank, summarize_ranks
 
 __all__ = [
     "BASELINE_METHODS", "METHODS", "MODEL_METHODS", "SCENARIOS", "EvalConfig", "Evaluation", "Instance", "Scenario",
-    "engine_ranks", "engine_ranks_by_form", "evaluate", "load_instances", "merge_results", "parse_instruction_type", "ranks_from_scores",
+    "engine_ranks", "engine_ranks_by_form", "engine_scores_by_form", "evaluate", "load_instances", "merge_results", "parse_instruction_type", "ranks_from_scores",
     "read_slot", "resolve_methods", "resolve_scenarios", "restrict_training_set", "results_markdown",
-    "with_candidate_list",
+    "standardised", "with_candidate_list", "with_popularity",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,36 +140,68 @@ def engine_ranks_by_form(reranker, instances: Sequence[Instance], template: str,
                          chunk: int = 256) -> dict[str, tuple[list[int], int]]:
     """engine_ranks for several score forms, each list scored once for all of them
     (Reranker.rank_forms): {form: (ranks, rejected requests)}."""
+    return {form: (ranks_of(scores, instances), errors)
+            for form, (scores, errors) in engine_scores_by_form(reranker, instances, template, forms, chunk).items()}
+
+
+def ranks_of(scores: Sequence[np.ndarray | None], instances: Sequence[Instance]) -> list[int]:
+    """The target's rank in each list; a list without scores (the engine rejected it) is a miss, K+1."""
+    return [len(inst.candidate_ids) + 1 if row is None else pessimistic_rank(row, inst.positive)
+            for row, inst in zip(scores, instances, strict=True)]
+
+
+def engine_scores_by_form(reranker, instances: Sequence[Instance], template: str, forms: Sequence[str],
+                          chunk: int = 256) -> dict[str, tuple[list[np.ndarray | None], int]]:
+    """{form: (each instance's candidate scores in its candidate_ids order, or None where the engine
+    rejected the request; the number rejected)}, each list scored once for every form
+    (Reranker.rank_forms). After a grouped tournament the scores of different rounds are not
+    comparable, so a candidate's score there is minus its position in the ranking."""
     from instructrec.engine import Request
     from instructrec.engine.formatting import CANDIDATES_PLACEHOLDER
 
-    out: dict[str, tuple[list[int], int]] = {form: ([], 0) for form in forms}
+    out: dict[str, tuple[list[np.ndarray | None], int]] = {form: ([], 0) for form in forms}
     for start in range(0, len(instances), chunk):
         part = instances[start:start + chunk]
         requests = [Request(**inst.request_fields(template), candidates=inst.titles,
                             candidate_ids=inst.candidate_ids, request_id=inst.key) for inst in part]
         by_form = reranker.rank_forms(requests, list(forms), errors="return")
         for form in forms:
-            ranks, errors = out[form]
+            rows, errors = out[form]
             for inst, result in zip(part, by_form[form], strict=True):
-                k = len(inst.candidate_ids)
                 if result.error is not None:
                     errors += 1
                     log.debug("engine rejected %s: %s", inst.key, result.error)
-                    ranks.append(k + 1)
+                    rows.append(None)
                     continue
-                if k > reranker.group_size and CANDIDATES_PLACEHOLDER in inst.prompts[template]:
-                    # Tournament: scores of different rounds are not comparable; the order is the ranking.
+                if len(inst.candidate_ids) > reranker.group_size and CANDIDATES_PLACEHOLDER in inst.prompts[template]:
                     by_id = {cid: -float(pos) for pos, cid in enumerate(result.ranked_ids)}
                 else:
                     by_id = dict(zip(result.ranked_ids, result.scores))
-                ranks.append(pessimistic_rank([by_id[c] for c in inst.candidate_ids], inst.positive))
-            out[form] = (ranks, errors)
+                rows.append(np.array([by_id[c] for c in inst.candidate_ids], dtype=np.float64))
+            out[form] = (rows, errors)
     for form, (_, errors) in out.items():
         if errors:
             log.warning("template %s, score %s: the engine rejected %d of %d requests; they count as misses",
                         template, form, errors, len(instances))
     return out
+
+
+def standardised(values: np.ndarray) -> np.ndarray:
+    """`values` with mean 0 and standard deviation 1 (all zeros where they are all equal)."""
+    if not values.max() > values.min():  # the mean of equal values can round off them: a std of ~1e-16
+        return np.zeros_like(values, dtype=np.float64)
+    return (values - values.mean()) / values.std()
+
+
+def with_popularity(scores: Sequence[np.ndarray | None], counts: np.ndarray, weight: float) -> list[np.ndarray | None]:
+    """Each list's model scores fused with its candidates' training interaction counts:
+    standardised(score) + weight x standardised(log(1 + count)), both standardised within the list
+    so that one weight serves the sum, mean and calibrated forms and a tournament's -positions
+    alike. Weight 0 ranks as the model alone; a large weight as popularity, ties broken by the model."""
+    if weight < 0 or not np.isfinite(weight):
+        raise ValueError(f"popularity weight must be finite and >= 0, got {weight!r}")
+    return [None if row is None else standardised(row) + weight * standardised(np.log1p(count))
+            for row, count in zip(scores, counts, strict=True)]
 
 
 def build_untuned(source: ModelSource, tokenizer: Path | None, seed: int):
@@ -204,7 +240,7 @@ def resolve_eval_model(cfg: EvalConfig, methods: list[str]) -> ModelSource | Non
     except ModelLoadError as exc:
         raise InputError("model", f"{cfg.model} is not a checkpoint directory ({exc})", fix) from exc
     if source.is_random:
-        if "instructrec" in methods:
+        if any(m in TUNED_METHODS for m in methods):
             raise InputError("model", f"{source.spec} has random weights, so it can only be the zero-shot reference",
                              "pass --methods zero-shot (with baselines if wanted), or a trained checkpoint or Hub "
                              "id for the instructrec method")
@@ -306,6 +342,9 @@ class Evaluation:
         self._seen_from: str | None = None
         self._valid_cache: dict[str, list[Instance]] = {}
         self._chosen: dict[tuple[str, str], tuple[str, dict]] = {}
+        # (model, list key, template, form) -> engine_scores_by_form's (scores, errors): the fused
+        # method reuses the tuned model's scores of the same lists instead of ranking them again.
+        self._scores: dict[tuple[str, str, str, str], tuple[list, int]] = {}
         # "scenario:split" -> [[key, candidate ids], ...]: every list ranked, written beside the metrics.
         self.lists: dict[str, list] = {}
         self.fixed_lists: dict[str, list] | None = None
@@ -319,6 +358,7 @@ class Evaluation:
     def reranker(self, method: str):
         from instructrec.engine import Reranker
 
+        method = "instructrec" if method in TUNED_METHODS else method  # the fused method shares its model
         if method not in self._rerankers:
             if method == "instructrec":
                 self._rerankers[method] = Reranker.from_pretrained(self.source.path, backend="torch",
@@ -408,7 +448,8 @@ class Evaluation:
             n = cfg.max_instances_100 if scenario.candidates == "sampled" else cfg.max_instances
             tests[scenario.name] = test = self.instances(scenario, "test", domain, n, seen_targets)
             key = self._selection_key(scenario, domain)
-            if len(test[0].prompts) * len(cfg.score_forms) > 1 and key not in self._valid_cache:
+            choosing = len(test[0].prompts) * len(cfg.score_forms) > 1 or FUSED_METHOD in self.methods
+            if choosing and key not in self._valid_cache:
                 # Drawn (and recorded) even without a model method, so a later --add-to run
                 # chooses the template and score form on these same validation lists.
                 listed = replace(scenario, name=key, candidates="hard" if scenario.candidates == "hard" else "stored")
@@ -459,27 +500,56 @@ class Evaluation:
 
     def _model_method(self, method: str, scenario: Scenario, domain: Domain, test: list[Instance],
                       seen_targets: set[str] | None) -> dict:
-        reranker = self.reranker(method)
         t0 = time.perf_counter()
-        templates = sorted(test[0].prompts)
-        choices = [(template, form) for template in templates for form in self.cfg.score_forms]
-        selection = {}
-        if len(choices) > 1:
-            key = self._selection_key(scenario, domain)
-            if (method, key) not in self._chosen:
-                for template in templates:  # one scoring pass per template serves every form
-                    by_form = engine_ranks_by_form(reranker, self._valid_cache[key], template, self.cfg.score_forms)
-                    for form, (ranks, errors) in by_form.items():
-                        selection[f"{template} {form}"] = dict(_metrics(ranks), errors=errors)
-                # Highest validation NDCG@5; max keeps the first of a tie: the first template id, then form.
-                best = max(choices, key=lambda choice: selection[" ".join(choice)][SELECTION_METRIC])
-                self._chosen[method, key] = (best, selection)
-            (chosen, form), selection = self._chosen[method, key]
-        else:
-            chosen, form = choices[0]
-        ranks, errors = engine_ranks(reranker, test, chosen, normalize=form)
-        return dict(_metrics(ranks), errors=errors, template=chosen, normalize=form, valid_by_choice=selection,
+        model = "instructrec" if method in TUNED_METHODS else method
+        key = self._selection_key(scenario, domain)
+        (chosen, form), selection = self._choice(model, key, sorted(test[0].prompts))
+        scores, errors = self._model_scores(model, scenario.name, test, chosen, form)
+        entry = dict(template=chosen, normalize=form, valid_by_choice=selection)
+        if method == FUSED_METHOD:
+            valid = self._valid_cache[key]
+            valid_scores, _ = self._model_scores(model, key, valid, chosen, form)
+            valid_counts = baseline_scores(domain, "popularity", scenario, valid)
+            by_weight = {str(w): _metrics(ranks_of(with_popularity(valid_scores, valid_counts, w), valid))
+                         for w in POPULARITY_WEIGHTS}
+            # Highest validation NDCG@5; max keeps the first of a tie: the smallest weight.
+            weight = max(POPULARITY_WEIGHTS, key=lambda w: by_weight[str(w)][SELECTION_METRIC])
+            scores = with_popularity(scores, baseline_scores(domain, "popularity", scenario, test), weight)
+            entry.update(popularity_weight=weight, valid_by_popularity_weight=by_weight)
+        return dict(_metrics(ranks_of(scores, test)), errors=errors, **entry,
                     seconds=round(time.perf_counter() - t0, 1))
+
+    def _choice(self, model: str, key: str, templates: list[str]) -> tuple[tuple[str, str], dict]:
+        """((template, score form), validation metrics of every choice) for `model` on the instruction
+        type `key`: the highest validation NDCG@5; with a single choice, that one (no metrics)."""
+        choices = [(template, form) for template in templates for form in self.cfg.score_forms]
+        if len(choices) == 1:
+            return choices[0], {}
+        if (model, key) not in self._chosen:
+            selection = {}
+            for template in templates:  # one scoring pass per template serves every form
+                for form in self.cfg.score_forms:
+                    scores, errors = self._model_scores(model, key, self._valid_cache[key], template, form,
+                                                        every_form=True)
+                    selection[f"{template} {form}"] = dict(_metrics(ranks_of(scores, self._valid_cache[key])),
+                                                           errors=errors)
+            # max keeps the first of a tie: the first template id, then form.
+            best = max(choices, key=lambda choice: selection[" ".join(choice)][SELECTION_METRIC])
+            self._chosen[model, key] = (best, selection)
+        return self._chosen[model, key]
+
+    def _model_scores(self, model: str, lists: str, instances: list[Instance], template: str,
+                      form: str, every_form: bool = False) -> tuple[list, int]:
+        """engine_scores_by_form of `model` on the lists named `lists` (a scenario's test lists or a
+        selection key's validation lists), kept. With `every_form`, the pass scores every --score-forms
+        form at once (validation, where all are compared); else only `form` (a test list's choice:
+        the calibrated forms cost a second decoding)."""
+        if (model, lists, template, form) not in self._scores:
+            forms = self.cfg.score_forms if every_form else (form,)
+            by_form = engine_scores_by_form(self.reranker(model), instances, template, forms)
+            for each, result in by_form.items():
+                self._scores[model, lists, template, each] = result
+        return self._scores[model, lists, template, form]
 
 
 def evaluate(cfg: EvalConfig) -> dict:

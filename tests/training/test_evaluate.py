@@ -678,3 +678,80 @@ def test_one_score_form_skips_the_choice_and_bad_forms_are_refused(world, t2_ins
     for forms in ((), ("sum", "max"), ("sum", "sum"), "sum", ("calibrated:x",), ("mean:1",)):
         with pytest.raises(InputError, match="score_forms"):
             evaluate(config(world, tiny_t5_dir, tmp_path / "bad", instructions=only_t2, score_forms=forms))
+
+
+# --------------------------------------------------------------------------------------------- popularity fusion
+
+
+def test_with_popularity_by_hand():
+    """Scores (-3, -1, -2) and counts (0, 9, 99): both standardise to +-sqrt(3/2) and 0 (log(1 + count)
+    is 0, ln 10, ln 100, evenly spaced), so the fused values are sqrt(3/2) x (-1 - w, 1, w)."""
+    from instructrec.training.evaluate import ranks_of, with_popularity
+
+    root = np.sqrt(1.5)
+    scores, counts = [np.array([-3.0, -1.0, -2.0])], np.array([[0, 9, 99]])
+    for weight, expected in ((0.0, [-1, 1, 0]), (0.5, [-1.5, 1, 0.5]), (4.0, [-5, 1, 4])):
+        np.testing.assert_allclose(with_popularity(scores, counts, weight)[0], root * np.array(expected), atol=1e-12)
+    # The target is the middle item: first for the model, second once popularity outweighs it.
+    inst = Instance("u", "u", "b", ["a", "b", "c"], ["A", "B", "C"], {})
+    assert [ranks_of(with_popularity(scores, counts, w), [inst])[0] for w in (0.0, 0.5, 4.0)] == [1, 1, 2]
+    # A rejected request stays a miss; equal counts add nothing; a negative weight is refused.
+    assert ranks_of(with_popularity([None], counts, 1.0), [inst]) == [4]
+    np.testing.assert_allclose(with_popularity(scores, np.array([[5, 5, 5]]), 2.0)[0], root * np.array([-1, 1, 0]))
+    with pytest.raises(ValueError, match="popularity weight"):
+        with_popularity(scores, counts, -1.0)
+
+
+def test_popularity_fusion_chooses_its_weight_on_validation_and_matches_a_hand_fused_ranking(
+        world, tiny_t5_dir, hf_log_likelihoods, tmp_path):
+    """instructrec+popularity: the tuned model's choice (template, form), its weight the best
+    validation NDCG@5 of POPULARITY_WEIGHTS (weight 0 being the model alone), and its test metrics
+    recomputed from Hugging Face log-likelihoods and training counts read from interactions.parquet."""
+    from collections import Counter
+
+    from instructrec.training.evaluate import POPULARITY_WEIGHTS
+    from instructrec.training.metrics import pessimistic_rank, summarize_ranks
+
+    out = tmp_path / "fused"
+    results = evaluate(config(world, tiny_t5_dir, out, scenarios=("seq-rec",), score_forms=("sum", "mean"),
+                              methods=("instructrec", "instructrec+popularity", "popularity")))
+    methods = results["scenarios"]["seq-rec"]["methods"]
+    model, fused = methods["instructrec"], methods["instructrec+popularity"]
+    assert (fused["template"], fused["normalize"]) == (model["template"], model["normalize"])
+    by_weight = fused["valid_by_popularity_weight"]
+    assert list(by_weight) == [str(w) for w in POPULARITY_WEIGHTS]
+    assert fused["popularity_weight"] > 0  # in this world popularity helps on validation: the fusion is exercised
+    best = max(v["ndcg@5"] for v in by_weight.values())
+    assert fused["popularity_weight"] == next(w for w in POPULARITY_WEIGHTS if by_weight[str(w)]["ndcg@5"] == best)
+    alone = model["valid_by_choice"][f"{model['template']} {model['normalize']}"]
+    assert {k: by_weight["0.0"][k] for k in ("hr@1", "ndcg@5")} == {k: alone[k] for k in ("hr@1", "ndcg@5")}
+
+    interactions = pq.read_table(world / "prepared" / "interactions.parquet").to_pylist()
+    counts = Counter(r["item_id"] for r in interactions if r["split"] == "train")
+    lists = json.loads((out / "instances.json").read_text())["seq-rec:test"]
+    by_key = {i.key: i for i in load_instances(world / "instructions", "test", SCENARIOS["seq-rec"], {}, None)}
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_t5_dir)
+    ranks = []
+    for key, ids in lists:
+        inst = by_key[key]
+        assert inst.candidate_ids == ids
+        scores = hf_log_likelihoods(tiny_t5_dir, inst.prompts[fused["template"]], inst.titles)
+        if fused["normalize"] == "mean":
+            scores = scores / np.array([len(tokenizer(text_target=t).input_ids) for t in inst.titles])
+        prior = np.log1p([counts[c] for c in ids])
+        fused_scores = (scores - scores.mean()) / scores.std()
+        if prior.max() > prior.min():
+            fused_scores = fused_scores + fused["popularity_weight"] * (prior - prior.mean()) / prior.std()
+        ranks.append(pessimistic_rank(fused_scores, inst.positive))
+    reference = summarize_ranks(ranks)
+    for k in ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5"):
+        assert fused[k] == pytest.approx(reference[k], abs=1e-9), k
+    table = (out / "results.md").read_text()
+    assert "InstructRec + popularity prior" in table
+    assert f"| {fused['normalize']} + {fused['popularity_weight']:g} x popularity |" in table
+
+
+def test_popularity_fusion_needs_a_tuned_model(world, tokenizer_dir, tmp_path):
+    with pytest.raises(InputError, match="zero-shot reference"):
+        evaluate(config(world, "random:t5-tiny", tmp_path / "x", tokenizer=tokenizer_dir,
+                        methods=("instructrec+popularity",)))
