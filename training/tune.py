@@ -60,7 +60,7 @@ from .tune_eval import engine_device, seqrec_validation, validation_loss, weight
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
                          install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
                          ranked_sequence_losses, sequence_nll_sum)
-from .tune_schedule import StepSchedule, TimeBudget, lr_factor  # noqa: F401
+from .tune_schedule import RefitAnnouncer, StepSchedule, TimeBudget, lr_factor  # noqa: F401
 from .tune_state import (STATE_FILE, MetricsLog, list_checkpoints, plot_loss_curve, portable_weights, read_trainer_state,
                          save_checkpoint, write_model_card, STATE_VERSION)
 
@@ -355,7 +355,7 @@ class _Run:
                                   cfg.length_grouped, epoch=epoch, position=position)
         self.budget = TimeBudget(self.started + cfg.max_minutes * 60.0) if cfg.max_minutes is not None else None
         self.budget_fitted = False
-        self.budget_told: int | None = None  # the step budget last logged at INFO
+        self.refit_announcer = RefitAnnouncer()  # which refits are said at INFO
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("model %s: %.1fM trainable parameters; %s on %s x %d process(es) (%s); %d steps of %d rows "
                  "(%d per process x %d accumulated)%s", self.source.describe(), n_trainable / 1e6, self.precision,
@@ -545,12 +545,8 @@ class _Run:
             fits = int(broadcast(torch.tensor([fits], device=self.accelerator.device), from_process=0)[0])
         if fits == self.schedule.total:
             return
-        # Said at INFO when it moves by more than 5% from what was last said: refits every ten
-        # steps on a machine whose speed wanders would otherwise fill the log.
-        told = self.budget_told
-        level = logging.INFO if told is None or abs(fits - told) > 0.05 * told else logging.DEBUG
-        if level == logging.INFO:
-            self.budget_told = fits
+        # Refits every ten steps on a machine whose speed wanders would otherwise fill the log.
+        level = logging.INFO if self.refit_announcer.worth_saying(fits, self.clock()) else logging.DEBUG
         log.log(level, "--max-minutes: %d steps fit in the cap (planned %d); the schedule now ends there",
                 fits, self.planned_steps)
         self.schedule.refit(self.lr_scheduler.last_epoch, fits)

@@ -118,3 +118,31 @@ class TimeBudget:
         left = self.deadline - now - self.last_eval_s
         fits = step + int(max(0.0, left) // (per_step * (1.0 + FIT_MARGIN)))
         return max(step, min(total, fits))
+
+
+# A refit is said at INFO when the budget moved by more than REFIT_SAY_FRACTION from what was
+# last said, and either by more than REFIT_SAY_AT_ONCE_FRACTION or REFIT_SAY_EVERY_S after the last
+# INFO line. Length-grouped step times make the 128-step mean swing by more than 5% for hours (a
+# 100-minute run said 113 refits at INFO); a real change of speed moves it by far more.
+REFIT_SAY_FRACTION = 0.05
+REFIT_SAY_AT_ONCE_FRACTION = 0.25
+REFIT_SAY_EVERY_S = 300.0
+
+
+@dataclass
+class RefitAnnouncer:
+    """Decides whether a refitted step budget is worth an INFO line (else DEBUG)."""
+
+    told: int | None = None  # the budget last said at INFO
+    told_at: float | None = None  # the clock then
+
+    def worth_saying(self, fits: int, now: float) -> bool:
+        if self.told is None or self.told_at is None:
+            self.told, self.told_at = fits, now
+            return True
+        moved = abs(fits - self.told) / max(1, self.told)
+        if moved > REFIT_SAY_FRACTION and (moved > REFIT_SAY_AT_ONCE_FRACTION
+                                           or now - self.told_at >= REFIT_SAY_EVERY_S):
+            self.told, self.told_at = fits, now
+            return True
+        return False

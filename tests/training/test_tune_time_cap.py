@@ -198,3 +198,47 @@ def test_the_estimate_holds_steady_over_batches_of_varying_length():
     mean_fit = float(np.mean(fits))
     assert mean_fit == pytest.approx(60.0 / durations.mean() / 1.05, rel=0.1)
     assert max(fits) - min(fits) < 0.15 * mean_fit
+
+
+def test_refits_are_said_at_info_when_the_budget_moved_much_or_minutes_ago():
+    from instructrec.training.tune_schedule import RefitAnnouncer
+
+    say = RefitAnnouncer()
+    assert say.worth_saying(1000, now=0.0)  # the first budget is always said
+    assert not say.worth_saying(1080, now=10.0)  # 8% within five minutes of the last line
+    assert not say.worth_saying(1040, now=200.0)
+    assert say.worth_saying(1080, now=310.0)  # 8% from what was said, five minutes later
+    assert not say.worth_saying(1100, now=320.0)  # 1.9% from 1,080: never, however late
+    assert not say.worth_saying(1060, now=5000.0)
+    assert say.worth_saying(1500, now=5001.0)  # 39% at once: a real change of speed
+    assert say.worth_saying(1000, now=5002.0)  # and back
+
+
+class WobblingClock(SteppingClock):
+    """Each read advances `tick`, 20% longer in every other stretch of `stretch` reads: the step
+    times of length-grouped batches on a machine of steady speed."""
+
+    def __init__(self, tick: float, stretch: int):
+        super().__init__(tick)
+        self.reads, self.stretch, self.base = 0, stretch, tick
+
+    def __call__(self) -> float:
+        self.reads += 1
+        self.tick = self.base * (1.2 if (self.reads // self.stretch) % 2 else 1.0)
+        return super().__call__()
+
+
+def test_a_wobbling_step_time_does_not_fill_the_log(tmp_path, tokenizer_dir, one_torch_thread, caplog):
+    import logging
+
+    data = write_instructions(tmp_path / "data")
+    with caplog.at_level(logging.DEBUG, logger="instructrec.training.tune"):
+        result = train(config(data, tmp_path / "run", tokenizer_dir, max_steps=5000, max_minutes=2.0,
+                              optimizer="adamw", lr=1e-2, warmup_steps=2, schedule="linear"),
+                       clock=WobblingClock(tick=0.1, stretch=100))
+    refits = [r for r in caplog.records if "steps fit in the cap" in r.getMessage()]
+    said = [r for r in refits if r.levelno == logging.INFO]
+    # The budget was refitted many times as the step time wobbled, and said at INFO once: two
+    # clock-minutes are within REFIT_SAY_EVERY_S and no move reached REFIT_SAY_AT_ONCE_FRACTION.
+    assert len(refits) >= 5 and len(said) == 1
+    assert result.steps_done == result.total_steps and not result.time_capped
