@@ -540,13 +540,14 @@ class _Run:
         if not self.budget.ready or not (event or not self.budget_fitted or step % REFIT_EVERY_STEPS == 0):
             return
         self.budget_fitted = True
-        fits = self.budget.fit(step, self.planned_steps, self.clock())
+        now = self.clock()
+        fits = self.budget.fit(step, self.planned_steps, now)
         if self.accelerator.num_processes > 1:
             fits = int(broadcast(torch.tensor([fits], device=self.accelerator.device), from_process=0)[0])
         if fits == self.schedule.total:
             return
         # Refits every ten steps on a machine whose speed wanders would otherwise fill the log.
-        level = logging.INFO if self.refit_announcer.worth_saying(fits, self.clock()) else logging.DEBUG
+        level = logging.INFO if self.refit_announcer.worth_saying(fits, now) else logging.DEBUG
         log.log(level, "--max-minutes: %d steps fit in the cap (planned %d); the schedule now ends there",
                 fits, self.planned_steps)
         self.schedule.refit(self.lr_scheduler.last_epoch, fits)

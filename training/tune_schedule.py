@@ -134,10 +134,10 @@ class RefitAnnouncer:
     """Decides whether a refitted step budget is worth an INFO line (else DEBUG)."""
 
     told: int | None = None  # the budget last said at INFO
-    told_at: float | None = None  # the clock then
+    told_at: float = 0.0  # the clock then
 
     def worth_saying(self, fits: int, now: float) -> bool:
-        if self.told is None or self.told_at is None:
+        if self.told is None:
             self.told, self.told_at = fits, now
             return True
         moved = abs(fits - self.told) / max(1, self.told)
