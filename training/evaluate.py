@@ -452,7 +452,9 @@ class Evaluation:
             if choosing and key not in self._valid_cache:
                 # Drawn (and recorded) even without a model method, so a later --add-to run
                 # chooses the template and score form on these same validation lists.
-                listed = replace(scenario, name=key, candidates="hard" if scenario.candidates == "hard" else "stored")
+                # Drawn as the test lists are (stored, retrieved or sampled), so the choice is made
+                # on lists of the same size and kind as the ones it ranks.
+                listed = replace(scenario, name=key)
                 self._valid_cache[key] = self.instances(listed, "valid", domain, cfg.valid_instances, seen_targets)
         if lists_path is not None:
             lists_path.parent.mkdir(parents=True, exist_ok=True)
@@ -492,11 +494,12 @@ class Evaluation:
     @staticmethod
     def _selection_key(scenario: Scenario, domain: Domain) -> str:
         """Templates are chosen per instruction type and domain, on that type's validation
-        instances with the stored lists; hard negatives on validation instances with retrieved
-        lists (their own key); candidates-100 reuses seq-rec's choice (the same <P1, I0, T3>
-        templates), which saves ranking 100-candidate validation lists."""
+        instances with the stored lists; hard negatives and candidates-100 on validation instances
+        whose lists are retrieved (hard) or sampled (99 negatives) as their test lists are, under
+        keys of their own: a form that ranks 10 stored candidates best need not rank 100 best
+        (the calibrated forms lift rare titles, and 100 random candidates hold many)."""
         key = f"{domain.name}:{scenario.preference}+{scenario.intention}"
-        return f"{key}:hard" if scenario.candidates == "hard" else key
+        return key if scenario.candidates == "stored" else f"{key}:{scenario.candidates}"
 
     def _model_method(self, method: str, scenario: Scenario, domain: Domain, test: list[Instance],
                       seen_targets: set[str] | None) -> dict:
