@@ -28,7 +28,8 @@ and score form among those (`score_forms`) by NDCG@5 on a seeded sample of that 
 instances with the stored lists (the original's rule for templates). Hard negatives choose on
 validation instances whose lists are retrieved the same way (the two-tower's top 9): popularity
 is strong on those lists, so the form that wins on stored lists need not win there.
-Candidates-100 reuses seq-rec's choice (same type; saves ranking 100-candidate validation lists).
+Candidates-100 chooses on validation instances with 99 sampled negatives, as its test lists: a
+form that wins among 10 candidates need not win among 100 (the calibrated forms lift rare titles).
 `instructrec+popularity` is a hybrid reported beside the model: the tuned model's scores of its
 chosen template and form fused with the candidates' training popularity (`with_popularity`), the
 weight chosen on the same validation lists.
