@@ -612,35 +612,41 @@ def test_templates_and_score_forms_are_chosen_between_on_validation(world, t2_in
     assert len({json.dumps(reference[c], sort_keys=True) for c in choices}) > 2
 
 
-def test_hard_negatives_choose_their_form_on_validation_lists_retrieved_the_same_way(
-        world, t2_instructions, tiny_t5_dir, tmp_path, hf_log_likelihoods, caplog):
+@pytest.mark.parametrize("scenario, kind, size, methods, n_valid", [
+    ("hard-negatives", "hard", 10, ("instructrec", "two-tower"), 8),
+    ("candidates-100", "sampled", 100, ("instructrec",), 5),
+])
+def test_hard_negatives_and_candidates_100_choose_their_form_on_validation_lists_drawn_as_their_test_lists(
+        world, t2_instructions, tiny_t5_dir, tmp_path, hf_log_likelihoods, caplog, scenario, kind, size, methods,
+        n_valid):
     """Hard negatives pick their score form on validation instances whose 9 negatives the two-tower
-    retrieved (only the target was interacted with), by the Hugging Face ranking's NDCG@5 there, not
-    on seq-rec's stored lists; an --add-to folder recorded without those lists gets them drawn, the
-    same ones."""
+    retrieved, candidates-100 on validation instances with 99 sampled negatives (in both, only the
+    target was interacted with), by the Hugging Face ranking's NDCG@5 there, not on seq-rec's stored
+    lists of 10; an --add-to folder recorded without those lists gets them drawn, the same ones."""
     from instructrec.training.metrics import summarize_ranks
 
     only_t2 = t2_only_folder(t2_instructions, tmp_path / "instructions")
-    run = dict(instructions=only_t2, scenarios=("seq-rec", "hard-negatives"), valid_instances=8)
-    results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", methods=("instructrec", "two-tower"), **run))
+    run = dict(instructions=only_t2, scenarios=("seq-rec", scenario), valid_instances=n_valid)
+    results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", methods=methods, **run))
     lists = json.loads((tmp_path / "run" / "instances.json").read_text())
-    assert {"main:P1+I0:valid", "main:P1+I0:hard:valid"} <= set(lists)
+    own_key = f"main:P1+I0:{kind}:valid"
+    assert {"main:P1+I0:valid", own_key} <= set(lists)
     seen = {}
     for r in pq.read_table(world / "prepared" / "interactions.parquet").to_pylist():
         seen.setdefault(r["user_id"], set()).add(r["item_id"])
-    hard_valid = lists["main:P1+I0:hard:valid"]
-    assert len(hard_valid) == 8
-    assert all(len(ids) == 10 and len(set(ids) & seen[user]) == 1 for user, ids in hard_valid)
+    own_valid = lists[own_key]
+    assert len(own_valid) == n_valid
+    assert all(len(set(ids)) == len(ids) == size and len(set(ids) & seen[user]) == 1 for user, ids in own_valid)
     stored = dict(map(tuple, ((k, tuple(v)) for k, v in lists["main:P1+I0:valid"])))
-    assert any(tuple(ids) != stored.get(user) for user, ids in hard_valid)
+    assert any(tuple(ids) != stored.get(user) for user, ids in own_valid)
 
     titles_of = dict(zip(*pq.read_table(world / "prepared" / "items.parquet", columns=["item_id", "title"])
                          .to_pydict().values()))
     valid = {i.key: i for i in load_instances(only_t2, "valid", SCENARIOS["seq-rec"], {}, None)}
-    picked = [with_candidate_list(valid[key], ids, titles_of) for key, ids in hard_valid]
+    picked = [with_candidate_list(valid[key], ids, titles_of) for key, ids in own_valid]
     forms = ("sum", "mean", "calibrated")
     reference = {f: summarize_ranks(hf_ranks(tiny_t5_dir, picked, "seq-rec-01", hf_log_likelihoods, f)) for f in forms}
-    method = results["scenarios"]["hard-negatives"]["methods"]["instructrec"]
+    method = results["scenarios"][scenario]["methods"]["instructrec"]
     for f in forms:
         assert method["valid_by_choice"][f"seq-rec-01 {f}"]["ndcg@5"] == pytest.approx(reference[f]["ndcg@5"], abs=1e-9)
     assert method["normalize"] == max(forms, key=lambda f: (reference[f]["ndcg@5"], -forms.index(f)))
@@ -649,54 +655,12 @@ def test_hard_negatives_choose_their_form_on_validation_lists_retrieved_the_same
     older = tmp_path / "older"
     older.mkdir()
     (older / "metrics.json").write_text((tmp_path / "run" / "metrics.json").read_text())
-    (older / "instances.json").write_text(json.dumps({k: v for k, v in lists.items() if ":hard:" not in k}))
+    (older / "instances.json").write_text(json.dumps({k: v for k, v in lists.items() if k != own_key}))
     with caplog.at_level("WARNING", logger="instructrec.training.evaluate"):
         added = evaluate(config(world, tiny_t5_dir, tmp_path / "added", methods=("instructrec",), add_to=older, **run))
-    assert "main:P1+I0:hard:valid" in caplog.text
-    assert json.loads((tmp_path / "added" / "instances.json").read_text())["main:P1+I0:hard:valid"] == hard_valid
-    assert without_timings(added["scenarios"]["hard-negatives"]["methods"]["instructrec"]) == without_timings(method)
-
-
-def test_candidates_100_choose_their_form_on_validation_lists_of_100(
-        world, t2_instructions, tiny_t5_dir, tmp_path, hf_log_likelihoods, caplog):
-    """candidates-100 picks its score form on validation lists of 1 target + 99 sampled negatives
-    (none the user interacted with), by the Hugging Face ranking's NDCG@5 there, not on seq-rec's
-    10-candidate lists; an --add-to folder recorded without those lists gets them drawn, the same ones."""
-    from instructrec.training.metrics import summarize_ranks
-
-    only_t2 = t2_only_folder(t2_instructions, tmp_path / "instructions")
-    run = dict(instructions=only_t2, scenarios=("seq-rec", "candidates-100"), valid_instances=5)
-    results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", methods=("instructrec",), **run))
-    lists = json.loads((tmp_path / "run" / "instances.json").read_text())
-    assert {"main:P1+I0:valid", "main:P1+I0:sampled:valid"} <= set(lists)
-    seen = {}
-    for r in pq.read_table(world / "prepared" / "interactions.parquet").to_pylist():
-        seen.setdefault(r["user_id"], set()).add(r["item_id"])
-    sampled_valid = lists["main:P1+I0:sampled:valid"]
-    assert len(sampled_valid) == 5
-    assert all(len(ids) == len(set(ids)) == 100 and len(set(ids) & seen[user]) == 1 for user, ids in sampled_valid)
-
-    titles_of = dict(zip(*pq.read_table(world / "prepared" / "items.parquet", columns=["item_id", "title"])
-                         .to_pydict().values()))
-    valid = {i.key: i for i in load_instances(only_t2, "valid", SCENARIOS["seq-rec"], {}, None)}
-    picked = [with_candidate_list(valid[key], ids, titles_of) for key, ids in sampled_valid]
-    forms = ("sum", "mean", "calibrated")
-    reference = {f: summarize_ranks(hf_ranks(tiny_t5_dir, picked, "seq-rec-01", hf_log_likelihoods, f)) for f in forms}
-    method = results["scenarios"]["candidates-100"]["methods"]["instructrec"]
-    for f in forms:
-        assert method["valid_by_choice"][f"seq-rec-01 {f}"]["ndcg@5"] == pytest.approx(reference[f]["ndcg@5"], abs=1e-9)
-    assert method["normalize"] == max(forms, key=lambda f: (reference[f]["ndcg@5"], -forms.index(f)))
-    assert method["valid_by_choice"] != results["scenarios"]["seq-rec"]["methods"]["instructrec"]["valid_by_choice"]
-
-    older = tmp_path / "older"
-    older.mkdir()
-    (older / "metrics.json").write_text((tmp_path / "run" / "metrics.json").read_text())
-    (older / "instances.json").write_text(json.dumps({k: v for k, v in lists.items() if ":sampled:" not in k}))
-    with caplog.at_level("WARNING", logger="instructrec.training.evaluate"):
-        added = evaluate(config(world, tiny_t5_dir, tmp_path / "added", methods=("instructrec",), add_to=older, **run))
-    assert "main:P1+I0:sampled:valid" in caplog.text
-    assert json.loads((tmp_path / "added" / "instances.json").read_text())["main:P1+I0:sampled:valid"] == sampled_valid
-    assert without_timings(added["scenarios"]["candidates-100"]["methods"]["instructrec"]) == without_timings(method)
+    assert own_key in caplog.text
+    assert json.loads((tmp_path / "added" / "instances.json").read_text())[own_key] == own_valid
+    assert without_timings(added["scenarios"][scenario]["methods"]["instructrec"]) == without_timings(method)
 
 
 def test_one_score_form_skips_the_choice_and_bad_forms_are_refused(world, t2_instructions, tiny_t5_dir, tmp_path,
