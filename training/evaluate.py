@@ -451,10 +451,9 @@ class Evaluation:
             key = self._selection_key(scenario, domain)
             choosing = len(test[0].prompts) * len(cfg.score_forms) > 1 or FUSED_METHOD in self.methods
             if choosing and key not in self._valid_cache:
-                # Drawn (and recorded) even without a model method, so a later --add-to run
-                # chooses the template and score form on these same validation lists.
                 # Drawn as the test lists are (stored, retrieved or sampled), so the choice is made
-                # on lists of the same size and kind as the ones it ranks.
+                # on lists of the kind it ranks; recorded even without a model method, so a later
+                # --add-to run chooses on these same lists.
                 listed = replace(scenario, name=key)
                 self._valid_cache[key] = self.instances(listed, "valid", domain, cfg.valid_instances, seen_targets)
         if lists_path is not None:
