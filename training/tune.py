@@ -55,7 +55,8 @@ from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddin
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
                         collate, collate_negatives, epoch_batches, head_rows_multiple, process_slots, read_split,
-                        seeded_subset, per_template_subset, seqrec_instances, tokenize_rows)
+                        seeded_subset, per_template_subset, seqrec_instances, tokenize_rows,
+                        with_title_prior_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
                          install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
@@ -249,6 +250,11 @@ class _Run:
     def prepare_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         lengths = (cfg.max_source_length, cfg.max_target_length)
+        if cfg.prior_rows:
+            before = self.train_table.num_rows
+            self.train_table = with_title_prior_rows(self.train_table, cfg.prior_rows, cfg.seed)
+            log.info("title-prior rows: %d added to the %d training rows (--prior-rows %g)",
+                     self.train_table.num_rows - before, before, cfg.prior_rows)
         if cfg.compact_vocab:
             self.use_compact_vocabulary()
         table = self.train_table

@@ -120,6 +120,16 @@ class TrainConfig:
                                         "oneDNN kernels are built per shape; else 1, no rounding)", DATA,
                                         metavar="N")
 
+    # The calibrated score forms (`instructrec eval --score-forms`, the engine's normalize) use a
+    # title's log-likelihood under the empty instruction as its prior; without these rows the model
+    # never sees that input, and its "prior" tracks title length rather than how often the title is
+    # an answer. A negative calibrated:W then adds a popularity prior the model learned itself.
+    prior_rows: float = _flag(0.0, "add this fraction of the training rows again as title-prior rows: the "
+                              "empty instruction answered by a target drawn from the training rows, so "
+                              "the title's log-likelihood under the empty instruction (the calibrated "
+                              "score forms' prior) learns how often each title is a target; 0: none",
+                              DATA, metavar="FRACTION")
+
     max_steps: int | None = _flag(None, "optimiser steps", OPT, exclusive="budget")
     epochs: float = _flag(1.0, "passes over train.parquet", OPT, exclusive="budget")
     optimizer: str = _flag("adafactor", "optimiser", OPT, choices=OPTIMIZERS)
@@ -192,6 +202,8 @@ class TrainConfig:
             values["init_embeddings"] = self.init_embeddings
         if self.compact_vocab:  # only when on, as above
             values["compact_vocab"] = True
+        if self.prior_rows:  # only when set, as above
+            values["prior_rows"] = self.prior_rows
         if self.rank_negatives:  # only when on: checkpoints of plain-NLL runs predate these fields
             values.update(rank_negatives=self.rank_negatives, rank_weight=self.rank_weight,
                           rank_prefix_tokens=self.rank_prefix_tokens)
@@ -223,6 +235,9 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("warmup_steps", "rank_negatives", "rank_prefix_tokens", "eval_every", "save_every", "eval_max_rows",
                  "eval_max_instances", "lora_r"):
         non_negative_int(name, getattr(cfg, name))
+    if not (isinstance(cfg.prior_rows, (int, float)) and math.isfinite(cfg.prior_rows) and 0 <= cfg.prior_rows <= 1):
+        raise InputError("prior_rows", f"must be a fraction of the training rows in [0, 1], got {cfg.prior_rows!r}",
+                         "e.g. 0.1 adds a tenth of the rows as title-prior rows; 0 adds none")
     if cfg.max_source_length < 2 or cfg.max_target_length < 2:
         raise InputError("max_source_length/max_target_length",
                          "must leave room for at least one token plus </s>", "use 2 or more")

@@ -69,6 +69,29 @@ def read_split(path: Path, required: tuple[str, ...], label: str):
     return table
 
 
+# The template id of the rows `with_title_prior_rows` adds.
+TITLE_PRIOR_TEMPLATE = "title-prior"
+
+
+def with_title_prior_rows(table, fraction: float, seed: int):
+    """`table` (its TRAIN_COLUMNS) plus round(fraction x rows), at least one, *title-prior rows*: the
+    empty instruction answered by a target drawn uniformly from the table's rows, so a title is
+    drawn as often as it is a training target. The engine's calibrated score forms subtract a
+    title's log-likelihood under that same empty instruction; a model trained on these rows learns
+    there how often each title is a target (its popularity in the training data), where otherwise
+    it only sees an input it was never trained on. The draws are a pure function of the seed."""
+    import pyarrow as pa
+
+    count = max(1, round(fraction * table.num_rows))
+    picks = np.random.default_rng([int(seed), 0x5052]).integers(0, table.num_rows, size=count)  # "PR"
+    prior = pa.table({"instruction": pa.array([""] * count, pa.string()),
+                      "target": table.column("target").take(pa.array(picks)).cast(pa.string()),
+                      "template": pa.array([TITLE_PRIOR_TEMPLATE] * count, pa.string())})
+    own = table.select(list(TRAIN_COLUMNS))
+    own = pa.table({c: own.column(c).cast(pa.string()) for c in TRAIN_COLUMNS})
+    return pa.concat_tables([own, prior])
+
+
 @dataclass
 class TokenizedRows:
     """Sources and targets as flat int32 arrays with row offsets (row i: flat[off[i]:off[i+1]]).

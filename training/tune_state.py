@@ -87,6 +87,9 @@ def read_trainer_state(checkpoint: Path, curve_fields: dict) -> dict:
                              f"this program writes {STATE_VERSION}")
     saved = state["curve_fields"]
     differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in curve_fields.items() if saved.get(k) != v]
+    # A field recorded only when set (compact_vocab, prior_rows, rank_negatives, ...) is missing from
+    # `curve_fields` when the resuming run leaves it off: that changes the curve as much as a new value.
+    differ += [f"{k}: checkpoint {v!r}, now off" for k, v in saved.items() if k not in curve_fields]
     if differ:
         raise InputError("resume", "the run's settings differ from the checkpoint's: " + "; ".join(differ),
                          "resume with the original settings (processes, per-process batch and accumulation "

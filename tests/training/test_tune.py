@@ -183,6 +183,13 @@ def test_resume_refuses_changed_settings_and_a_missing_checkpoint(dataset, tmp_p
     train(config(dataset, out, tokenizer_dir, max_steps=3, stop_after=1))
     with pytest.raises(InputError, match="lr"):
         train(config(dataset, out, tokenizer_dir, max_steps=3, resume=True, lr=5e-2))
+    # A setting recorded only when on counts both ways: turned on, and turned off.
+    with pytest.raises(InputError, match="prior_rows"):
+        train(config(dataset, out, tokenizer_dir, max_steps=3, resume=True, prior_rows=0.5))
+    flagged = tmp_path / "flagged"
+    train(config(dataset, flagged, tokenizer_dir, max_steps=3, stop_after=1, prior_rows=0.5))
+    with pytest.raises(InputError, match="prior_rows: checkpoint 0.5, now off"):
+        train(config(dataset, flagged, tokenizer_dir, max_steps=3, resume=True))
     with pytest.raises(InputError) as excinfo:
         train(config(dataset, out, tokenizer_dir, max_steps=3))  # not --resume over a run
     assert excinfo.value.field == "out"
@@ -265,6 +272,67 @@ def test_cli_trains_and_writes_the_outputs(dataset, tmp_path, tokenizer_dir, cap
     assert (out / "model.safetensors").is_file() and (out / "loss_curve.png").is_file()
 
 
+# --------------------------------------------------------------------------- title-prior rows
+
+
+def test_title_prior_rows_draw_each_target_as_often_as_it_is_one():
+    import pyarrow as pa
+
+    from instructrec.training.tune_data import TITLE_PRIOR_TEMPLATE, with_title_prior_rows
+
+    targets = ["Halo 3"] * 750 + ["Portal 2"] * 250
+    table = pa.table({"instruction": [f"row {i}" for i in range(1000)], "target": targets,
+                      "template": ["seq-rec-01"] * 1000, "user_id": [f"u{i}" for i in range(1000)]})
+    out = with_title_prior_rows(table, 1.0, seed=3)
+    assert out.column_names == ["instruction", "target", "template"]
+    assert out.slice(0, 1000).column("instruction").to_pylist() == table.column("instruction").to_pylist()
+    assert out.slice(0, 1000).column("target").to_pylist() == targets
+    added = out.slice(1000)
+    assert added.num_rows == 1000
+    assert set(added.column("instruction").to_pylist()) == {""}
+    assert set(added.column("template").to_pylist()) == {TITLE_PRIOR_TEMPLATE}
+    # Drawn as often as each title is a target: 3 in 4 (binomial sd 0.014 over 1000 draws).
+    share = added.column("target").to_pylist().count("Halo 3") / 1000
+    assert abs(share - 0.75) < 0.05
+    # A pure function of the seed; a small fraction still adds one row.
+    assert with_title_prior_rows(table, 1.0, seed=3).equals(out)
+    assert not with_title_prior_rows(table, 1.0, seed=4).slice(1000).equals(added)
+    assert with_title_prior_rows(table, 0.0001, seed=3).num_rows == 1001
+    assert with_title_prior_rows(table, 0.1, seed=3).num_rows == 1100
+
+
+def test_prior_rows_teach_the_empty_instruction_how_often_each_title_is_a_target(tmp_path, tokenizer_dir,
+                                                                                  hf_log_likelihoods):
+    """Trained with --prior-rows, the empty instruction (the engine's calibrated prior) answers
+    each title with about the share of the added rows that answer with it, where a model trained
+    without them puts a few percent there in all; read with Hugging Face's own forward from the
+    saved model."""
+    import pyarrow.parquet as pq
+
+    from instructrec.training.tune_data import TITLE_PRIOR_TEMPLATE, with_title_prior_rows
+
+    rows = make_rows()
+    skew = [0, 0, 0, 0, 0, 1, 1, 2]  # rows 0-4 answer CATALOG[0], 5-6 CATALOG[1], 7 CATALOG[2]
+    for row, k in zip(rows, skew):
+        row["target"] = CATALOG[k]
+    data = write_dataset(tmp_path / "data", rows)
+    out = tmp_path / "run"
+    result = train(config(data, out, tokenizer_dir, max_steps=60, optimizer="adamw", lr=3e-3,
+                          schedule="constant", prior_rows=1.0))
+    assert not result.stopped_early
+    drawn = with_title_prior_rows(pq.read_table(data / "train.parquet"), 1.0, seed=0).slice(len(rows))
+    assert set(drawn.column("template").to_pylist()) == {TITLE_PRIOR_TEMPLATE}
+    shares = {t: drawn.column("target").to_pylist().count(t) / drawn.num_rows for t in CATALOG}
+    probabilities = dict(zip(CATALOG, np.exp(hf_log_likelihoods(out, "", CATALOG))))
+    # The empirical distribution of the added rows is what their NLL is minimised at.
+    assert sum(probabilities[t] for t in CATALOG if shares[t]) > 0.8
+    for title in CATALOG:
+        assert abs(probabilities[title] - shares[title]) < 0.15, (title, shares[title], probabilities[title])
+    # The run's own record of the flag (a resume with another value is refused).
+    saved = json.loads((out / "training_config.json").read_text())
+    assert saved["prior_rows"] == 1.0
+
+
 # --------------------------------------------------------------------------- errors before training
 
 
@@ -281,6 +349,9 @@ def test_cli_trains_and_writes_the_outputs(dataset, tmp_path, tokenizer_dir, cap
     (dict(max_source_length=1), "max_source_length/max_target_length"),
     (dict(model="t5-enormous"), "model"),
     (dict(pad_to_multiple=0), "pad_to_multiple"),
+    (dict(prior_rows=-0.1), "prior_rows"),
+    (dict(prior_rows=1.5), "prior_rows"),
+    (dict(prior_rows=float("nan")), "prior_rows"),
 ])
 def test_bad_settings_fail_before_training(dataset, tmp_path, tokenizer_dir, overrides, field):
     out = tmp_path / "run"
