@@ -148,4 +148,8 @@ def test_shape_padded_batches_give_hugging_faces_loss_and_gradients(tokenizer_di
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+        # fp32 sums in another order (padded shapes pick other kernel blockings: on a Zen 4 CPU the
+        # decoder's q.weight gradient differed by 3.1e-5 in elements near zero, its largest being
+        # 45): the absolute tolerance scales with the tensor's largest gradient.
+        scale = float(grads[name].grad.abs().max())
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=max(1e-5, 2e-6 * scale), msg=name)
