@@ -122,8 +122,8 @@ class TrainConfig:
 
     # The calibrated score forms (`instructrec eval --score-forms`, the engine's normalize) use a
     # title's log-likelihood under the empty instruction as its prior; without these rows the model
-    # never sees that input, and its "prior" tracks title length rather than how often the title is
-    # an answer. A negative calibrated:W then adds a popularity prior the model learned itself.
+    # never sees that input, and its answer there follows the training targets only as far as the
+    # decoder's habits carry (docs/results.md, "title-prior rows"). With them it is trained there.
     prior_rows: float = _flag(0.0, "add this fraction of the training rows again as title-prior rows: the "
                               "empty instruction answered by a target drawn from the training rows, so "
                               "the title's log-likelihood under the empty instruction (the calibrated "

@@ -77,9 +77,9 @@ def with_title_prior_rows(table, fraction: float, seed: int):
     """`table` (its TRAIN_COLUMNS) plus round(fraction x rows), at least one, *title-prior rows*: the
     empty instruction answered by a target drawn uniformly from the table's rows, so a title is
     drawn as often as it is a training target. The engine's calibrated score forms subtract a
-    title's log-likelihood under that same empty instruction; a model trained on these rows learns
-    there how often each title is a target (its popularity in the training data), where otherwise
-    it only sees an input it was never trained on. The draws are a pure function of the seed."""
+    title's log-likelihood under that same empty instruction; a model trained on these rows is
+    taught there how often each title is a target (its popularity in the training data), an input
+    it otherwise never sees. The draws are a pure function of the seed."""
     import pyarrow as pa
 
     count = max(1, round(fraction * table.num_rows))
