@@ -214,7 +214,9 @@ def test_normalize_ranks_by_the_score_form_rank_gives_and_resume_keeps_it(tiny_t
     summed = reranker.rank([request_of(r) for r in rows])
     for got, want, plain in zip(out, reference, summed):
         assert got["error"] is None and got["ranked_ids"] == list(want.ranked_ids)
-        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-6, atol=1e-5)
+        # The job packs parts of 4 rows, the reference all 9 at once: other fp32 matmul shapes sum in
+        # another order (3e-6 relative seen, with the generated tokenizer of tests/conftest.py).
+        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-5, atol=1e-5)
     # The form changed the scores: this is not the default sum under another name.
     assert any(not np.allclose(got["scores"], plain.scores, atol=1e-3) for got, plain in zip(out, summed))
     assert json.loads((tmp_path / "out" / "_job.json").read_text())["options"]["normalize"] == normalize
@@ -234,7 +236,7 @@ def test_a_callers_reranker_ranks_by_the_score_form_and_resume_compares_its_opti
     reference = reranker.rank([request_of(r) for r in rows], normalize="calibrated:0.5")
     for got, want in zip(out, reference):
         assert got["error"] is None and got["ranked_ids"] == list(want.ranked_ids)
-        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-5, atol=1e-5)  # as above: other packing
     assert json.loads((tmp_path / "out" / "_job.json").read_text())["options"] == {**options,
                                                                                   "normalize": "calibrated:0.5"}
     assert summary["ok"] == 5
