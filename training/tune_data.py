@@ -87,8 +87,7 @@ def with_title_prior_rows(table, fraction: float, seed: int):
     prior = pa.table({"instruction": pa.array([""] * count, pa.string()),
                       "target": table.column("target").take(pa.array(picks)).cast(pa.string()),
                       "template": pa.array([TITLE_PRIOR_TEMPLATE] * count, pa.string())})
-    own = table.select(list(TRAIN_COLUMNS))
-    own = pa.table({c: own.column(c).cast(pa.string()) for c in TRAIN_COLUMNS})
+    own = pa.table({c: table.column(c).cast(pa.string()) for c in TRAIN_COLUMNS})
     return pa.concat_tables([own, prior])
 
 
