@@ -25,6 +25,9 @@ clipping as `instructrec train` runs them. Variants, each adding one change to t
   model's embedding, LM head and softmax hold only the tokens the whole --instructions file
   uses (plus the templates' wording, single characters and special tokens), not 32,128; the rows
   are tokenized with that tokenizer. Buckets on where the row above runs.
+- `+ fused GELU`: each feed-forward's tanh-GELU as torch's one fused kernel instead of Hugging
+  Face's eight-operator expression of the same formula
+  (training.tune_model.install_fused_activations, what `instructrec train` does).
 
 Each variant runs in a process of its own: the kernels oneDNN compiles for one variant's shapes
 would otherwise serve the next variant's identical batches and flatter it.
@@ -52,13 +55,14 @@ def _cpu_seconds() -> float:
 
 def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_size: int, steps: int,
             warmup: int, fused: bool = False, multiple: int = 1, seed: int = 0, threads: int | None = None,
-            vocab_size: int | None = None) -> dict:
+            vocab_size: int | None = None, fused_gelu: bool = False) -> dict:
     import torch
     from transformers import T5Config
 
     from instructrec.engine.presets import shape_config
     from instructrec.training.tune_data import collate, epoch_batches, head_rows_multiple
-    from instructrec.training.tune_model import install_hidden_states_head, random_t5, sequence_nll_sum
+    from instructrec.training.tune_model import (install_fused_activations, install_hidden_states_head, random_t5,
+                                                 sequence_nll_sum)
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -70,6 +74,8 @@ def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_si
         config["vocab_size"] = vocab_size
     model = random_t5(T5Config(**config)).train()  # the model `train` starts from for random:<shape>
     stand_in = install_hidden_states_head(model) if head else None
+    if fused_gelu:
+        install_fused_activations(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if fused else {"foreach": True}))
     lengths = rows.source_lengths
     batches = epoch_batches(lengths, batch_size, seed, 0, grouped)
@@ -162,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                 ("+ shape buckets", dict(head=True, grouped=True, bf16=True, fused=True, multiple=SHAPE_MULTIPLE)),
                 ("+ compact vocabulary", dict(head=True, grouped=True, bf16=native_bf16, fused=True,
                                               multiple=SHAPE_MULTIPLE if native_bf16 else 1,
-                                              vocab_size=vocab_rows(compact)))]
+                                              vocab_size=vocab_rows(compact))),
+                ("+ fused GELU", dict(head=True, grouped=True, bf16=native_bf16, fused=True,
+                                      multiple=SHAPE_MULTIPLE if native_bf16 else 1,
+                                      vocab_size=vocab_rows(compact), fused_gelu=True))]
     results = []
     print("\n| shape | variant | rows/s | rows/CPU-s | x plain (rows/CPU-s) |\n|---|---|---:|---:|---:|")
     for shape in shapes:

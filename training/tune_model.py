@@ -170,6 +170,26 @@ def build_optimizer(cfg: TrainConfig, model, fused: bool = True):
                              fused=fused or None)
 
 
+def install_fused_activations(model) -> int:
+    """Swap each feed-forward's tanh-approximated GELU (Hugging Face's `gelu_new`, what T5 v1.1
+    and Flan-T5's `gated-gelu` use) from its Python expression, eight elementwise operators
+    forward and more backward, for torch's single fused kernel of the same formula
+    (`torch.nn.GELU(approximate="tanh")`, which the engine runs too: engine/model.py). At d_model
+    128 a training step is hundreds of small operators whose fixed cost, not their FLOPs, sets the
+    time (docs/benchmarks.md). No parameter or config changes, so a saved checkpoint is the same.
+    Returns how many activations were swapped (0 for a ReLU T5)."""
+    import torch
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
 def install_hidden_states_head(model):
     """Swap the T5's `lm_head` for `training.loss.HiddenStatesHead` (same weight, same state-dict
     name) so that the forward returns decoder states and `sequence_nll_sum` computes the head and

@@ -153,3 +153,55 @@ def test_shape_padded_batches_give_hugging_faces_loss_and_gradients(tokenizer_di
         # 45): the absolute tolerance scales with the tensor's largest gradient.
         scale = float(grads[name].grad.abs().max())
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=max(1e-5, 2e-6 * scale), msg=name)
+
+
+def test_fused_activations_give_hugging_faces_loss_and_gradients():
+    """tune_model.install_fused_activations swaps Hugging Face's gelu_new expression for torch's fused
+    tanh-GELU: every feed-forward swapped, the same state dict and config, and Hugging Face's own
+    loss and gradients of the unswapped model (float64, so only the formula could differ)."""
+    import copy
+
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.activations import NewGELUActivation
+
+    from instructrec.training.tune_model import install_fused_activations
+
+    config = shape_config("t5-tiny")  # gated-gelu, as Flan-T5
+    config.pop("model_type")
+    config.update(vocab_size=300, dropout_rate=0.0)
+    torch.manual_seed(2)
+    reference = T5ForConditionalGeneration(T5Config(**config)).double()
+    fused = copy.deepcopy(reference)
+    before = fused.config.to_dict()
+    layers = config["num_layers"] + config["num_decoder_layers"]
+    assert install_fused_activations(fused) == layers
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in fused.modules()) == layers
+    assert list(fused.state_dict()) == list(reference.state_dict()) and fused.config.to_dict() == before
+    ids = torch.randint(2, 300, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    labels = torch.randint(2, 300, (3, 5))
+    labels[1, 3:] = -100
+    losses = []
+    for model in (reference, fused):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=1e-12)
+    grads = dict(reference.named_parameters())
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fused_activations_leave_a_relu_t5_alone():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from instructrec.training.tune_model import install_fused_activations
+
+    config = shape_config("t5-tiny")
+    config.pop("model_type")
+    config.update(vocab_size=300, feed_forward_proj="relu")
+    model = T5ForConditionalGeneration(T5Config(**config))
+    assert install_fused_activations(model) == 0
+    assert sum(isinstance(m, torch.nn.ReLU) for m in model.modules()) == 4
