@@ -28,6 +28,9 @@ clipping as `instructrec train` runs them. Variants, each adding one change to t
 - `+ fused GELU`: each feed-forward's tanh-GELU as torch's one fused kernel instead of Hugging
   Face's eight-operator expression of the same formula
   (training.tune_model.install_fused_activations, what `instructrec train` does).
+- `+ fused RMS norm`: T5's RMS norms with a hand-written backward, eight operators where autograd
+  through Hugging Face's expression records about fourteen (training.tune_model.install_fused_norms,
+  what `instructrec train` does).
 
 Each variant runs in a process of its own: the kernels oneDNN compiles for one variant's shapes
 would otherwise serve the next variant's identical batches and flatter it.
@@ -55,14 +58,14 @@ def _cpu_seconds() -> float:
 
 def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_size: int, steps: int,
             warmup: int, fused: bool = False, multiple: int = 1, seed: int = 0, threads: int | None = None,
-            vocab_size: int | None = None, fused_gelu: bool = False) -> dict:
+            vocab_size: int | None = None, fused_gelu: bool = False, fused_norm: bool = False) -> dict:
     import torch
     from transformers import T5Config
 
     from instructrec.engine.presets import shape_config
     from instructrec.training.tune_data import collate, epoch_batches, head_rows_multiple
-    from instructrec.training.tune_model import (install_fused_activations, install_hidden_states_head, random_t5,
-                                                 sequence_nll_sum)
+    from instructrec.training.tune_model import (install_fused_activations, install_fused_norms,
+                                                 install_hidden_states_head, random_t5, sequence_nll_sum)
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -76,6 +79,8 @@ def measure(rows, shape: str, *, head: bool, grouped: bool, bf16: bool, batch_si
     stand_in = install_hidden_states_head(model) if head else None
     if fused_gelu:
         install_fused_activations(model)
+    if fused_norm:
+        install_fused_norms(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if fused else {"foreach": True}))
     lengths = rows.source_lengths
     batches = epoch_batches(lengths, batch_size, seed, 0, grouped)
@@ -171,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                                               vocab_size=vocab_rows(compact))),
                 ("+ fused GELU", dict(head=True, grouped=True, bf16=native_bf16, fused=True,
                                       multiple=SHAPE_MULTIPLE if native_bf16 else 1,
-                                      vocab_size=vocab_rows(compact), fused_gelu=True))]
+                                      vocab_size=vocab_rows(compact), fused_gelu=True)),
+                ("+ fused RMS norm", dict(head=True, grouped=True, bf16=native_bf16, fused=True,
+                                          multiple=SHAPE_MULTIPLE if native_bf16 else 1,
+                                          vocab_size=vocab_rows(compact), fused_gelu=True, fused_norm=True))]
     results = []
     print("\n| shape | variant | rows/s | rows/CPU-s | x plain (rows/CPU-s) |\n|---|---|---:|---:|---:|")
     for shape in shapes:

@@ -59,7 +59,7 @@ from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool
                         with_title_prior_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
-                         install_fused_activations, install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
+                         install_fused_activations, install_fused_norms, install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
                          ranked_sequence_losses, sequence_nll_sum)
 from .tune_schedule import RefitAnnouncer, StepSchedule, TimeBudget, lr_factor  # noqa: F401
 from .tune_state import (STATE_FILE, MetricsLog, list_checkpoints, plot_loss_curve, portable_weights, read_trainer_state,
@@ -341,10 +341,15 @@ class _Run:
         sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         # The head on real target tokens only (training/loss.py): 1.4x examples/s for t5-mini here.
         self.head = None if sharded else install_hidden_states_head(model)
-        # torch's fused tanh-GELU kernel for Hugging Face's eight-operator expression (same formula).
+        # Fewer, larger operators for the same functions: torch's fused tanh-GELU kernel for Hugging
+        # Face's eight-operator expression, and T5's RMS norm with a hand-written backward (at
+        # d_model 128 operator count, not FLOPs, sets the step: 1.19x on Zen 4, docs/benchmarks.md).
         fused = install_fused_activations(model)
         if fused:
             log.info("fused GELU: %d feed-forward activations run torch's single kernel", fused)
+        norms = install_fused_norms(model)
+        if norms:
+            log.info("fused RMS norm: %d norms run with a hand-written backward", norms)
         self.model = acc.prepare(model)
         # The optimiser is built on the prepared model's parameters (FSDP replaces them).
         optimizer = build_optimizer(cfg, self.model, fused=not sharded)

@@ -39,8 +39,8 @@ def test_every_variant_is_measured_and_reported(instructions, tokenizer_dir, tmp
     # The bf16 rows (bf16 autocast, shape buckets) run only where the CPU has native bf16.
     bf16_rows = ["+ shape buckets"] if auto_dtype_name("cpu") == "bfloat16" else []
     assert names[:2] == ["plain", "+ length-grouped"]
-    assert names[-4 - len(bf16_rows):] == (["+ real-token head", "+ fused AdamW"] + bf16_rows
-                                            + ["+ compact vocabulary", "+ fused GELU"])
+    assert names[-5 - len(bf16_rows):] == (["+ real-token head", "+ fused AdamW"] + bf16_rows
+                                            + ["+ compact vocabulary", "+ fused GELU", "+ fused RMS norm"])
     assert "+ shape buckets" in printed and "compact vocabulary of the whole file" in printed
     assert all(r["rows_per_s"] > 0 and r["steps"] == 2 for r in results)
     assert results[0]["ratio"] == 1.0

@@ -205,3 +205,74 @@ def test_fused_activations_leave_a_relu_t5_alone():
     model = T5ForConditionalGeneration(T5Config(**config))
     assert install_fused_activations(model) == 0
     assert sum(isinstance(m, torch.nn.ReLU) for m in model.modules()) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_norms_give_hugging_faces_loss_and_gradients(dtype):
+    """tune_model.install_fused_norms: every T5LayerNorm swapped for the hand-written backward, the
+    same Parameters under the same names, and Hugging Face's loss and gradients of the unswapped
+    model (norm weights drawn away from 1 so that their gradients matter)."""
+    import copy
+
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from instructrec.training.tune_model import install_fused_norms
+
+    config = shape_config("t5-tiny")
+    config.pop("model_type")
+    config.update(vocab_size=300, dropout_rate=0.0)
+    torch.manual_seed(3)
+    reference = T5ForConditionalGeneration(T5Config(**config)).to(dtype)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, T5LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+    fused = copy.deepcopy(reference)
+    # 2 per encoder layer, 3 per decoder layer, and each stack's final norm.
+    assert install_fused_norms(fused) == 2 * config["num_layers"] + 3 * config["num_decoder_layers"] + 2
+    assert not any(type(m) is T5LayerNorm for m in fused.modules())
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    ids = torch.randint(2, 300, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    labels = torch.randint(2, 300, (3, 5))
+    labels[1, 3:] = -100
+    losses = []
+    for model in (reference, fused):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss)
+    # Both take the variance in fp32 (Hugging Face's rule), so float64 agrees to fp32's rounding.
+    tol = 1e-6 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(losses[1], losses[0], rtol=tol, atol=tol)
+    grads = dict(reference.named_parameters())
+    for name, p in fused.named_parameters():
+        reference_grad = grads[name].grad
+        torch.testing.assert_close(p.grad, reference_grad, rtol=tol, atol=tol * float(reference_grad.abs().max()),
+                                   msg=name)
+
+
+def test_fused_norms_keep_the_bf16_autocast_loss():
+    """Under the trainer's bf16 autocast (fp32 weights), the swapped norms give the loss of Hugging
+    Face's norms: the forward computes the same fp32 expression."""
+    import copy
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from instructrec.training.tune_model import install_fused_norms
+
+    config = shape_config("t5-tiny")
+    config.pop("model_type")
+    config.update(vocab_size=300, dropout_rate=0.0)
+    torch.manual_seed(4)
+    reference = T5ForConditionalGeneration(T5Config(**config))
+    fused = copy.deepcopy(reference)
+    install_fused_norms(fused)
+    ids = torch.randint(2, 300, (2, 12))
+    labels = torch.randint(2, 300, (2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference(input_ids=ids, labels=labels).loss
+        got = fused(input_ids=ids, labels=labels).loss
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

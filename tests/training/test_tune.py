@@ -146,8 +146,9 @@ def test_validation_ranks_listed_and_unlisted_templates_each_on_its_own(tmp_path
     assert "ranking instances (P1-I0-T3-demo 8, seq-rec-01 8)" in logged
     assert f"over 8 instances of {best}; " in logged
     # The run trained with torch's fused tanh-GELU in each of t5-tiny's 2+2 feed-forwards, and the
-    # saved weights are Hugging Face's model as ever (the references above load them).
+    # saved weights are Hugging Face's model as ever (the references above load them); the same for its norms.
     assert "fused GELU: 4 feed-forward activations" in logged
+    assert "fused RMS norm: 12 norms" in logged  # 2 per encoder layer, 3 per decoder layer, 2 final
 
 
 def test_resumed_run_reproduces_the_uninterrupted_loss_curve(dataset, tmp_path, tokenizer_dir):
