@@ -155,6 +155,23 @@ def test_shape_padded_batches_give_hugging_faces_loss_and_gradients(tokenizer_di
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=max(1e-5, 2e-6 * scale), msg=name)
 
 
+def _losses_and_gradients(models, seed: int) -> list[tuple[torch.Tensor, dict]]:
+    """Each model's Hugging Face loss (labels passed to its forward) and parameter gradients on one
+    seeded batch of padded sources and ignored label positions."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 300, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    labels = torch.randint(2, 300, (3, 5), generator=gen)
+    labels[1, 3:] = -100
+    out = []
+    for model in models:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        out.append((loss, {name: p.grad for name, p in model.named_parameters()}))
+    return out
+
+
 def test_fused_activations_give_hugging_faces_loss_and_gradients():
     """tune_model.install_fused_activations swaps Hugging Face's gelu_new expression for torch's fused
     tanh-GELU: every feed-forward swapped, the same state dict and config, and Hugging Face's own
@@ -178,20 +195,10 @@ def test_fused_activations_give_hugging_faces_loss_and_gradients():
     assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
     assert sum(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in fused.modules()) == layers
     assert list(fused.state_dict()) == list(reference.state_dict()) and fused.config.to_dict() == before
-    ids = torch.randint(2, 300, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[2, 6:] = 0
-    labels = torch.randint(2, 300, (3, 5))
-    labels[1, 3:] = -100
-    losses = []
-    for model in (reference, fused):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=1e-12)
-    grads = dict(reference.named_parameters())
-    for name, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+    (want, want_grads), (got, got_grads) = _losses_and_gradients((reference, fused), seed=2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_fused_activations_leave_a_relu_t5_alone():
@@ -233,23 +240,13 @@ def test_fused_norms_give_hugging_faces_loss_and_gradients(dtype):
     assert install_fused_norms(fused) == 2 * config["num_layers"] + 3 * config["num_decoder_layers"] + 2
     assert not any(type(m) is T5LayerNorm for m in fused.modules())
     assert list(fused.state_dict()) == list(reference.state_dict())
-    ids = torch.randint(2, 300, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[2, 6:] = 0
-    labels = torch.randint(2, 300, (3, 5))
-    labels[1, 3:] = -100
-    losses = []
-    for model in (reference, fused):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        losses.append(loss)
+    (want, want_grads), (got, got_grads) = _losses_and_gradients((reference, fused), seed=3)
     # Both take the variance in fp32 (Hugging Face's rule), so float64 agrees to fp32's rounding.
     tol = 1e-6 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(losses[1], losses[0], rtol=tol, atol=tol)
-    grads = dict(reference.named_parameters())
-    for name, p in fused.named_parameters():
-        reference_grad = grads[name].grad
-        torch.testing.assert_close(p.grad, reference_grad, rtol=tol, atol=tol * float(reference_grad.abs().max()),
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for name, grad in got_grads.items():
+        reference_grad = want_grads[name]
+        torch.testing.assert_close(grad, reference_grad, rtol=tol, atol=tol * float(reference_grad.abs().max()),
                                    msg=name)
 
 
