@@ -321,8 +321,11 @@ def test_prior_rows_teach_the_empty_instruction_how_often_each_title_is_a_target
         row["target"] = CATALOG[k]
     data = write_dataset(tmp_path / "data", rows)
     out = tmp_path / "run"
+    # Every step sees all 16 rows (8 + 8 added): full-batch steps settle on the minimum, where
+    # batches of 8 leave the prior wherever the last few batches pulled it (a fresh clone's
+    # generated tokenizer read 0.19 for a share of 0.375 with them).
     result = train(config(data, out, tokenizer_dir, max_steps=60, optimizer="adamw", lr=3e-3,
-                          schedule="constant", prior_rows=1.0))
+                          schedule="constant", prior_rows=1.0, batch_size=16))
     assert not result.stopped_early
     drawn = with_title_prior_rows(pq.read_table(data / "train.parquet"), 1.0, seed=0).slice(len(rows))
     assert set(drawn.column("template").to_pylist()) == {TITLE_PRIOR_TEMPLATE}
