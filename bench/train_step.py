@@ -2,6 +2,7 @@
 
     python -m instructrec.bench.train_step --instructions DIR/train.parquet \
         --tokenizer ../shared/assets/flan-t5-tokenizer [--shapes t5-mini,t5-micro] [--threads 2]
+        [--steps 200 --warmup 40]
 
 Each variant trains a fresh random-weight model of a shape (engine/presets.py) for --warmup
 untimed steps, then --steps timed ones over the same seeded rows, with AdamW and gradient
@@ -124,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, required=True, help="Flan-T5 tokenizer folder")
     parser.add_argument("--shapes", default="t5-mini", help="comma-separated shapes of engine/presets.py")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
+    # 200 timed steps after 40 untimed ones: oneDNN builds a bf16 kernel for every new batch shape,
+    # and over 20 timed steps those builds and the machine's noise moved a ratio by a quarter
+    # (docs/benchmarks.md, "Fused GELU and RMS norm, and the same bench at 200 steps").
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=40, help="untimed steps before them")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-rows", type=int, default=4096, help="rows read from --instructions")
     parser.add_argument("--in-process", action="store_true",
@@ -156,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     texts = table.column("instruction").to_pylist(), table.column("target").to_pylist()
     rows = tokenize_rows(tokenizer, *texts, 512, 64, "train")
+    batches = -(-table.num_rows // args.batch_size)
+    if batches < args.warmup + args.steps:
+        parser.error(f"{table.num_rows} rows make {batches} batches of {args.batch_size}, fewer than --warmup + "
+                     f"--steps = {args.warmup + args.steps}: raise --max-rows (the file has {whole.num_rows}) "
+                     "or lower --steps")
     # The compact vocabulary of the whole file, as `instructrec train --compact-vocab` builds it.
     compact = compact_tokenizer(tokenizer, itertools.chain(whole.column("instruction").to_pylist(),
                                                            whole.column("target").to_pylist()))

@@ -48,6 +48,17 @@ def test_every_variant_is_measured_and_reported(instructions, tokenizer_dir, tmp
     assert "CPU: " in printed
 
 
+def test_too_few_rows_for_the_steps_are_refused_before_any_variant_runs(instructions, tokenizer_dir, capsys):
+    # 48 rows in batches of 4 are 12 batches; the default 40 + 200 steps need 240.
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main(["--instructions", str(instructions), "--tokenizer", str(tokenizer_dir),
+                         "--shapes", "t5-tiny", "--batch-size", "4", "--threads", "1", "--in-process"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "48 rows make 12 batches of 4, fewer than --warmup + --steps = 240" in err
+    assert "raise --max-rows (the file has 48) or lower --steps" in err
+
+
 def test_a_variant_measured_in_a_fresh_process_reports_its_steps(instructions, tokenizer_dir):
     from transformers import AutoTokenizer
 
