@@ -174,21 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {info.summary()}; {torch.get_num_threads()} torch threads; {table.num_rows} rows of "
           f"{args.instructions}; compact vocabulary of the whole file: {len(compact)} tokens in "
           f"{vocab_rows(compact)} rows (full: {len(tokenizer)})")
+    compact_step = dict(head=True, grouped=True, bf16=native_bf16, fused=True,
+                        multiple=SHAPE_MULTIPLE if native_bf16 else 1, vocab_size=vocab_rows(compact))
     variants = [("plain", dict(head=False, grouped=False, bf16=False)),
                 ("+ length-grouped", dict(head=False, grouped=True, bf16=False)),
                 ("+ bf16 autocast", dict(head=False, grouped=True, bf16=True)),
                 ("+ real-token head", dict(head=True, grouped=True, bf16=native_bf16)),
                 ("+ fused AdamW", dict(head=True, grouped=True, bf16=native_bf16, fused=True)),
                 ("+ shape buckets", dict(head=True, grouped=True, bf16=True, fused=True, multiple=SHAPE_MULTIPLE)),
-                ("+ compact vocabulary", dict(head=True, grouped=True, bf16=native_bf16, fused=True,
-                                              multiple=SHAPE_MULTIPLE if native_bf16 else 1,
-                                              vocab_size=vocab_rows(compact))),
-                ("+ fused GELU", dict(head=True, grouped=True, bf16=native_bf16, fused=True,
-                                      multiple=SHAPE_MULTIPLE if native_bf16 else 1,
-                                      vocab_size=vocab_rows(compact), fused_gelu=True)),
-                ("+ fused RMS norm", dict(head=True, grouped=True, bf16=native_bf16, fused=True,
-                                          multiple=SHAPE_MULTIPLE if native_bf16 else 1,
-                                          vocab_size=vocab_rows(compact), fused_gelu=True, fused_norm=True))]
+                ("+ compact vocabulary", compact_step),
+                ("+ fused GELU", dict(compact_step, fused_gelu=True)),
+                ("+ fused RMS norm", dict(compact_step, fused_gelu=True, fused_norm=True))]
     results = []
     print("\n| shape | variant | rows/s | rows/CPU-s | x plain (rows/CPU-s) |\n|---|---|---:|---:|---:|")
     for shape in shapes:

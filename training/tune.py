@@ -59,8 +59,8 @@ from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool
                         with_title_prior_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
-                         install_fused_activations, install_fused_norms, install_hidden_states_head, resolve_device, resolve_precision, resolve_source,
-                         ranked_sequence_losses, sequence_nll_sum)
+                         install_fused_activations, install_fused_norms, install_hidden_states_head,
+                         resolve_device, resolve_precision, resolve_source, ranked_sequence_losses, sequence_nll_sum)
 from .tune_schedule import RefitAnnouncer, StepSchedule, TimeBudget, lr_factor  # noqa: F401
 from .tune_state import (STATE_FILE, MetricsLog, list_checkpoints, plot_loss_curve, portable_weights, read_trainer_state,
                          save_checkpoint, write_model_card, STATE_VERSION)
@@ -343,7 +343,7 @@ class _Run:
         self.head = None if sharded else install_hidden_states_head(model)
         # Fewer, larger operators for the same functions: torch's fused tanh-GELU kernel for Hugging
         # Face's eight-operator expression, and T5's RMS norm with a hand-written backward (at
-        # d_model 128 operator count, not FLOPs, sets the step: 1.19x on Zen 4, docs/benchmarks.md).
+        # d_model 128 operator count, not FLOPs, sets the step: about 1.05-1.10x on Zen 4, docs/benchmarks.md).
         fused = install_fused_activations(model)
         if fused:
             log.info("fused GELU: %d feed-forward activations run torch's single kernel", fused)

@@ -7,7 +7,6 @@ Every check here runs before the first step and raises an `InputError` naming th
 from __future__ import annotations
 
 import functools
-
 import logging
 
 from instructrec.engine.errors import InputError, ModelLoadError
@@ -172,6 +171,17 @@ def build_optimizer(cfg: TrainConfig, model, fused: bool = True):
                              fused=fused or None)
 
 
+def _swap_children(model, kind: type, replacement) -> int:
+    """Replace every submodule of exactly type `kind` by `replacement(old)`; how many were replaced."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is kind:
+                setattr(module, name, replacement(child))
+                swapped += 1
+    return swapped
+
+
 def install_fused_activations(model) -> int:
     """Swap each feed-forward's tanh-approximated GELU (Hugging Face's `gelu_new`, what T5 v1.1
     and Flan-T5's `gated-gelu` use) from its Python expression, eight elementwise operators
@@ -183,13 +193,7 @@ def install_fused_activations(model) -> int:
     import torch
     from transformers.activations import NewGELUActivation
 
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(module, name, torch.nn.GELU(approximate="tanh"))
-                swapped += 1
-    return swapped
+    return _swap_children(model, NewGELUActivation, lambda _: torch.nn.GELU(approximate="tanh"))
 
 
 @functools.cache
@@ -242,14 +246,7 @@ def install_fused_norms(model) -> int:
     names, so a saved checkpoint is the same. Returns how many were swapped."""
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-    fused = _fused_t5_norm_class()
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is T5LayerNorm:
-                setattr(module, name, fused(child))
-                swapped += 1
-    return swapped
+    return _swap_children(model, T5LayerNorm, _fused_t5_norm_class())
 
 
 def install_hidden_states_head(model):
