@@ -14,6 +14,7 @@ without timing anything.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -65,11 +66,20 @@ class StepSchedule:
 # Steps measured before the first estimate; the first step of a process is left out of it (it
 # carries one-off costs: allocator growth, lazy initialisation; 3-10x a later step here).
 ESTIMATE_AFTER_STEPS = 4
-# Step times the estimate reads: the MEAN of the newest ones, since what must fit is their sum.
-# Length-grouped batches make step times vary ~3x from batch to batch; the median of the newest
-# 32 swung a 4-minute run's budget between 391 and 859 steps from one refit to the next. 128
-# steps still follow a machine whose load changes within a minute or two.
+# Step times the estimate reads: the newest ones spanning at least a quarter of the time left,
+# and at least 128 steps. Length-grouped batches make single step times vary ~3x, so they are read
+# as the means of consecutive chunks of 32 steps (the median of the newest 32 single steps swung a
+# 4-minute run's budget between 391 and 859 steps from one refit to the next), and the estimate is
+# the MEDIAN of those chunk means: a minute of a neighbour job early in a 45-minute run cut the
+# budget of a 128-step mean from ~11,000 steps to 4,560 (the rate decayed towards the lower total
+# until the budget recovered), where the median over a quarter of the 38 minutes left does not
+# move. A slowdown that lasts is followed once it fills most of the window, which narrows as the
+# deadline nears (the last minutes read the newest 128 steps).
 STEP_TIME_WINDOW = 128
+STEP_TIME_CHUNK = 32
+WINDOW_SHARE_OF_TIME_LEFT = 0.25
+# Step times kept (the oldest half dropped beyond this): hours of steps of a few milliseconds.
+MAX_STEP_TIMES = 1 << 18
 # The estimate plans for steps this much slower than measured: between two refits the mean
 # step time of a shared machine drifts by a few percent, and a run that overshoots is cut by the
 # hard stop with its schedule unfinished.
@@ -90,11 +100,17 @@ class TimeBudget:
     iterations: int = 0  # started by this process
     _started_at: float | None = None
     _overhead_in_iteration: float = 0.0
+    # Running sums of step_times (one more entry than it): the sum of any newest stretch in O(1).
+    _sums: list[float] = field(default_factory=lambda: [0.0])
 
     def iteration_started(self, now: float) -> None:
         if self._started_at is not None and self.iterations > 1:
-            self.step_times.append(now - self._started_at - self._overhead_in_iteration)
-            del self.step_times[:-STEP_TIME_WINDOW]
+            seconds = now - self._started_at - self._overhead_in_iteration
+            self.step_times.append(seconds)
+            self._sums.append(self._sums[-1] + seconds)
+            if len(self.step_times) > MAX_STEP_TIMES:
+                drop = MAX_STEP_TIMES // 2
+                del self.step_times[:drop], self._sums[:drop]
         self.iterations += 1
         self._started_at, self._overhead_in_iteration = now, 0.0
 
@@ -113,16 +129,30 @@ class TimeBudget:
         below `step` (the steps already run). `total` until ESTIMATE_AFTER_STEPS steps were measured."""
         if not self.ready:
             return total
-        # Evaluations and checkpoints spread over the steps run so far, plus the final one.
-        per_step = statistics.fmean(self.step_times) + self.overhead_s / max(1, self.iterations)
         left = self.deadline - now - self.last_eval_s
+        # Evaluations and checkpoints spread over the steps run so far, plus the final one.
+        per_step = self.step_time_estimate(left) + self.overhead_s / max(1, self.iterations)
         fits = step + int(max(0.0, left) // (per_step * (1.0 + FIT_MARGIN)))
         return max(step, min(total, fits))
+
+    def step_time_estimate(self, left: float) -> float:
+        """The median of the means of consecutive STEP_TIME_CHUNK-step chunks of the newest steps
+        spanning WINDOW_SHARE_OF_TIME_LEFT of `left` seconds and at least STEP_TIME_WINDOW steps;
+        the mean of every step while fewer than that were measured."""
+        count, total = len(self.step_times), self._sums[-1]
+        if count < STEP_TIME_WINDOW:
+            return total / count
+        # _sums is non-decreasing: the newest stretch from index i on spans total - _sums[i].
+        first = bisect.bisect_right(self._sums, total - WINDOW_SHARE_OF_TIME_LEFT * max(0.0, left)) - 1
+        chunks = (count - max(0, min(first, count - STEP_TIME_WINDOW))) // STEP_TIME_CHUNK
+        ends = range(count, count - chunks * STEP_TIME_CHUNK, -STEP_TIME_CHUNK)
+        return statistics.median((self._sums[end] - self._sums[end - STEP_TIME_CHUNK]) / STEP_TIME_CHUNK
+                                 for end in ends)
 
 
 # A refit is said at INFO when the budget moved by more than REFIT_SAY_FRACTION from what was
 # last said, and either by more than REFIT_SAY_AT_ONCE_FRACTION or REFIT_SAY_EVERY_S after the last
-# INFO line. Length-grouped step times make the 128-step mean swing by more than 5% for hours (a
+# INFO line. Length-grouped step times made a 128-step mean swing by more than 5% for hours (a
 # 100-minute run said 113 refits at INFO); a real change of speed moves it by far more.
 REFIT_SAY_FRACTION = 0.05
 REFIT_SAY_AT_ONCE_FRACTION = 0.25

@@ -242,3 +242,45 @@ def test_a_wobbling_step_time_does_not_fill_the_log(tmp_path, tokenizer_dir, one
     # clock-minutes are within REFIT_SAY_EVERY_S and no move reached REFIT_SAY_AT_ONCE_FRACTION.
     assert len(refits) >= 5 and len(said) == 1
     assert result.steps_done == result.total_steps and not result.time_capped
+
+
+def _budget_after(durations, deadline: float) -> tuple[TimeBudget, float]:
+    """A TimeBudget told of iterations of these durations from clock 0; the clock at the end."""
+    budget, now = TimeBudget(deadline=deadline), 0.0
+    for seconds in durations:
+        budget.iteration_started(now)
+        now += seconds
+    budget.iteration_started(now)
+    return budget, now
+
+
+def test_a_minute_of_sharing_early_in_a_long_run_barely_moves_the_budget():
+    """45 minutes, 0.2 s steps, one minute at three times that (a neighbour job) two minutes in.
+    The steps already lost are lost; what the budget plans for the 42 minutes left should read
+    that minute as the small part of the recent past it is, not as the machine's new speed."""
+    fast, slow = [0.2] * 600, [0.6] * 100  # 2 minutes at 0.2 s, then 1 minute at 0.6 s
+    budget, now = _budget_after(fast + slow, deadline=2700.0)
+    steady = 700 + int((2700.0 - now) // (0.2 * 1.05))  # had the neighbour never come
+    fitted = budget.fit(700, 10**6, now)
+    # A 128-step window read the minute as the new speed: 700 + 2520 s / 0.51 s = ~5,400 steps.
+    assert fitted > 0.9 * steady
+
+
+def test_a_slowdown_that_lasts_is_followed():
+    """The same neighbour stays: after ten minutes of it the budget plans for the slow speed."""
+    budget, now = _budget_after([0.2] * 600 + [0.6] * 1000, deadline=2700.0)
+    at_slow_speed = 1600 + int((2700.0 - now) // (0.6 * 1.05))
+    assert budget.fit(1600, 10**6, now) == pytest.approx(at_slow_speed, rel=0.05)
+
+
+def test_the_window_is_never_under_128_steps_near_the_deadline():
+    """Ten seconds before the deadline a quarter of the time left is 2.5 s: twelve steps of 0.2 s
+    would swing with the batch mix; the window still reads the newest 128."""
+    from instructrec.training.tune_schedule import STEP_TIME_WINDOW
+
+    durations = [1.0] * 200 + [0.1, 0.3] * (STEP_TIME_WINDOW // 2)
+    budget, now = _budget_after(durations, deadline=1e9)
+    assert budget.step_time_estimate(left=10.0) == pytest.approx(0.2)
+    # With time enough left, the window spans every step: ten whole chunks of 32, the newest four
+    # of 0.2 s mean, six of 1.0 s steps; their median is 1.0.
+    assert budget.step_time_estimate(left=4 * sum(durations)) == pytest.approx(1.0)
