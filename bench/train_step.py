@@ -2,7 +2,7 @@
 
     python -m instructrec.bench.train_step --instructions DIR/train.parquet \
         --tokenizer ../shared/assets/flan-t5-tokenizer [--shapes t5-mini,t5-micro] [--threads 2]
-        [--steps 200 --warmup 40]
+        [--steps 200 --warmup 40] [--variants bf16,fused-norm --rounds 3]
 
 Each variant trains a fresh random-weight model of a shape (engine/presets.py) for --warmup
 untimed steps, then --steps timed ones over the same seeded rows, with AdamW and gradient
@@ -36,8 +36,14 @@ clipping as `instructrec train` runs them. Variants, each adding one change to t
 Each variant runs in a process of its own: the kernels oneDNN compiles for one variant's shapes
 would otherwise serve the next variant's identical batches and flatter it.
 
+`--variants` measures only the named ones (the keys in brackets in `--help`), `--rounds N` each of
+them N times, interleaved (every variant once per round, in order): a drift of the machine's
+speed then reaches every variant alike, and the ratio is taken within each round. On 2 shared
+cores single runs of one variant vary by ~10%, more than the gains of the last rows.
+
 Printed: rows/s and rows per CPU-second (both processes' threads counted), and each variant's
-rows/CPU-s as a ratio to `plain` of the same shape. Ratios, not absolute speeds, are what carry
+rows/CPU-s as a ratio to the first variant measured for the same shape (`plain` unless
+`--variants` says otherwise); with rounds, the medians and the spread of rows/s. Ratios, not absolute speeds, are what carry
 to another machine; the CPU and its flags head the report.
 """
 
@@ -47,9 +53,16 @@ import argparse
 import itertools
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
+
+
+# The variants in the order of the table, each adding one change to the one before (module doc).
+VARIANT_NAMES = {"plain": "plain", "grouped": "+ length-grouped", "bf16": "+ bf16 autocast",
+                 "head": "+ real-token head", "fused-adamw": "+ fused AdamW", "buckets": "+ shape buckets",
+                 "compact": "+ compact vocabulary", "fused-gelu": "+ fused GELU", "fused-norm": "+ fused RMS norm"}
 
 
 def _cpu_seconds() -> float:
@@ -135,8 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="measure every variant in this process (quick checks; later variants may "
                              "reuse kernels compiled for earlier ones)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--variants", default=",".join(VARIANT_NAMES),
+                        help="comma-separated variants to measure, in this order: "
+                             + ", ".join(f"{key} ({name})" for key, name in VARIANT_NAMES.items())
+                             + " (default: all)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every variant this many times, interleaved; report medians (default: 1)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here (every round)")
     args = parser.parse_args(argv)
+    variant_keys = [v.strip() for v in args.variants.split(",") if v.strip()]
+    wrong = [v for v in variant_keys if v not in VARIANT_NAMES]
+    if wrong or not variant_keys:
+        parser.error(f"--variants: unknown {', '.join(wrong) or '(none given)'}; known: {', '.join(VARIANT_NAMES)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
     import pyarrow.parquet as pq
     import torch
@@ -176,32 +201,49 @@ def main(argv: list[str] | None = None) -> int:
           f"{vocab_rows(compact)} rows (full: {len(tokenizer)})")
     compact_step = dict(head=True, grouped=True, bf16=native_bf16, fused=True,
                         multiple=SHAPE_MULTIPLE if native_bf16 else 1, vocab_size=vocab_rows(compact))
-    variants = [("plain", dict(head=False, grouped=False, bf16=False)),
-                ("+ length-grouped", dict(head=False, grouped=True, bf16=False)),
-                ("+ bf16 autocast", dict(head=False, grouped=True, bf16=True)),
-                ("+ real-token head", dict(head=True, grouped=True, bf16=native_bf16)),
-                ("+ fused AdamW", dict(head=True, grouped=True, bf16=native_bf16, fused=True)),
-                ("+ shape buckets", dict(head=True, grouped=True, bf16=True, fused=True, multiple=SHAPE_MULTIPLE)),
-                ("+ compact vocabulary", compact_step),
-                ("+ fused GELU", dict(compact_step, fused_gelu=True)),
-                ("+ fused RMS norm", dict(compact_step, fused_gelu=True, fused_norm=True))]
+    settings = {"plain": dict(head=False, grouped=False, bf16=False),
+                "grouped": dict(head=False, grouped=True, bf16=False),
+                "bf16": dict(head=False, grouped=True, bf16=True),
+                "head": dict(head=True, grouped=True, bf16=native_bf16),
+                "fused-adamw": dict(head=True, grouped=True, bf16=native_bf16, fused=True),
+                "buckets": dict(head=True, grouped=True, bf16=True, fused=True, multiple=SHAPE_MULTIPLE),
+                "compact": compact_step,
+                "fused-gelu": dict(compact_step, fused_gelu=True),
+                "fused-norm": dict(compact_step, fused_gelu=True, fused_norm=True)}
+    chosen = [(key, VARIANT_NAMES[key], settings[key]) for key in variant_keys]
     results = []
-    print("\n| shape | variant | rows/s | rows/CPU-s | x plain (rows/CPU-s) |\n|---|---|---:|---:|---:|")
     for shape in shapes:
-        base = None
-        for name, flags in variants:
+        runnable = []
+        for key, name, flags in chosen:
             if flags["bf16"] and not native_bf16:
-                print(f"| {shape} | {name} | skipped: this CPU has no native bf16 matmul (auto picks fp32) | | |")
-                continue
-            run = measure if args.in_process else measure_in_fresh_process
-            r = run(compact_rows if "vocab_size" in flags else rows, shape, batch_size=args.batch_size,
-                    steps=args.steps, warmup=args.warmup,
-                    threads=args.threads, **flags)
-            base = base or r["rows_per_cpu_s"]
-            r.update(shape=shape, variant=name, ratio=r["rows_per_cpu_s"] / base)
-            results.append(r)
-            print(f"| {shape} | {name} | {r['rows_per_s']:.1f} | {r['rows_per_cpu_s']:.1f} | {r['ratio']:.2f} |",
-                  flush=True)
+                print(f"{shape} {name}: skipped, this CPU has no native bf16 matmul (auto picks fp32)")
+            else:
+                runnable.append((key, name, flags))
+        if not runnable:
+            continue
+        base_name = runnable[0][1]
+        rounds: dict[str, list[dict]] = {key: [] for key, _, _ in runnable}
+        for round_index in range(args.rounds):
+            base = None
+            for key, name, flags in runnable:
+                run = measure if args.in_process else measure_in_fresh_process
+                r = run(compact_rows if "vocab_size" in flags else rows, shape, batch_size=args.batch_size,
+                        steps=args.steps, warmup=args.warmup, threads=args.threads, **flags)
+                base = base or r["rows_per_cpu_s"]
+                r.update(shape=shape, variant=name, key=key, round=round_index + 1, ratio=r["rows_per_cpu_s"] / base)
+                rounds[key].append(r)
+                results.append(r)
+                print(f"round {round_index + 1}/{args.rounds}: {shape} {name}: {r['rows_per_s']:.1f} rows/s, "
+                      f"{r['rows_per_cpu_s']:.1f} rows/CPU-s, x{r['ratio']:.2f} {base_name}", flush=True)
+        spread = args.rounds > 1
+        print(f"\n| shape | variant | rows/s{' (median; min-max)' if spread else ''} | rows/CPU-s | "
+              f"x {base_name} (rows/CPU-s{', median of rounds' if spread else ''}) |\n|---|---|---:|---:|---:|")
+        for key, name, _ in runnable:
+            speeds = [r["rows_per_s"] for r in rounds[key]]
+            shown = (f"{statistics.median(speeds):.1f}; {min(speeds):.1f}-{max(speeds):.1f}" if spread
+                     else f"{speeds[0]:.1f}")
+            print(f"| {shape} | {name} | {shown} | {statistics.median(r['rows_per_cpu_s'] for r in rounds[key]):.1f} | "
+                  f"{statistics.median(r['ratio'] for r in rounds[key]):.2f} |", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps({"cpu": info.summary(), "threads": torch.get_num_threads(), "results": results},
                                         indent=2) + "\n")

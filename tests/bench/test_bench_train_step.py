@@ -93,3 +93,38 @@ def test_the_real_token_head_computes_hugging_faces_loss(instructions, tokenizer
         head = install_hidden_states_head(model)
         ours = sequence_nll_sum(model, input_ids, attention, decoder_ids, labels, head=head) / (labels != -100).sum()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_chosen_variants_interleaved_over_rounds_report_medians_and_per_round_ratios(instructions, tokenizer_dir,
+                                                                                    tmp_path, capsys):
+    report = tmp_path / "rounds.json"
+    assert train_step.main(["--instructions", str(instructions), "--tokenizer", str(tokenizer_dir),
+                            "--shapes", "t5-tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                            "--threads", "1", "--in-process", "--variants", "head,fused-gelu", "--rounds", "3",
+                            "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(report.read_text())["results"]
+    # Interleaved: each round measures both variants, in the order given.
+    assert [(r["round"], r["key"]) for r in results] == [(1, "head"), (1, "fused-gelu"), (2, "head"),
+                                                         (2, "fused-gelu"), (3, "head"), (3, "fused-gelu")]
+    # Each ratio is against the first variant of its own round.
+    for first, second in zip(results[::2], results[1::2]):
+        assert first["ratio"] == 1.0
+        assert second["ratio"] == pytest.approx(second["rows_per_cpu_s"] / first["rows_per_cpu_s"])
+    speeds = sorted(r["rows_per_s"] for r in results if r["key"] == "fused-gelu")
+    ratio = sorted(r["ratio"] for r in results if r["key"] == "fused-gelu")[1]
+    row = next(line for line in printed.splitlines() if line.startswith("| t5-tiny | + fused GELU |"))
+    assert row == (f"| t5-tiny | + fused GELU | {speeds[1]:.1f}; {speeds[0]:.1f}-{speeds[2]:.1f} | "
+                   f"{sorted(r['rows_per_cpu_s'] for r in results if r['key'] == 'fused-gelu')[1]:.1f} | "
+                   f"{ratio:.2f} |")
+    assert "x + real-token head (rows/CPU-s, median of rounds)" in printed
+    assert "| plain |" not in printed
+
+
+@pytest.mark.parametrize("flags, message", [(["--variants", "plain,fused-rms"], "--variants: unknown fused-rms"),
+                                            (["--rounds", "0"], "--rounds must be at least 1")])
+def test_unknown_variants_and_no_rounds_are_refused(instructions, tokenizer_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main(["--instructions", str(instructions), "--tokenizer", str(tokenizer_dir),
+                         "--shapes", "t5-tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1"] + flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
