@@ -37,17 +37,39 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 def portable_weights(accelerator) -> None:
     """Save and load model weights without the DDP wrapper's `module.` prefix (accelerate keeps it),
-    so checkpoints move between world sizes."""
-    def strip_prefix(models, weights, output_dir):
+    so checkpoints move between world sizes; and save each tensor once under its first name. T5's
+    encoder and decoder embeddings are its `shared` weight: safetensors cannot hold two names of
+    one tensor, and accelerate drops the aliases itself but warns at every checkpoint ("Removed
+    shared tensor ... check by verifying") about what is T5's design, not a fault. Loading ties
+    them back as before (safetensors' load_model expects the same first name)."""
+    def portable_state(models, weights, output_dir):
         for i, state in enumerate(weights):
             if all(k.startswith(_DDP_PREFIX) for k in state):
-                weights[i] = {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
+                state = {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
+            weights[i] = _without_aliases(state)
 
     def unwrap_models(models, input_dir):
         models[:] = [accelerator.unwrap_model(m) for m in models]
 
-    accelerator.register_save_state_pre_hook(strip_prefix)
+    accelerator.register_save_state_pre_hook(portable_state)
     accelerator.register_load_state_pre_hook(unwrap_models)
+
+
+def _without_aliases(state: dict) -> dict:
+    """`state` with each tensor storage under its first name only (names of views of one storage,
+    such as T5's tied embeddings, dropped after the first)."""
+    import torch
+
+    kept, first_name = {}, {}
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.numel() > 0:
+            storage = (value.device, value.untyped_storage().data_ptr())
+            if storage in first_name:
+                log.debug("checkpoint: %s is %s (tied), saved once", name, first_name[storage])
+                continue
+            first_name[storage] = name
+        kept[name] = value
+    return kept
 
 
 def save_checkpoint(accelerator, out: Path, step: int, state: dict, config, tokenizer, keep: int) -> Path:

@@ -514,3 +514,25 @@ def test_report_to_tensorboard_logs_every_step_and_each_templates_validation(dat
         assert scalars["valid/hr@1"][r["step"]] == pytest.approx(r["hr@1"])
         for template, summary in r["by_template"].items():
             assert scalars[f"valid/{template}/ndcg@5"][r["step"]] == pytest.approx(summary["ndcg@5"], rel=1e-6)
+
+
+def test_checkpoints_save_t5s_tied_embeddings_once_without_a_warning(dataset, tmp_path, tokenizer_dir, caplog):
+    """T5's encoder and decoder embeddings are its `shared` weight. accelerate dropped the aliases
+    while saving and warned at every checkpoint; the checkpoint holds the tensor once, quietly, and
+    loads back tied (the resume test above reproduces the loss curve through such a checkpoint)."""
+    import logging
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import T5ForConditionalGeneration
+
+    with caplog.at_level(logging.WARNING):
+        first = train(config(dataset, tmp_path / "run", tokenizer_dir, max_steps=2, stop_after=1))
+    assert first.checkpoint.is_dir()
+    assert not [r for r in caplog.records if "shared tensor" in r.getMessage()]
+    saved = load_file(first.checkpoint / "model.safetensors")
+    assert "shared.weight" in saved and "encoder.embed_tokens.weight" not in saved
+    assert "decoder.embed_tokens.weight" not in saved and "lm_head.weight" in saved  # untied head kept
+    loaded = T5ForConditionalGeneration.from_pretrained(first.checkpoint)
+    assert loaded.encoder.embed_tokens.weight.data_ptr() == loaded.shared.weight.data_ptr()
+    assert torch.equal(loaded.shared.weight, saved["shared.weight"])
