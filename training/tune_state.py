@@ -56,18 +56,19 @@ def portable_weights(accelerator) -> None:
 
 
 def _without_aliases(state: dict) -> dict:
-    """`state` with each tensor storage under its first name only (names of views of one storage,
-    such as T5's tied embeddings, dropped after the first)."""
+    """`state` with each tensor under its first name only: a later name of the very same tensor
+    (same memory, shape and strides, as T5's tied embeddings) is dropped. Other views of one
+    storage are kept, for accelerate to handle as before."""
     import torch
 
     kept, first_name = {}, {}
     for name, value in state.items():
         if isinstance(value, torch.Tensor) and value.numel() > 0:
-            storage = (value.device, value.untyped_storage().data_ptr())
-            if storage in first_name:
-                log.debug("checkpoint: %s is %s (tied), saved once", name, first_name[storage])
+            same = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+            if same in first_name:
+                log.debug("checkpoint: %s is %s (tied), saved once", name, first_name[same])
                 continue
-            first_name[storage] = name
+            first_name[same] = name
         kept[name] = value
     return kept
 

@@ -536,3 +536,17 @@ def test_checkpoints_save_t5s_tied_embeddings_once_without_a_warning(dataset, tm
     loaded = T5ForConditionalGeneration.from_pretrained(first.checkpoint)
     assert loaded.encoder.embed_tokens.weight.data_ptr() == loaded.shared.weight.data_ptr()
     assert torch.equal(loaded.shared.weight, saved["shared.weight"])
+
+
+def test_only_names_of_the_very_same_tensor_are_dropped_from_a_checkpoint():
+    import torch
+
+    from instructrec.training.tune_state import _without_aliases
+
+    weight, other = torch.randn(4, 3), torch.randn(4, 3)
+    state = {"shared.weight": weight, "encoder.embed_tokens.weight": weight, "lm_head.weight": other,
+             "first_rows": weight[:2], "transposed": weight.t(), "step": 7}
+    kept = _without_aliases(state)
+    # The alias goes; other views of the same memory (another shape or stride) stay for
+    # accelerate to handle, as do non-tensors.
+    assert list(kept) == ["shared.weight", "lm_head.weight", "first_rows", "transposed", "step"]
