@@ -70,11 +70,13 @@ ESTIMATE_AFTER_STEPS = 4
 # and at least 128 steps. Length-grouped batches make single step times vary ~3x, so they are read
 # as the means of consecutive chunks of 32 steps (the median of the newest 32 single steps swung a
 # 4-minute run's budget between 391 and 859 steps from one refit to the next), and the estimate is
-# the MEDIAN of those chunk means: a minute of a neighbour job early in a 45-minute run cut the
-# budget of a 128-step mean from ~11,000 steps to 4,560 (the rate decayed towards the lower total
-# until the budget recovered), where the median over a quarter of the 38 minutes left does not
-# move. A slowdown that lasts is followed once it fills most of the window, which narrows as the
-# deadline nears (the last minutes read the newest 128 steps).
+# the mean of the middle half of those chunk means: two and a half minutes of other jobs in
+# the first seven of a 45-minute run cut the budget of a 128-step mean from ~11,000 steps to 4,560
+# (the rate decayed towards the lower total until the budget recovered), where a window of a
+# quarter of the 38 minutes left holds their chunks as a minority the middle half leaves out. A slowdown that lasts moves the
+# estimate smoothly as it fills the window (a median of the chunks flipped between the two speeds,
+# 10,135 and 14,478 steps two seconds apart, while half the window was slow), and the window
+# narrows as the deadline nears (the last minutes read the newest 128 steps).
 STEP_TIME_WINDOW = 128
 STEP_TIME_CHUNK = 32
 WINDOW_SHARE_OF_TIME_LEFT = 0.25
@@ -136,8 +138,8 @@ class TimeBudget:
         return max(step, min(total, fits))
 
     def step_time_estimate(self, left: float) -> float:
-        """The median of the means of consecutive STEP_TIME_CHUNK-step chunks of the newest steps
-        spanning WINDOW_SHARE_OF_TIME_LEFT of `left` seconds and at least STEP_TIME_WINDOW steps;
+        """The mean of the middle half of the STEP_TIME_CHUNK-step chunk means of the newest steps
+        that span WINDOW_SHARE_OF_TIME_LEFT of `left` seconds and at least STEP_TIME_WINDOW steps;
         the mean of every step while fewer than that were measured."""
         count, total = len(self.step_times), self._sums[-1]
         if count < STEP_TIME_WINDOW:
@@ -145,9 +147,9 @@ class TimeBudget:
         # _sums is non-decreasing: the newest stretch from index i on spans total - _sums[i].
         first = bisect.bisect_right(self._sums, total - WINDOW_SHARE_OF_TIME_LEFT * max(0.0, left)) - 1
         chunks = (count - max(0, min(first, count - STEP_TIME_WINDOW))) // STEP_TIME_CHUNK
-        ends = range(count, count - chunks * STEP_TIME_CHUNK, -STEP_TIME_CHUNK)
-        return statistics.median((self._sums[end] - self._sums[end - STEP_TIME_CHUNK]) / STEP_TIME_CHUNK
-                                 for end in ends)
+        means = sorted((self._sums[end] - self._sums[end - STEP_TIME_CHUNK]) / STEP_TIME_CHUNK
+                       for end in range(count, count - chunks * STEP_TIME_CHUNK, -STEP_TIME_CHUNK))
+        return statistics.fmean(means[chunks // 4: chunks - chunks // 4])
 
 
 # A refit is said at INFO when the budget moved by more than REFIT_SAY_FRACTION from what was

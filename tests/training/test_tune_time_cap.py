@@ -282,5 +282,23 @@ def test_the_window_is_never_under_128_steps_near_the_deadline():
     budget, now = _budget_after(durations, deadline=1e9)
     assert budget.step_time_estimate(left=10.0) == pytest.approx(0.2)
     # With time enough left, the window spans every step: ten whole chunks of 32, the newest four
-    # of 0.2 s mean, six of 1.0 s steps; their median is 1.0.
-    assert budget.step_time_estimate(left=4 * sum(durations)) == pytest.approx(1.0)
+    # of 0.2 s mean, six of 1.0 s steps; the middle half (the 3rd to 8th of the sorted ten) is two
+    # of 0.2 and four of 1.0.
+    assert budget.step_time_estimate(left=4 * sum(durations)) == pytest.approx((2 * 0.2 + 4 * 1.0) / 6)
+
+
+def test_the_estimate_moves_smoothly_while_a_slowdown_fills_the_window():
+    """Slow chunks added one by one to a window of fast ones: the estimate never jumps (a median
+    of the chunks flipped from the fast speed to the slow one as the slow ones passed half)."""
+    from instructrec.training.tune_schedule import STEP_TIME_CHUNK
+
+    budget, now = _budget_after([0.2] * (64 * STEP_TIME_CHUNK), deadline=1e9)
+    estimates = [budget.step_time_estimate(left=1e9)]
+    for _ in range(192):
+        for _ in range(STEP_TIME_CHUNK):
+            now += 0.6
+            budget.iteration_started(now)
+        estimates.append(budget.step_time_estimate(left=1e9))
+    assert estimates[0] == pytest.approx(0.2) and estimates[-1] == pytest.approx(0.6)
+    steps = [b - a for a, b in zip(estimates, estimates[1:])]
+    assert min(steps) >= -1e-12 and max(steps) < 0.02
