@@ -43,7 +43,8 @@ cores single runs of one variant vary by ~10%, more than the gains of the last r
 
 Printed: rows/s and rows per CPU-second (both processes' threads counted), and each variant's
 rows/CPU-s as a ratio to the first variant measured for the same shape (`plain` unless
-`--variants` says otherwise); with rounds, the medians and the spread of rows/s. Ratios, not absolute speeds, are what carry
+`--variants` says otherwise); with rounds, the medians and the spread of rows/s. Ratios, not
+absolute speeds, are what carry
 to another machine; the CPU and its flags head the report.
 """
 
@@ -223,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         base_name = runnable[0][1]
         rounds: dict[str, list[dict]] = {key: [] for key, _, _ in runnable}
+        run = measure if args.in_process else measure_in_fresh_process
         for round_index in range(args.rounds):
             base = None
             for key, name, flags in runnable:
-                run = measure if args.in_process else measure_in_fresh_process
                 r = run(compact_rows if "vocab_size" in flags else rows, shape, batch_size=args.batch_size,
                         steps=args.steps, warmup=args.warmup, threads=args.threads, **flags)
                 base = base or r["rows_per_cpu_s"]
