@@ -44,8 +44,7 @@ cores single runs of one variant vary by ~10%, more than the gains of the last r
 Printed: rows/s and rows per CPU-second (both processes' threads counted), and each variant's
 rows/CPU-s as a ratio to the first variant measured for the same shape (`plain` unless
 `--variants` says otherwise); with rounds, the medians and the spread of rows/s. Ratios, not
-absolute speeds, are what carry
-to another machine; the CPU and its flags head the report.
+absolute speeds, are what carry to another machine; the CPU and its flags head the report.
 """
 
 from __future__ import annotations
