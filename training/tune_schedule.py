@@ -70,13 +70,13 @@ ESTIMATE_AFTER_STEPS = 4
 # and at least 128 steps. Length-grouped batches make single step times vary ~3x, so they are read
 # as the means of consecutive chunks of 32 steps (the median of the newest 32 single steps swung a
 # 4-minute run's budget between 391 and 859 steps from one refit to the next), and the estimate is
-# the mean of the middle half of those chunk means: two and a half minutes of other jobs in
-# the first seven of a 45-minute run cut the budget of a 128-step mean from ~11,000 steps to 4,560
-# (the rate decayed towards the lower total until the budget recovered), where a window of a
-# quarter of the 38 minutes left holds their chunks as a minority the middle half leaves out. A slowdown that lasts moves the
-# estimate smoothly as it fills the window (a median of the chunks flipped between the two speeds,
-# 10,135 and 14,478 steps two seconds apart, while half the window was slow), and the window
-# narrows as the deadline nears (the last minutes read the newest 128 steps).
+# the mean of the middle half of those chunk means. Two and a half minutes of other jobs in the
+# first seven of a 45-minute run cut the budget of a 128-step mean from ~11,000 steps to 4,560
+# (the rate decayed towards the lower total until the budget recovered); a window of a quarter of
+# the 38 minutes left holds their chunks as a minority the middle half leaves out. A slowdown that
+# lasts moves the estimate smoothly as it fills the window (a median of the chunks flipped between
+# the two speeds, 10,135 and 14,478 steps two seconds apart, while half the window was slow), and
+# the window narrows as the deadline nears (the last minutes read the newest 128 steps).
 STEP_TIME_WINDOW = 128
 STEP_TIME_CHUNK = 32
 WINDOW_SHARE_OF_TIME_LEFT = 0.25
