@@ -28,6 +28,7 @@ import torch
 
 from .backend import Backend
 from .errors import BudgetExceededError, InputError
+from .fusion import fuse_priors
 from .formatting import MAX_CHARS_PER_TOKEN, lists_candidates, max_source_chars, render, sanitize_text
 from .loading import Loaded, load_from_model, load_pretrained
 from .packing import Unit
@@ -84,6 +85,7 @@ class _Prepared:
     titles: list[str]
     targets: list[np.ndarray]
     lists: bool
+    priors: np.ndarray | None = None  # [candidates] float64: the request's candidate_priors, if any
 
 
 class Reranker:
@@ -210,21 +212,25 @@ class Reranker:
         self._title_priors.clear()
 
     # ---------------------------------------------------------------------------------- public
-    def score(self, instruction: str, candidates: Sequence[str], normalize: str = "sum") -> np.ndarray:
+    def score(self, instruction: str, candidates: Sequence[str], normalize: str = "sum",
+              candidate_priors: Sequence[float] | None = None) -> np.ndarray:
         """log P(title | instruction) of every candidate, teacher-forced, all under one encoding
         (no tournament; `{candidates}` in the instruction lists all of them). [K] float64.
         normalize: "sum", "mean" (per title token), "calibrated" (minus the title's log-likelihood
-        under an empty instruction) or "calibrated:W" (minus W times it)."""
+        under an empty instruction) or "calibrated:W" (minus W times it); any of them followed by
+        "+priors:V" fuses `candidate_priors` (one number per candidate) into the scores
+        (engine/fusion.py)."""
         form = parse_score_form(normalize)
-        request = Request(instruction=instruction, candidates=candidates)
+        request = Request(instruction=instruction, candidates=candidates, candidate_priors=candidate_priors)
         prepared = self._prepare([request], errors="raise")[0]
         assert isinstance(prepared, _Prepared)
+        self._check_priors(prepared, {normalize: form})
         unit = self._unit(prepared, np.arange(len(prepared.titles)))
         self.stats.requests += 1
         if form.kind == "calibrated":
             self._score_title_priors(prepared.targets)
         self._run_units([unit])
-        return self._normalized(unit, form)
+        return self._normalized(prepared, unit, form)
 
     def rank(self, requests: Sequence[Request], errors: str = "raise",
              normalize: str = "sum") -> list[RankedResult]:
@@ -271,8 +277,13 @@ class Reranker:
 
         prepared = self._prepare(requests, errors)
         for i, p in enumerate(prepared):
-            if isinstance(p, InputError):
-                fail(i, p)
+            if isinstance(p, _Prepared):
+                try:
+                    self._check_priors(p, forms)
+                except InputError as e:
+                    prepared[i] = e
+            if isinstance(prepared[i], InputError):
+                fail(i, prepared[i])
         live = [p for p in prepared if isinstance(p, _Prepared)]
         if any(form.kind == "calibrated" for form in forms.values()):
             self._score_title_priors([t for p in live for t in p.targets])
@@ -300,12 +311,12 @@ class Reranker:
             for p, f, t, units in running:
                 if t is None:  # scored directly: rank by score under every form
                     for name, form in forms.items():
-                        s = self._normalized(units[0], form)
+                        s = self._normalized(p, units[0], form)
                         order = np.argsort(-s, kind="stable")
                         out[name][p.index] = _result(p, order, s[order])
                     continue
                 assert f is not None
-                t.record([self._normalized(u, forms[f]) for u in units])
+                t.record([self._normalized(p, u, forms[f]) for u in units])
                 if t.done:
                     order, s = t.result()
                     out[f][p.index] = _result(p, order, s)
@@ -403,7 +414,17 @@ class Reranker:
                 if x in seen:
                     raise InputError("candidate_ids", f"duplicate id {x!r}", "ids must be unique per request")
                 seen.add(x)
-        return _Prepared(i, r, ids, titles, [], _lists_candidates(r))
+        priors = None if r.candidate_priors is None else _valid_priors(r.candidate_priors, len(titles))
+        return _Prepared(i, r, ids, titles, [], _lists_candidates(r), priors)
+
+    @staticmethod
+    def _check_priors(p: _Prepared, forms: dict[str, ScoreForm]) -> None:
+        """A form that fuses candidate priors needs them: InputError where the request has none."""
+        fusing = [name for name, form in forms.items() if form.candidate_prior_weight > 0]
+        if fusing and p.priors is None:
+            raise InputError("candidate_priors", f"the score form {fusing[0]!r} fuses candidate priors, but "
+                             "this request has none", "give one number per candidate (e.g. log(1 + the item's "
+                             "interactions)), or rank with a form without +priors:V")
 
     def _unit(self, p: _Prepared, members: np.ndarray) -> Unit:
         """One encoding: the instruction (listing `members` if it lists candidates) tokenized and
@@ -488,13 +509,21 @@ class Reranker:
             out.append(error if error is not None else made)  # type: ignore[arg-type]
         return out
 
-    def _normalized(self, u: Unit, form: ScoreForm) -> np.ndarray:
+    def _normalized(self, p: _Prepared, u: Unit, form: ScoreForm) -> np.ndarray:
+        """The scores of unit `u` (candidates u.tag of request `p`) under `form`; a "+priors:V" form
+        fuses them with those candidates' priors, within this unit (a request, or one tournament
+        group: its winners are the best of the fused group)."""
         if form.kind == "mean":
-            return u.scores / np.array([len(y) for y in u.targets], dtype=np.float64)
-        if form.kind == "calibrated":
+            scores = u.scores / np.array([len(y) for y in u.targets], dtype=np.float64)
+        elif form.kind == "calibrated":
             priors = np.array([self._title_priors[y.tobytes()] for y in u.targets], dtype=np.float64)
-            return u.scores - form.prior_weight * priors
-        return u.scores
+            scores = u.scores - form.prior_weight * priors
+        else:
+            scores = u.scores
+        if form.candidate_prior_weight > 0:
+            assert p.priors is not None  # _check_priors refused the request otherwise
+            return fuse_priors(scores, p.priors[u.tag], form.candidate_prior_weight)
+        return scores
 
     def _score_title_priors(self, targets: Sequence[np.ndarray]) -> None:
         """log P(title | empty instruction) of every target not scored yet. A title the model
@@ -541,6 +570,22 @@ def _n(r: Any) -> int:
         return 0 if r.candidates is None or isinstance(r.candidates, str) else len(r.candidates)
     except TypeError:
         return 0
+
+
+def _valid_priors(values: Any, n: int) -> np.ndarray:
+    """A request's candidate_priors as [n] float64, or InputError naming the offending entry."""
+    fix = "give one finite number per candidate, in candidate order (or no candidate_priors)"
+    if isinstance(values, (str, bytes)):
+        raise InputError("candidate_priors", "must be a list of numbers", fix)
+    values = list(values)
+    if len(values) != n:
+        raise InputError("candidate_priors", f"{len(values)} priors for {n} candidates", fix)
+    for c, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise InputError(f"candidate_priors[{c}]", f"must be a number, got {type(v).__name__} {v!r}", fix)
+        if not np.isfinite(v):
+            raise InputError(f"candidate_priors[{c}]", f"must be finite, got {v!r}", fix)
+    return np.asarray(values, dtype=np.float64)
 
 
 def _failure(r: Any, e: InputError) -> RankedResult:

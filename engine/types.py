@@ -13,27 +13,50 @@ from .errors import InputError
 # "calibrated:W" subtracts W times the prior: W = 1 is "calibrated", 0 the sum, and a negative W
 # adds the prior, which favours the titles the model generates whatever it is asked (the most
 # frequent training targets, close to popularity). W is a setting chosen on validation.
+# Any of them may end in "+priors:V": the list's scores fused with the request's `candidate_priors`
+# (engine/fusion.py: standardised score + V x standardised prior), as `instructrec eval`'s
+# instructrec+popularity method fuses popularity.
 NORMALIZE_CHOICES = ("sum", "mean", "calibrated")
+PRIORS_SUFFIX = "+priors:"
 
-__all__ = ["Request", "RankedResult", "EngineStats", "NORMALIZE_CHOICES", "ScoreForm", "parse_score_form"]
+__all__ = ["Request", "RankedResult", "EngineStats", "NORMALIZE_CHOICES", "PRIORS_SUFFIX", "ScoreForm",
+           "parse_score_form"]
 
 
 class ScoreForm(NamedTuple):
-    """A parsed `normalize` value: its kind (one of NORMALIZE_CHOICES) and, for "calibrated", the
-    weight of the title prior it subtracts."""
+    """A parsed `normalize` value: its kind (one of NORMALIZE_CHOICES), for "calibrated" the weight
+    of the title prior it subtracts, and the weight of the request's `candidate_priors` fused into
+    the scores ("+priors:V"; 0: no fusion, and no priors needed)."""
 
     kind: str
     prior_weight: float = 0.0
+    candidate_prior_weight: float = 0.0
 
 
 def parse_score_form(value: str, field: str = "normalize") -> ScoreForm:
-    """"sum", "mean", "calibrated" or "calibrated:W" (W a finite number) -> ScoreForm; anything
-    else is an InputError naming `field`."""
+    """"sum", "mean", "calibrated" or "calibrated:W" (W a finite number), optionally followed by
+    "+priors:V" (V a finite number >= 0) -> ScoreForm; anything else is an InputError naming `field`."""
     fix = ('use sum, mean, calibrated, or calibrated:W to subtract W times the title prior (e.g. '
-           'calibrated:0.5; a negative W adds it)')
+           'calibrated:0.5; a negative W adds it), optionally followed by +priors:V to fuse the '
+           "requests' candidate_priors with weight V >= 0 (e.g. calibrated:0.5+priors:2)")
     if not isinstance(value, str):
         raise InputError(field, f"unknown score form {value!r}", fix)
-    kind, colon, weight_text = value.partition(":")
+    base, plus, fused_text = value.partition(PRIORS_SUFFIX)
+    fused = 0.0
+    if plus:
+        try:
+            fused = float(fused_text)
+        except ValueError:
+            raise InputError(field, f"{value!r}: the candidate prior weight {fused_text!r} is not a number",
+                             fix) from None
+        if not (math.isfinite(fused) and fused >= 0):
+            raise InputError(field, f"{value!r}: the candidate prior weight must be finite and >= 0", fix)
+    form = _parse_base_form(value, base, field, fix)
+    return form._replace(candidate_prior_weight=fused)
+
+
+def _parse_base_form(value: str, base: str, field: str, fix: str) -> ScoreForm:
+    kind, colon, weight_text = base.partition(":")
     if kind not in NORMALIZE_CHOICES or (colon and kind != "calibrated"):
         raise InputError(field, f"unknown score form {value!r}", fix)
     if kind != "calibrated":
@@ -65,6 +88,9 @@ class Request:
     intention_kind: str | None = None  # "vague" | "specific"
     context: str | None = None
     template: str | None = None
+    # One number per candidate (popularity as log(1 + interactions), a margin, ...), fused into the
+    # scores by a score form ending in "+priors:V"; ignored by the other forms.
+    candidate_priors: Sequence[float] | None = None
 
 
 @dataclass
@@ -73,7 +99,8 @@ class RankedResult:
     (or its per-token mean). Scored directly (one encoding) they are descending. After a grouped
     tournament each score is the one from the candidate's last round, under that round's group
     instruction, so scores are descending only within candidates eliminated in the same round;
-    the order of `ranked_ids` is the ranking. On error: `error` and `error_kind` set, lists empty."""
+    the order of `ranked_ids` is the ranking. Under a "+priors:V" form the scores are the fused
+    values of engine/fusion.py (standardised within each list or group), not log-likelihoods. On error: `error` and `error_kind` set, lists empty."""
 
     request_id: str | None
     ranked_ids: list[str] = field(default_factory=list)

@@ -66,8 +66,9 @@ from pathlib import Path
 import numpy as np
 
 from instructrec.engine.errors import InputError, ModelLoadError
+from instructrec.engine.fusion import fuse_priors, standardised
 from instructrec.engine.sources import CHECKPOINT, RANDOM, ModelSource, resolve_model
-from instructrec.engine.types import parse_score_form
+from instructrec.engine.types import PRIORS_SUFFIX, parse_score_form
 
 from .eval_domain import Domain, baseline_scores
 from .eval_report import dataset_stats, merge_results, model_info, results_markdown
@@ -187,21 +188,16 @@ def engine_scores_by_form(reranker, instances: Sequence[Instance], template: str
     return out
 
 
-def standardised(values: np.ndarray) -> np.ndarray:
-    """`values` with mean 0 and standard deviation 1 (all zeros where they are all equal)."""
-    if not values.max() > values.min():  # the mean of equal values can round off them: a std of ~1e-16
-        return np.zeros_like(values, dtype=np.float64)
-    return (values - values.mean()) / values.std()
-
-
 def with_popularity(scores: Sequence[np.ndarray | None], counts: np.ndarray, weight: float) -> list[np.ndarray | None]:
-    """Each list's model scores fused with its candidates' training interaction counts:
-    standardised(score) + weight x standardised(log(1 + count)), both standardised within the list
-    so that one weight serves the sum, mean and calibrated forms and a tournament's -positions
-    alike. Weight 0 ranks as the model alone; a large weight as popularity, ties broken by the model."""
+    """Each list's model scores fused with its candidates' training interaction counts by the
+    engine's own fusion (engine/fusion.py: standardised(score) + weight x standardised(log(1 +
+    count)), within the list), so that the weight chosen here is the V of the batch job's
+    `--normalize FORM+priors:V` with candidate_priors = log(1 + count). One weight serves the sum,
+    mean and calibrated forms and a tournament's -positions alike. Weight 0 ranks as the model
+    alone; a large weight as popularity, ties broken by the model."""
     if weight < 0 or not np.isfinite(weight):
         raise ValueError(f"popularity weight must be finite and >= 0, got {weight!r}")
-    return [None if row is None else standardised(row) + weight * standardised(np.log1p(count))
+    return [None if row is None else fuse_priors(row, np.log1p(count), weight)
             for row, count in zip(scores, counts, strict=True)]
 
 
@@ -518,7 +514,10 @@ class Evaluation:
             # Highest validation NDCG@5; max keeps the first of a tie: the smallest weight.
             weight = max(POPULARITY_WEIGHTS, key=lambda w: by_weight[str(w)][SELECTION_METRIC])
             scores = with_popularity(scores, baseline_scores(domain, "popularity", scenario, test), weight)
-            entry.update(popularity_weight=weight, valid_by_popularity_weight=by_weight)
+            # The batch job's --normalize serving this hybrid, with candidate_priors = log(1 + the
+            # item's training interactions) (docs/evaluation.md).
+            entry.update(popularity_weight=weight, valid_by_popularity_weight=by_weight,
+                         job_normalize=f"{form}{PRIORS_SUFFIX}{weight:g}" if weight else form)
         return dict(_metrics(ranks_of(scores, test)), errors=errors, **entry,
                     seconds=round(time.perf_counter() - t0, 1))
 

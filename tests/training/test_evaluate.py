@@ -758,6 +758,21 @@ def test_popularity_fusion_chooses_its_weight_on_validation_and_matches_a_hand_f
     assert "InstructRec + popularity prior" in table
     assert f"| {fused['normalize']} + {fused['popularity_weight']:g} x popularity |" in table
 
+    # The batch job serves the hybrid: the test lists as a Parquet request table with
+    # candidate_priors = log(1 + training interactions), ranked under metrics.json's job_normalize,
+    # put every target where the evaluation did.
+    from instructrec.engine.batch import run_job
+
+    assert fused["job_normalize"] == f"{fused['normalize']}+priors:{fused['popularity_weight']:g}"
+    rows = [dict(request_id=key, instruction=by_key[key].prompts[fused["template"]], candidates=by_key[key].titles,
+                 candidate_ids=ids, candidate_priors=[float(np.log1p(counts[c])) for c in ids]) for key, ids in lists]
+    pq.write_table(__import__("pyarrow").Table.from_pylist(rows), tmp_path / "requests.parquet")
+    run_job(tiny_t5_dir, tmp_path / "requests.parquet", tmp_path / "job", normalize=fused["job_normalize"],
+            dtype="float32", progress=False)
+    served = pq.read_table(tmp_path / "job").to_pylist()
+    assert [row["error"] for row in served] == [None] * len(lists)
+    assert [row["ranked_ids"].index(by_key[row["request_id"]].target) + 1 for row in served] == ranks
+
 
 def test_popularity_fusion_needs_a_tuned_model(world, tokenizer_dir, tmp_path):
     with pytest.raises(InputError, match="zero-shot reference"):
