@@ -58,8 +58,10 @@ def register(subparsers) -> None:
                         help="the score candidates are ranked by: sum (default; log P(title | instruction)), mean "
                              "(per title token), calibrated (minus the title's log-likelihood under an empty "
                              "instruction, each title scored once) or calibrated:W (minus W times it; a negative W "
-                             "adds it); `instructrec eval` writes the form that won on validation into its "
-                             "metrics.json. Recorded in _job.json: --resume keeps it")
+                             "adds it); any of them followed by +priors:V fuses the rows' candidate_priors column "
+                             "with weight V (e.g. calibrated:0.5+priors:2); `instructrec eval` writes the form that "
+                             "won on validation into its metrics.json (job_normalize: the hybrid with popularity). "
+                             "Recorded in _job.json: --resume keeps it")
     parser.add_argument("--compile", action="store_true",
                         help="torch backend: torch.compile the encoder and decoder (minutes of compilation "
                              "first; 1.17x candidates/s on flan-t5-base bf16 here): for long jobs")
@@ -104,7 +106,7 @@ def _device(text: str) -> str:
 
 
 def _score_form(text: str) -> str:
-    """sum, mean, calibrated or calibrated:W, checked before any work."""
+    """sum, mean, calibrated or calibrated:W, optionally +priors:V, checked before any work."""
     from .errors import InputError
     from .types import parse_score_form
 

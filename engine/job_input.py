@@ -27,7 +27,8 @@ __all__ = ["INPUT_COLUMNS", "InputSchemaError", "InputFile", "JobInput", "schema
 
 log = logging.getLogger(__name__)
 
-# Column -> expected Arrow type family ("string" or "list<string>"), and whether it is required.
+# Column -> expected Arrow type family ("string", "list<string>" or "list<double>": any list of
+# numbers), and whether it is required.
 INPUT_COLUMNS: dict[str, tuple[str, bool]] = {
     "request_id": ("string", True),
     "candidates": ("list<string>", True),
@@ -39,6 +40,7 @@ INPUT_COLUMNS: dict[str, tuple[str, bool]] = {
     "intention_kind": ("string", False),
     "context": ("string", False),
     "template": ("string", False),
+    "candidate_priors": ("list<double>", False),
 }
 
 
@@ -55,7 +57,7 @@ class InputSchemaError(InputError):
             columns, problem,
             "the input must follow the request table of docs/batch-job.md (Input columns): "
             "request_id string, candidates list<string>, optional candidate_ids list<string>, "
-            "instruction or the structured fields")
+            "instruction or the structured fields, optional candidate_priors list<double>")
 
 
 
@@ -104,11 +106,20 @@ def _is_string_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
+def _is_list_type(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+            or pa.types.is_list_view(t) or pa.types.is_large_list_view(t))
+
+
 def _is_string_list_type(t: pa.DataType) -> bool:
-    is_list = (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-               or pa.types.is_list_view(t) or pa.types.is_large_list_view(t))
     # list<null>: every list was empty or all-null when written; the rows become error rows.
-    return is_list and (_is_string_type(t.value_type) or pa.types.is_null(t.value_type))
+    return _is_list_type(t) and (_is_string_type(t.value_type) or pa.types.is_null(t.value_type))
+
+
+def _is_number_list_type(t: pa.DataType) -> bool:
+    value = t.value_type if _is_list_type(t) else None
+    return value is not None and (pa.types.is_floating(value) or pa.types.is_integer(value)
+                                  or pa.types.is_decimal(value) or pa.types.is_null(value))
 
 
 def schema_problems(schema: pa.Schema, source: str) -> list[tuple[str, str]]:
@@ -124,7 +135,8 @@ def schema_problems(schema: pa.Schema, source: str) -> list[tuple[str, str]]:
         # An all-null optional column is written as type null by pandas and friends: fine.
         if not required and pa.types.is_null(actual):
             continue
-        ok = _is_string_type(actual) if expected == "string" else _is_string_list_type(actual)
+        ok = {"string": _is_string_type, "list<string>": _is_string_list_type,
+              "list<double>": _is_number_list_type}[expected](actual)
         if not ok:
             problems.append((column, f"must be {expected} but is {actual} in {source}"))
     if schema.get_all_field_indices("request_id") and len(schema.get_all_field_indices("request_id")) > 1:

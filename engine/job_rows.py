@@ -54,6 +54,12 @@ def _as_tuple(values):
     return None if values is None else tuple(values)
 
 
+def _as_numbers(values):
+    """A candidate_priors cell as floats (a decimal column reads back as Decimal); None stays None,
+    and so does a null entry, which the engine reports by position."""
+    return None if values is None else tuple(v if v is None else float(v) for v in values)
+
+
 def rows_to_requests(batch: pa.RecordBatch | pa.Table, duplicate_ids: Mapping[str, int]) -> list:
     """One `Request` or `RowError` per row, in order.
 
@@ -90,6 +96,7 @@ def rows_to_requests(batch: pa.RecordBatch | pa.Table, duplicate_ids: Mapping[st
             intention_kind=columns.get("intention_kind", none)[i],
             context=columns.get("context", none)[i],
             template=columns.get("template", none)[i],
+            candidate_priors=_as_numbers(columns.get("candidate_priors", none)[i]),
         ))
     return out
 

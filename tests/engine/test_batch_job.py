@@ -275,3 +275,39 @@ def test_an_unknown_score_form_is_refused_before_any_work(tiny_t5_dir, tmp_path)
     assert done.returncode == 2, done.stderr
     assert "--normalize: 'calibrated:half': the prior weight 'half' is not a number" in done.stderr, done.stderr
     assert not (tmp_path / "cli-out").exists()
+
+
+def test_a_candidate_priors_column_is_fused_by_a_priors_form_and_checked_per_row(tiny_t5_dir, reranker, tmp_path):
+    rows = [good_row(i) for i in range(6)]
+    for i, row in enumerate(rows):
+        row["candidate_priors"] = [float((j * (i + 2)) % 5) for j in range(len(row["candidates"]))]
+    rows[2]["candidate_priors"] = None  # none for a form that fuses them: an error row
+    rows[4]["candidate_priors"][0] = None  # a null entry: an error row naming it
+    schema = INPUT_SCHEMA.append(pa.field("candidate_priors", pa.list_(pa.float64())))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "in.parquet")
+    summary = run_job(tiny_t5_dir, tmp_path / "in.parquet", tmp_path / "out", normalize="mean+priors:2", **FP32)
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    reference = reranker.rank([request_of(r) for r in rows], errors="return", normalize="mean+priors:2")
+    for got, want in zip(out, reference):
+        assert got["error"] == want.error and got["ranked_ids"] == want.ranked_ids
+        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-5, atol=1e-5)
+    assert out[2]["error"].startswith("candidate_priors: the score form 'mean+priors:2' fuses candidate priors")
+    assert out[4]["error"].startswith("candidate_priors[0]: must be a number, got NoneType None")
+    assert summary["ok"] == 4 and summary["errors_by_kind"] == {"invalid_input": 2}
+    assert json.loads((tmp_path / "out" / "_job.json").read_text())["options"]["normalize"] == "mean+priors:2"
+
+    # Whole numbers (interaction counts) are numbers too: the same ranking as their float column.
+    whole = [dict(r, candidate_priors=None if r["candidate_priors"] is None or None in r["candidate_priors"]
+                  else [int(v) for v in r["candidate_priors"]]) for r in rows]
+    pq.write_table(pa.Table.from_pylist(whole, schema=INPUT_SCHEMA.append(
+        pa.field("candidate_priors", pa.list_(pa.int64())))), tmp_path / "whole.parquet")
+    run_job(tiny_t5_dir, tmp_path / "whole.parquet", tmp_path / "whole-out", normalize="mean+priors:2", **FP32)
+    assert [r["ranked_ids"] for r in pq.read_table(tmp_path / "whole-out").to_pylist()] == [
+        r["ranked_ids"] for r in out]
+
+    # Text where numbers belong is a schema error, before any work.
+    pq.write_table(pa.Table.from_pylist([dict(rows[0], candidate_priors=["1", "2"])], schema=INPUT_SCHEMA.append(
+        pa.field("candidate_priors", pa.list_(pa.string())))), tmp_path / "text.parquet")
+    with pytest.raises(InputSchemaError, match="column 'candidate_priors' must be list<double> but is list<element: string>"):
+        run_job(tiny_t5_dir, tmp_path / "text.parquet", tmp_path / "text-out", **FP32)
+    assert not (tmp_path / "text-out").exists()
