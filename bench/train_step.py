@@ -3,6 +3,7 @@
     python -m instructrec.bench.train_step --instructions DIR/train.parquet \
         --tokenizer ../shared/assets/flan-t5-tokenizer [--shapes t5-mini,t5-micro] [--threads 2]
         [--steps 200 --warmup 40] [--variants bf16,fused-norm --rounds 3]
+        [--cells t5-mini:bf16,t5-micro:fused-norm@64 --rounds 3]
 
 Each variant trains a fresh random-weight model of a shape (engine/presets.py) for --warmup
 untimed steps, then --steps timed ones over the same seeded rows, with AdamW and gradient
@@ -37,13 +38,17 @@ Each variant runs in a process of its own: the kernels oneDNN compiles for one v
 would otherwise serve the next variant's identical batches and flatter it.
 
 `--variants` measures only the named ones (the keys in brackets in `--help`), `--rounds N` each of
-them N times, interleaved (every variant once per round, in order): a drift of the machine's
-speed then reaches every variant alike, and the ratio is taken within each round. On 2 shared
-cores single runs of one variant vary by ~10%, more than the gains of the last rows.
+them N times, interleaved (every variant of every shape once per round, in order): a drift of the
+machine's speed then reaches every variant alike, and the ratio is taken within each round. On 2
+shared cores single runs of one variant vary by ~10%, more than the gains of the last rows.
+`--cells SHAPE:KEY[@BATCH],...` measures exactly those combinations instead (batch: --batch-size
+unless given), interleaved the same way, each against the first cell of its round: the trainer as
+found against a smaller shape with every change, or one recipe at two batch sizes, in one run.
 
 Printed: rows/s and rows per CPU-second (both processes' threads counted), and each variant's
 rows/CPU-s as a ratio to the first variant measured for the same shape (`plain` unless
-`--variants` says otherwise); with rounds, the medians and the spread of rows/s. Ratios, not
+`--variants` says otherwise; with `--cells`, to the first cell); with rounds, the medians and the
+spread of rows/s. Ratios, not
 absolute speeds, are what carry to another machine; the CPU and its flags head the report.
 """
 
@@ -56,6 +61,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -131,12 +137,46 @@ def measure_in_fresh_process(rows, shape: str, **flags) -> dict:
         return pool.apply(measure, (rows, shape), flags)
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One measured combination; `group` names the cells whose ratios share a base (its first)."""
+
+    shape: str
+    key: str
+    batch_size: int
+    group: str
+
+    @property
+    def name(self) -> str:
+        return VARIANT_NAMES[self.key]
+
+    def label(self) -> str:
+        return f"{self.shape} {self.name} @{self.batch_size}"
+
+
+def parse_cells(text: str, default_batch: int, shapes, error) -> list[Cell]:
+    """--cells "SHAPE:KEY[@BATCH],..." -> Cells of one group; `error(message)` on anything else."""
+    cells = []
+    for spec in (part.strip() for part in text.split(",")):
+        head, at, batch_text = spec.partition("@")
+        shape, colon, key = head.partition(":")
+        if not colon or shape not in shapes or key not in VARIANT_NAMES:
+            error(f"--cells: {spec!r} is not SHAPE:KEY[@BATCH] with a shape of {', '.join(shapes)} and a key of "
+                  f"{', '.join(VARIANT_NAMES)}")
+        if at and not (batch_text.isdigit() and int(batch_text) >= 1):
+            error(f"--cells: {spec!r}: the batch after @ must be a whole number >= 1")
+        cells.append(Cell(shape, key, int(batch_text) if at else default_batch, group="cells"))
+    if len(set(cells)) != len(cells):
+        error(f"--cells: {text!r} names a cell twice")
+    return cells
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instructrec.bench.train_step",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--instructions", type=Path, required=True, help="an instruction build's train.parquet")
     parser.add_argument("--tokenizer", type=Path, required=True, help="Flan-T5 tokenizer folder")
-    parser.add_argument("--shapes", default="t5-mini", help="comma-separated shapes of engine/presets.py")
+    parser.add_argument("--shapes", default=None, help="comma-separated shapes of engine/presets.py (default: t5-mini)")
     parser.add_argument("--batch-size", type=int, default=16)
     # 200 timed steps after 40 untimed ones: oneDNN builds a bf16 kernel for every new batch shape,
     # and over 20 timed steps those builds and the machine's noise moved a ratio by a quarter
@@ -148,20 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="measure every variant in this process (quick checks; later variants may "
                              "reuse kernels compiled for earlier ones)")
-    parser.add_argument("--variants", default=",".join(VARIANT_NAMES),
+    parser.add_argument("--variants", default=None,
                         help="comma-separated variants to measure, in this order: "
                              + ", ".join(f"{key} ({name})" for key, name in VARIANT_NAMES.items())
                              + " (default: all)")
+    parser.add_argument("--cells", default=None,
+                        help="instead of --shapes x --variants: comma-separated SHAPE:KEY[@BATCH] cells, e.g. "
+                             "t5-mini:bf16,t5-micro:fused-norm@64; ratios against the first cell")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every variant this many times, interleaved; report medians (default: 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here (every round)")
     args = parser.parse_args(argv)
-    variant_keys = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.cells is not None and (args.shapes is not None or args.variants is not None):
+        parser.error("--cells names each shape and variant itself: drop --shapes and --variants")
+    variant_keys = [v.strip() for v in (args.variants or ",".join(VARIANT_NAMES)).split(",") if v.strip()]
     wrong = [v for v in variant_keys if v not in VARIANT_NAMES]
     if wrong or not variant_keys:
         parser.error(f"--variants: unknown {', '.join(wrong) or '(none given)'}; known: {', '.join(VARIANT_NAMES)}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
 
     import pyarrow.parquet as pq
     import torch
@@ -172,10 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     from instructrec.training.compact_vocab import compact_tokenizer, vocab_rows
     from instructrec.training.tune_data import SHAPE_MULTIPLE, tokenize_rows
 
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown:
-        parser.error(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    if args.cells is not None:
+        cells = parse_cells(args.cells, args.batch_size, SHAPES, parser.error)
+    else:
+        shapes = [s.strip() for s in (args.shapes or "t5-mini").split(",") if s.strip()]
+        unknown = [s for s in shapes if s not in SHAPES]
+        if unknown:
+            parser.error(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+        # One group per shape: each variant's ratio is against its shape's first variant.
+        cells = [Cell(shape, key, args.batch_size, group=shape) for shape in shapes for key in variant_keys]
     if not args.instructions.is_file():
         parser.error(f"--instructions {args.instructions}: no such file (an instruction build's train.parquet)")
     if args.threads is not None:
@@ -185,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     texts = table.column("instruction").to_pylist(), table.column("target").to_pylist()
     rows = tokenize_rows(tokenizer, *texts, 512, 64, "train")
-    batches = -(-table.num_rows // args.batch_size)
+    largest = max(cell.batch_size for cell in cells)
+    batches = -(-table.num_rows // largest)
     if batches < args.warmup + args.steps:
-        parser.error(f"{table.num_rows} rows make {batches} batches of {args.batch_size}, fewer than --warmup + "
+        parser.error(f"{table.num_rows} rows make {batches} batches of {largest}, fewer than --warmup + "
                      f"--steps = {args.warmup + args.steps}: raise --max-rows (the file has {whole.num_rows}) "
                      "or lower --steps")
     # The compact vocabulary of the whole file, as `instructrec train --compact-vocab` builds it.
@@ -210,40 +263,44 @@ def main(argv: list[str] | None = None) -> int:
                 "compact": compact_step,
                 "fused-gelu": dict(compact_step, fused_gelu=True),
                 "fused-norm": dict(compact_step, fused_gelu=True, fused_norm=True)}
-    chosen = [(key, VARIANT_NAMES[key], settings[key]) for key in variant_keys]
+    runnable = []
+    for cell in cells:
+        if settings[cell.key]["bf16"] and not native_bf16:
+            print(f"{cell.shape} {VARIANT_NAMES[cell.key]}: skipped, this CPU has no native bf16 matmul (auto picks fp32)")
+        else:
+            runnable.append(cell)
     results = []
-    for shape in shapes:
-        runnable = []
-        for key, name, flags in chosen:
-            if flags["bf16"] and not native_bf16:
-                print(f"{shape} {name}: skipped, this CPU has no native bf16 matmul (auto picks fp32)")
-            else:
-                runnable.append((key, name, flags))
-        if not runnable:
-            continue
-        base_name = runnable[0][1]
-        rounds: dict[str, list[dict]] = {key: [] for key, _, _ in runnable}
-        run = measure if args.in_process else measure_in_fresh_process
-        for round_index in range(args.rounds):
-            base = None
-            for key, name, flags in runnable:
-                r = run(compact_rows if "vocab_size" in flags else rows, shape, batch_size=args.batch_size,
-                        steps=args.steps, warmup=args.warmup, threads=args.threads, **flags)
-                base = base or r["rows_per_cpu_s"]
-                r.update(shape=shape, variant=name, key=key, round=round_index + 1, ratio=r["rows_per_cpu_s"] / base)
-                rounds[key].append(r)
-                results.append(r)
-                print(f"round {round_index + 1}/{args.rounds}: {shape} {name}: {r['rows_per_s']:.1f} rows/s, "
-                      f"{r['rows_per_cpu_s']:.1f} rows/CPU-s, x{r['ratio']:.2f} {base_name}", flush=True)
-        spread = args.rounds > 1
-        print(f"\n| shape | variant | rows/s{' (median; min-max)' if spread else ''} | rows/CPU-s | "
-              f"x {base_name} (rows/CPU-s{', median of rounds' if spread else ''}) |\n|---|---|---:|---:|---:|")
-        for key, name, _ in runnable:
-            speeds = [r["rows_per_s"] for r in rounds[key]]
+    by_cell: dict[Cell, list[dict]] = {cell: [] for cell in runnable}
+    run = measure if args.in_process else measure_in_fresh_process
+    first = {}  # group -> its first runnable cell: the base of the group's ratios
+    for cell in runnable:
+        first.setdefault(cell.group, cell)
+    for round_index in range(args.rounds):
+        base: dict[str, float] = {}
+        for cell in runnable:
+            flags = settings[cell.key]
+            r = run(compact_rows if "vocab_size" in flags else rows, cell.shape, batch_size=cell.batch_size,
+                    steps=args.steps, warmup=args.warmup, threads=args.threads, **flags)
+            base.setdefault(cell.group, r["rows_per_cpu_s"])
+            r.update(shape=cell.shape, variant=VARIANT_NAMES[cell.key], key=cell.key, batch_size=cell.batch_size,
+                     round=round_index + 1, ratio=r["rows_per_cpu_s"] / base[cell.group])
+            by_cell[cell].append(r)
+            results.append(r)
+            print(f"round {round_index + 1}/{args.rounds}: {cell.label()}: {r['rows_per_s']:.1f} rows/s, "
+                  f"{r['rows_per_cpu_s']:.1f} rows/CPU-s, x{r['ratio']:.2f} {first[cell.group].label()}", flush=True)
+    spread = args.rounds > 1
+    for group in dict.fromkeys(cell.group for cell in runnable):
+        base_label = first[group].name if args.cells is None else first[group].label()
+        print(f"\n| shape | variant | batch | rows/s{' (median; min-max)' if spread else ''} | rows/CPU-s | "
+              f"x {base_label} (rows/CPU-s{', median of rounds' if spread else ''}) |\n|---|---|---:|---:|---:|---:|")
+        for cell in (c for c in runnable if c.group == group):
+            measured = by_cell[cell]
+            speeds = [r["rows_per_s"] for r in measured]
             shown = (f"{statistics.median(speeds):.1f}; {min(speeds):.1f}-{max(speeds):.1f}" if spread
                      else f"{speeds[0]:.1f}")
-            print(f"| {shape} | {name} | {shown} | {statistics.median(r['rows_per_cpu_s'] for r in rounds[key]):.1f} | "
-                  f"{statistics.median(r['ratio'] for r in rounds[key]):.2f} |", flush=True)
+            print(f"| {cell.shape} | {cell.name} | {cell.batch_size} | {shown} | "
+                  f"{statistics.median(r['rows_per_cpu_s'] for r in measured):.1f} | "
+                  f"{statistics.median(r['ratio'] for r in measured):.2f} |", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps({"cpu": info.summary(), "threads": torch.get_num_threads(), "results": results},
                                         indent=2) + "\n")

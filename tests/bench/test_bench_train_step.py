@@ -114,11 +114,47 @@ def test_chosen_variants_interleaved_over_rounds_report_medians_and_per_round_ra
     speeds = sorted(r["rows_per_s"] for r in results if r["key"] == "fused-gelu")
     ratio = sorted(r["ratio"] for r in results if r["key"] == "fused-gelu")[1]
     row = next(line for line in printed.splitlines() if line.startswith("| t5-tiny | + fused GELU |"))
-    assert row == (f"| t5-tiny | + fused GELU | {speeds[1]:.1f}; {speeds[0]:.1f}-{speeds[2]:.1f} | "
+    assert row == (f"| t5-tiny | + fused GELU | 4 | {speeds[1]:.1f}; {speeds[0]:.1f}-{speeds[2]:.1f} | "
                    f"{sorted(r['rows_per_cpu_s'] for r in results if r['key'] == 'fused-gelu')[1]:.1f} | "
                    f"{ratio:.2f} |")
     assert "x + real-token head (rows/CPU-s, median of rounds)" in printed
     assert "| plain |" not in printed
+
+
+def test_cells_across_shapes_and_batch_sizes_interleave_and_compare_with_the_first_cell(
+        instructions, tokenizer_dir, tmp_path, capsys):
+    report = tmp_path / "cells.json"
+    assert train_step.main(["--instructions", str(instructions), "--tokenizer", str(tokenizer_dir),
+                            "--batch-size", "4", "--steps", "2", "--warmup", "1", "--threads", "1", "--in-process",
+                            "--cells", "t5-micro:grouped,t5-tiny:fused-norm,t5-tiny:fused-norm@8", "--rounds", "2",
+                            "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(report.read_text())["results"]
+    # Every cell once per round, in the order given, shapes and batch sizes interleaved.
+    assert [(r["round"], r["shape"], r["key"], r["batch_size"]) for r in results] == [
+        (n, shape, key, batch) for n in (1, 2)
+        for shape, key, batch in (("t5-micro", "grouped", 4), ("t5-tiny", "fused-norm", 4), ("t5-tiny", "fused-norm", 8))]
+    # A batch of 8 steps over twice the rows of a batch of 4.
+    assert [r["steps"] for r in results] == [2] * 6
+    for round_results in (results[:3], results[3:]):
+        first = round_results[0]["rows_per_cpu_s"]
+        assert [r["ratio"] for r in round_results] == pytest.approx([r["rows_per_cpu_s"] / first for r in round_results])
+    assert "x t5-micro + length-grouped @4 (rows/CPU-s, median of rounds)" in printed
+    assert sum(line.startswith("| t5-tiny | + fused RMS norm | 8 |") for line in printed.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cells", "t5-tiny:plain,t5-tiny"], "--cells: 't5-tiny' is not SHAPE:KEY[@BATCH]"),
+    (["--cells", "t5-huge:plain"], "--cells: 't5-huge:plain' is not SHAPE:KEY[@BATCH]"),
+    (["--cells", "t5-tiny:plain@0"], "the batch after @ must be a whole number >= 1"),
+    (["--cells", "t5-tiny:plain,t5-tiny:plain@4"], "names a cell twice"),
+    (["--cells", "t5-tiny:plain", "--variants", "plain"], "--cells names each shape and variant itself"),
+])
+def test_bad_cells_are_refused_naming_the_flag(instructions, tokenizer_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main(["--instructions", str(instructions), "--tokenizer", str(tokenizer_dir),
+                         "--batch-size", "4", "--steps", "2", "--warmup", "1"] + flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [(["--variants", "plain,fused-rms"], "--variants: unknown fused-rms"),
