@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from instructrec.engine.errors import InstructRecError
 
-from .eval_scenarios import METRIC_KEYS
+from .eval_scenarios import BASELINE_METHODS, METRIC_KEYS, TUNED_METHODS
+from .metrics import paired_hit_difference
 
 if TYPE_CHECKING:
     from instructrec.engine.sources import ModelSource
@@ -153,4 +154,27 @@ def results_markdown(results: dict) -> str:
         for method, value in entry.get("theirs", {}).items():
             label = "InstructRec (Flan-T5-XL 3B)" if method == "instructrec" else METHOD_LABELS.get(method, method)
             lines.append(f"| *theirs: {label}* | *{value:.4f}* | | | | | | | |")
+        for method, against in paired_differences(entry).items():
+            lines += ["", f"Paired on the same {entry['n_test']} lists, HR@1 of {METHOD_LABELS.get(method, method)} "
+                      "minus each baseline's, with its 95% interval: "
+                      + ", ".join(f"{METHOD_LABELS.get(b, b)} {d:+.3f} +- {h:.3f}" for b, (d, h) in against.items())
+                      + "."]
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(entry: dict) -> dict[str, dict[str, tuple[float, float]]]:
+    """{tuned method: {baseline: (HR@1 difference, half-width of its 95% interval)}} over a
+    scenario's test lists (metrics.paired_hit_difference), for the methods whose entries hold the
+    rank of every list (runs before ranks were recorded have none: no pair for them)."""
+    methods = entry["methods"]
+
+    def ranks(method: str) -> list[int] | None:
+        r = methods.get(method, {}).get("ranks")
+        return r if r is not None and len(r) == entry["n_test"] >= 2 else None
+
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for tuned in (m for m in TUNED_METHODS if ranks(m) is not None):
+        against = {b: paired_hit_difference(ranks(tuned), ranks(b)) for b in BASELINE_METHODS if ranks(b) is not None}
+        if against:
+            out[tuned] = against
+    return out

@@ -219,6 +219,13 @@ def _metrics(ranks: list[int]) -> dict:
     return {"n": int(summary["n"]), **{k: summary[k] for k in METRIC_KEYS}}
 
 
+def _test_metrics(ranks: list[int]) -> dict:
+    """A method's test entry: its metrics and the target's rank in every list, in the order of
+    instances.json, so that any two methods (also of runs merged with --add-to) can be compared
+    list by list (eval_report: paired differences)."""
+    return dict(_metrics(ranks), ranks=[int(r) for r in ranks])
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks made before any data is loaded
 
@@ -474,7 +481,7 @@ class Evaluation:
                     m0 = time.perf_counter()
                     scores = baseline_scores(domain, method, scenario, test)
                     variant = "search" if method == "two-tower" and scenario.name == "product-search" else ""
-                    entry["methods"][method] = dict(_metrics(ranks_from_scores(scores, test)),
+                    entry["methods"][method] = dict(_test_metrics(ranks_from_scores(scores, test)),
                                                     seconds=round(time.perf_counter() - m0, 1),
                                                     fit=domain.fitted(method, variant)[1])
             entry["seconds"] = round(time.perf_counter() - t0, 1)
@@ -518,7 +525,7 @@ class Evaluation:
             # item's training interactions) (docs/evaluation.md).
             entry.update(popularity_weight=weight, valid_by_popularity_weight=by_weight,
                          job_normalize=f"{form}{PRIORS_SUFFIX}{weight:g}" if weight else form)
-        return dict(_metrics(ranks_of(scores, test)), errors=errors, **entry,
+        return dict(_test_metrics(ranks_of(scores, test)), errors=errors, **entry,
                     seconds=round(time.perf_counter() - t0, 1))
 
     def _choice(self, model: str, key: str, templates: list[str]) -> tuple[tuple[str, str], dict]:

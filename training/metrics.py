@@ -62,3 +62,24 @@ def summarize_ranks(ranks: Iterable[int], cutoffs: Sequence[int] = DEFAULT_CUTOF
         out[f"hr@{k}"] = sum(hit_rate_at(r, k) for r in ranks) / len(ranks) if ranks else math.nan
         out[f"ndcg@{k}"] = sum(ndcg_at(r, k) for r in ranks) / len(ranks) if ranks else math.nan
     return out
+
+
+# The two-sided 95% point of the standard normal.
+Z_95 = 1.959963984540054
+
+
+def paired_hit_difference(ranks_a: Sequence[int], ranks_b: Sequence[int], k: int = 1) -> tuple[float, float]:
+    """HR@k of method a minus HR@k of method b on the same lists (ranks aligned by list), and the
+    half-width of its 95% interval: the normal interval of the mean per-list difference
+    d_i = hit_a,i - hit_b,i, i.e. mean(d) +- Z_95 x std(d, ddof=1) / sqrt(n). Paired: the lists
+    both methods rank alike add nothing to the width, so it is much narrower than comparing two
+    separate intervals, and it is what "a beats b on these lists" needs. At least 2 lists."""
+    if len(ranks_a) != len(ranks_b):
+        raise ValueError(f"paired ranks need the same lists: {len(ranks_a)} against {len(ranks_b)}")
+    n = len(ranks_a)
+    if n < 2:
+        raise ValueError(f"a paired interval needs at least 2 lists, got {n}")
+    d = [hit_rate_at(a, k) - hit_rate_at(b, k) for a, b in zip(ranks_a, ranks_b)]
+    mean = sum(d) / n
+    variance = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, Z_95 * math.sqrt(variance / n)

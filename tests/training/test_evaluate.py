@@ -328,6 +328,8 @@ def test_add_to_ranks_the_same_lists_and_merges(run_a, world, tiny_t5_dir, tmp_p
         assert without_timings(entry["methods"]["popularity"]) == without_timings(
             results["scenarios"][name]["methods"]["popularity"])
         assert "instructrec" in entry["methods"]
+    # The merged report pairs this run's baseline with the earlier run's model, list by list.
+    assert "HR@1 of InstructRec (ours, tuned) minus each baseline's" in (tmp_path / "m" / "results.md").read_text()
     with pytest.raises(Exception, match="scenario seq-rec"):
         merge_results(results, {"config": {}, "scenarios": {"seq-rec": dict(results["scenarios"]["seq-rec"], n_test=1)}})
 
@@ -754,6 +756,18 @@ def test_popularity_fusion_chooses_its_weight_on_validation_and_matches_a_hand_f
     reference = summarize_ranks(ranks)
     for k in ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5"):
         assert fused[k] == pytest.approx(reference[k], abs=1e-9), k
+    assert fused["ranks"] == ranks  # every list's rank is recorded, in instances.json's order
+
+    # results.md compares each tuned method with each baseline list by list: the mean of the
+    # per-list hit differences and 1.96 sample standard deviations of it over sqrt(n).
+    popularity = methods["popularity"]["ranks"]
+    for method in ("instructrec", "instructrec+popularity"):
+        d = np.array([float(a == 1) - float(b == 1) for a, b in zip(methods[method]["ranks"], popularity)])
+        label = {"instructrec": "InstructRec (ours, tuned)",
+                 "instructrec+popularity": "InstructRec + popularity prior (ours, hybrid)"}[method]
+        line = (f"Paired on the same {len(d)} lists, HR@1 of {label} minus each baseline's, with its 95% interval: "
+                f"Popularity {d.mean():+.3f} +- {1.96 * d.std(ddof=1) / np.sqrt(len(d)):.3f}.")
+        assert line in (out / "results.md").read_text()
     table = (out / "results.md").read_text()
     assert "InstructRec + popularity prior" in table
     assert f"| {fused['normalize']} + {fused['popularity_weight']:g} x popularity |" in table

@@ -75,3 +75,23 @@ def test_cutoffs_larger_than_the_list():
     # A one-candidate list: the positive is first at every cutoff.
     assert summarize_ranks([pessimistic_rank([-4.2], 0)]) == {
         "n": 1.0, "hr@1": 1.0, "ndcg@1": 1.0, "hr@3": 1.0, "ndcg@3": 1.0, "hr@5": 1.0, "ndcg@5": 1.0}
+
+
+def test_paired_hit_difference_by_hand():
+    from instructrec.training.metrics import paired_hit_difference
+
+    # Lists: a hits alone twice, b hits alone once, both hit once, neither once (n = 5).
+    a = [1, 1, 1, 4, 2]
+    b = [3, 5, 1, 1, 7]
+    diff, half = paired_hit_difference(a, b)
+    # d = [1, 1, 0, -1, 0]: mean 0.2; sample variance ((0.8^2) * 2 + 0.2^2 + 1.2^2 + 0.2^2) / 4 = 0.7
+    assert diff == pytest.approx(0.2)
+    assert half == pytest.approx(1.959963984540054 * (0.7 / 5) ** 0.5)
+    # At k = 2, a's rank 2 is a hit too: d = [1, 1, 0, -1, 1], mean 0.4.
+    assert paired_hit_difference(a, b, k=2)[0] == pytest.approx(0.4)
+    # The same ranks: no difference and no width.
+    assert paired_hit_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same lists: 5 against 4"):
+        paired_hit_difference(a, b[:4])
+    with pytest.raises(ValueError, match="at least 2 lists"):
+        paired_hit_difference([1], [2])
