@@ -28,8 +28,8 @@ import torch
 
 from .backend import Backend
 from .errors import BudgetExceededError, InputError
-from .fusion import fuse_priors
 from .formatting import MAX_CHARS_PER_TOKEN, lists_candidates, max_source_chars, render, sanitize_text
+from .fusion import fuse_priors
 from .loading import Loaded, load_from_model, load_pretrained
 from .packing import Unit
 from .runner import DEFAULT_READ_WINDOW, DEFAULT_ROW_TOKENS, DeviceRunner
@@ -577,7 +577,11 @@ def _valid_priors(values: Any, n: int) -> np.ndarray:
     fix = "give one finite number per candidate, in candidate order (or no candidate_priors)"
     if isinstance(values, (str, bytes)):
         raise InputError("candidate_priors", "must be a list of numbers", fix)
-    values = list(values)
+    try:
+        values = list(values)
+    except TypeError:
+        raise InputError("candidate_priors", f"must be a list of numbers, got {type(values).__name__} "
+                         f"{values!r}", fix) from None
     if len(values) != n:
         raise InputError("candidate_priors", f"{len(values)} priors for {n} candidates", fix)
     for c, v in enumerate(values):

@@ -83,6 +83,7 @@ BAD_PRIORS = [
     ([1.0, 2.0, 3.0, 4.0, None], "candidate_priors[4]: must be a number, got NoneType None"),
     ([True, 2.0, 3.0, 4.0, 5.0], "candidate_priors[0]: must be a number, got bool True"),
     ("12345", "candidate_priors: must be a list of numbers"),
+    (5.0, "candidate_priors: must be a list of numbers, got float 5.0"),
 ]
 
 
