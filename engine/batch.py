@@ -33,7 +33,10 @@ import pyarrow as pa
 from .errors import InstructRecError
 from .job_faults import FaultPlan
 from .job_ids import RequestIdSet, find_duplicate_request_ids
-from .job_input import INPUT_COLUMNS, InputFile, InputSchemaError, JobInput, iter_record_batches, scan_input
+from .job_input import (
+    INPUT_COLUMNS, InputFile, InputSchemaError, JobInput, canonical_batch, iter_record_batches, require_form_columns,
+    scan_input,
+)
 from .job_model import LATER_OPTION_DEFAULTS, EngineSettings, JobModel, model_differences
 from .job_output import (
     DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART, LOCK_NAME, MANIFEST_NAME, SUMMARY_NAME, JobOutputError,
@@ -80,6 +83,7 @@ def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, ou
     `output/_summary.json`).
     """
     job_input = scan_input(input)  # schema errors before loading anything
+    require_form_columns(job_input, normalize)
     settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
                               group_size=group_size, threads=threads, extra=dict(reranker_options or {}),
                               normalize=normalize)
@@ -96,6 +100,8 @@ def run_job_with_reranker(reranker, input: str | os.PathLike | JobInput, output:
     about the reranker that affects scores: it goes into the manifest (with `normalize`), and
     --resume compares it."""
     parse_score_form(normalize)  # an unknown form: the typed error of run_job, before any work
+    input = input if isinstance(input, JobInput) else scan_input(input)
+    require_form_columns(input, normalize)
     return _run(_GivenReranker(reranker, dict(options or {}), normalize), input, output, resume=resume,
                 rows_per_part=rows_per_part, chunk_rows=chunk_rows, progress=progress)
 
@@ -188,6 +194,8 @@ def iter_part_chunks(job_input: JobInput, plan: PartPlan, parts: Collection[int]
     def outside(start: int, stop: int) -> bool:
         return all(p not in wanted for p in range(start // per_part, (stop - 1) // per_part + 1))
 
+    # Every contract column any file holds: a chunk's batches share one schema even where files differ.
+    columns = [c for c in INPUT_COLUMNS if any(c in f.columns for f in job_input.files)]
     pending: list[pa.RecordBatch] = []
     for start, batch in iter_record_batches(job_input, batch_rows=per_chunk, skip=outside):
         position, offset = start, 0
@@ -200,7 +208,7 @@ def iter_part_chunks(job_input: JobInput, plan: PartPlan, parts: Collection[int]
                 continue
             chunk_end = min((position // per_chunk + 1) * per_chunk, part_end)
             take = min(chunk_end - position, batch.num_rows - offset)
-            pending.append(batch.slice(offset, take))
+            pending.append(canonical_batch(batch.slice(offset, take), columns))
             offset, position = offset + take, position + take
             if position == chunk_end:
                 yield part, pa.Table.from_batches(pending)

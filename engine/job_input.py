@@ -20,9 +20,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .types import parse_score_form
 from .job_storage import Location, resolve_location, short_error
 
 __all__ = ["INPUT_COLUMNS", "InputSchemaError", "InputFile", "JobInput", "schema_problems", "scan_input",
+           "require_form_columns", "canonical_batch",
            "iter_record_batches"]
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,45 @@ def scan_input(path: str | os.PathLike | Location) -> JobInput:
     if problems:
         raise InputSchemaError(problems)
     return JobInput(root, tuple(files))
+
+
+# The one Arrow type each contract column is handed to the engine in, whatever a file stored.
+CANONICAL_TYPES = {"string": pa.string(), "list<string>": pa.list_(pa.string()), "list<double>": pa.list_(pa.float64())}
+
+
+def canonical_batch(batch: pa.RecordBatch, columns: Sequence[str]) -> pa.RecordBatch:
+    """`batch` with exactly the contract `columns` (in that order), each cast to its canonical type
+    and a column the batch lacks filled with nulls. Files of one input may differ (large_string,
+    dictionary-encoded strings, list views, integer priors, an optional column only some files
+    hold); a chunk that spans two of them must still become one table."""
+    arrays = []
+    for name in columns:
+        target = CANONICAL_TYPES[INPUT_COLUMNS[name][0]]
+        index = batch.schema.get_field_index(name)
+        arrays.append(pa.nulls(batch.num_rows, target) if index < 0 else _canonical_array(batch.column(index), target))
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema([(name, array.type) for name, array in
+                                                                zip(columns, arrays)]))
+
+
+def _canonical_array(array: pa.Array, target: pa.DataType) -> pa.Array:
+    t = array.type
+    if pa.types.is_list_view(t) or pa.types.is_large_list_view(t):
+        # pyarrow 26 casts a list view to a list wrongly (every list after the first came back
+        # empty): rebuild it as a plain list of the same values, which casts correctly.
+        array = pa.array(array.to_pylist(), type=pa.list_(t.value_type))
+    return array if array.type == target else array.cast(target)
+
+
+def require_form_columns(job_input: JobInput, normalize: str) -> None:
+    """A score form ending in +priors:V reads the candidate_priors column: an input file without it
+    would make every one of its rows an error row, so the job refuses before any work, naming
+    each such file (InputSchemaError, exit 2)."""
+    if parse_score_form(normalize).candidate_prior_weight > 0:
+        lacking = [f.name for f in job_input.files if "candidate_priors" not in f.columns]
+        if lacking:
+            raise InputSchemaError([("candidate_priors", f"is missing from {name}, and --normalize {normalize} "
+                                     "fuses it (add one number per candidate, or drop +priors:V)")
+                                    for name in lacking])
 
 
 def iter_record_batches(job_input: JobInput, columns: Sequence[str] | None = None, *,

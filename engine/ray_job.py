@@ -32,7 +32,7 @@ from .batch import rank_parts
 from .errors import InputError, InstructRecError
 from .job_faults import FaultPlan
 from .job_ids import find_duplicate_request_ids
-from .job_input import JobInput, scan_input
+from .job_input import JobInput, require_form_columns, scan_input
 from .job_model import LATER_OPTION_DEFAULTS, EngineSettings, JobModel, model_differences
 from .job_output import DEFAULT_CHUNK_ROWS, DEFAULT_ROWS_PER_PART, OutputFolder, PartPlan
 from .job_rows import OUTPUT_SCHEMA, OutputCounts
@@ -104,6 +104,7 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
     ray = _import_ray()
     started = time.perf_counter()
     job_input = scan_input(input)  # schema errors before any work
+    require_form_columns(job_input, normalize)
     settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
                               group_size=group_size, threads=threads, extra=dict(reranker_options or {}),
                               normalize=normalize)

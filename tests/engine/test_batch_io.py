@@ -196,3 +196,20 @@ def test_results_become_output_rows_with_empty_lists_on_error():
          "error_kind": MISSING_REQUEST_ID},
     ]
     assert results_to_record_batch([]).num_rows == 0
+
+
+def test_canonical_batch_gives_one_schema_and_keeps_every_value():
+    from instructrec.engine.job_input import canonical_batch
+
+    batch = pa.RecordBatch.from_pydict({
+        "request_id": pa.array(["a", "b"]).dictionary_encode(),
+        # pyarrow 26 casts this list view to [["x", "y"], []]: the second list would be lost.
+        "candidates": pa.array([["x", "y"], ["z"]], pa.list_view(pa.string())),
+        "candidate_priors": pa.array([[1, 2], [3]], pa.list_(pa.int32())),
+        "not_a_contract_column": [1, 2],
+    })
+    out = canonical_batch(batch, ["request_id", "candidates", "history", "candidate_priors"])
+    assert out.schema == pa.schema([("request_id", pa.string()), ("candidates", pa.list_(pa.string())),
+                                    ("history", pa.list_(pa.string())), ("candidate_priors", pa.list_(pa.float64()))])
+    assert out.to_pydict() == {"request_id": ["a", "b"], "candidates": [["x", "y"], ["z"]], "history": [None, None],
+                               "candidate_priors": [[1.0, 2.0], [3.0]]}

@@ -4,6 +4,7 @@ multi-row-group input, empty input, schema errors before any work, output-folder
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -311,3 +312,64 @@ def test_a_candidate_priors_column_is_fused_by_a_priors_form_and_checked_per_row
     with pytest.raises(InputSchemaError, match="column 'candidate_priors' must be list<double> but is list<element: string>"):
         run_job(tiny_t5_dir, tmp_path / "text.parquet", tmp_path / "text-out", **FP32)
     assert not (tmp_path / "text-out").exists()
+
+
+def test_a_priors_form_over_input_without_the_column_is_refused_before_any_work(tiny_t5_dir, reranker, tmp_path):
+    folder = tmp_path / "requests"
+    folder.mkdir()
+    write_rows(folder / "a.parquet", [good_row(0)])  # no candidate_priors column
+    with_priors = dict(good_row(1), candidate_priors=[1.0, 2.0, 3.0])
+    pq.write_table(pa.Table.from_pylist([with_priors], schema=INPUT_SCHEMA.append(
+        pa.field("candidate_priors", pa.list_(pa.float64())))), folder / "b.parquet")
+    message = "column 'candidate_priors' is missing from a.parquet, and --normalize sum+priors:1 fuses it"
+    with pytest.raises(InputSchemaError, match=re.escape(message)) as caught:
+        run_job(tiny_t5_dir, folder, tmp_path / "out", normalize="sum+priors:1", **FP32)
+    assert "b.parquet" not in str(caught.value)
+    with pytest.raises(InputSchemaError, match=re.escape(message)):
+        run_job_with_reranker(reranker, folder, tmp_path / "out", normalize="sum+priors:1", progress=False)
+    assert not (tmp_path / "out").exists()
+    done = rerank_cli(tiny_t5_dir, folder, tmp_path / "cli-out", "--dtype", "float32", "--normalize", "sum+priors:1")
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "cli-out").exists()
+    # Without +priors the column is not needed.
+    assert run_job(tiny_t5_dir, folder, tmp_path / "plain", normalize="sum", **FP32)["ok"] == 2
+
+
+def test_a_chunk_across_files_written_with_different_types_and_columns_ranks_every_row(
+        tiny_t5_dir, reranker, tmp_path):
+    """Files of one input folder may each be valid in their own way: large_string or dictionary
+    strings, list views, an optional column only some hold, whole-number priors. A chunk spanning
+    them is one table with every row intact (pyarrow 26 concatenates none of these as they are)."""
+    rows = [good_row(i) for i in range(9)]
+    for row in rows:
+        row["candidate_priors"] = [float(j % 3) for j in range(len(row["candidates"]))]
+    folder = tmp_path / "requests"
+    folder.mkdir()
+    plain = pa.Table.from_pylist(rows[:3], schema=INPUT_SCHEMA.append(
+        pa.field("candidate_priors", pa.list_(pa.float64()))))
+    pq.write_table(plain, folder / "a.parquet")
+    second = pa.Table.from_pylist(rows[3:6], schema=INPUT_SCHEMA)  # no candidate_priors column
+    second = second.set_column(0, "request_id", second["request_id"].cast(pa.large_string()))
+    second = second.set_column(3, "instruction", second["instruction"].dictionary_encode())
+    pq.write_table(second.drop_columns(["preference", "context"]), folder / "b.parquet")
+    third = pa.table({
+        "request_id": [r["request_id"] for r in rows[6:]],
+        "candidates": pa.array([r["candidates"] for r in rows[6:]], pa.list_view(pa.string())),
+        "candidate_ids": pa.array([r["candidate_ids"] for r in rows[6:]], pa.large_list(pa.string())),
+        "instruction": [r["instruction"] for r in rows[6:]],
+        "history": pa.array([r["history"] for r in rows[6:]], pa.large_list_view(pa.string())),
+        "preference": pa.array([None] * 3, pa.null()),
+        "intention": [r["intention"] for r in rows[6:]], "intention_kind": [r["intention_kind"] for r in rows[6:]],
+        "template": [r["template"] for r in rows[6:]],
+        "candidate_priors": pa.array([[int(v) for v in r["candidate_priors"]] for r in rows[6:]], pa.list_(pa.int64())),
+    })
+    pq.write_table(third, folder / "c.parquet")
+
+    summary = run_job(tiny_t5_dir, folder, tmp_path / "out", chunk_rows=4, rows_per_part=9, **FP32)
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    assert summary["ok"] == 9 and [r["request_id"] for r in out] == [r["request_id"] for r in rows]
+    reference = reranker.rank([request_of(r) for r in rows])
+    for got, want in zip(out, reference):
+        assert got["error"] is None and got["ranked_ids"] == list(want.ranked_ids)
+        np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-5, atol=1e-5)
+    assert [r["n_candidates"] for r in out] == [len(r["candidates"]) for r in rows]
