@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import InputError
-from .types import parse_score_form
 from .job_storage import Location, resolve_location, short_error
+from .types import parse_score_form
 
 __all__ = ["INPUT_COLUMNS", "InputSchemaError", "InputFile", "JobInput", "schema_problems", "scan_input",
            "require_form_columns", "canonical_batch",
