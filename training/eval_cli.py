@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-instances-100", type=int, default=300, help="the same for candidates-100")
     p.add_argument("--valid-instances", type=int, default=200,
                    help="validation instances per template for the best-template choice")
+    p.add_argument("--valid-instances-100", type=int, default=None,
+                   help="the same for candidates-100, whose lists cost ten times as much to score "
+                        "(default: --valid-instances)")
     p.add_argument("--baseline-valid", type=int, default=3000,
                    help="validation lists for the baselines' early stopping; 0: all")
     p.add_argument("--baseline-max-epochs", type=int, default=0, help="cap on baseline epochs; 0: their defaults")
@@ -97,6 +100,7 @@ def run(args) -> int:
         train_instructions=args.train_instructions, cross_data=args.cross_data,
         cross_instructions=args.cross_instructions, max_instances=args.max_instances,
         max_instances_100=args.max_instances_100, valid_instances=args.valid_instances,
+        valid_instances_100=args.valid_instances_100,
         baseline_valid=args.baseline_valid, baseline_max_epochs=args.baseline_max_epochs, tune=args.tune,
         dtype=args.dtype, seed=args.seed, threads=args.threads, add_to=args.add_to, revision=args.revision,
         tokenizer=args.tokenizer, score_forms=tuple(f.strip() for f in args.score_forms.split(",") if f.strip()),

@@ -106,6 +106,7 @@ class EvalConfig:
     max_instances: int = 1000  # test instances per scenario (0: all)
     max_instances_100: int = 300  # for candidates-100
     valid_instances: int = 200  # validation instances per template for the template choice
+    valid_instances_100: int | None = None  # for candidates-100's lists of 100 (None: valid_instances)
     baseline_valid: int = 3000  # validation lists for the baselines' early stopping (0: all)
     baseline_max_epochs: int = 0  # 0: each baseline's own default
     tune: bool = False  # grid-search each baseline (training/baselines README grids)
@@ -458,7 +459,10 @@ class Evaluation:
                 # on lists of the kind it ranks; recorded even without a model method, so a later
                 # --add-to run chooses on these same lists.
                 listed = replace(scenario, name=key)
-                self._valid_cache[key] = self.instances(listed, "valid", domain, cfg.valid_instances, seen_targets)
+                n_valid = cfg.valid_instances
+                if scenario.candidates == "sampled" and cfg.valid_instances_100 is not None:
+                    n_valid = cfg.valid_instances_100
+                self._valid_cache[key] = self.instances(listed, "valid", domain, n_valid, seen_targets)
         if lists_path is not None:
             lists_path.parent.mkdir(parents=True, exist_ok=True)
             lists_path.write_text(json.dumps(self.lists) + "\n")
@@ -563,8 +567,11 @@ class Evaluation:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation; write OUT/metrics.json and OUT/results.md; return the metrics."""
-    for name in ("max_instances", "max_instances_100", "valid_instances", "baseline_valid", "baseline_max_epochs"):
+    for name in ("max_instances", "max_instances_100", "valid_instances", "valid_instances_100", "baseline_valid",
+                 "baseline_max_epochs"):
         value = getattr(cfg, name)
+        if name == "valid_instances_100" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(name, f"must be an integer >= 0, got {value!r}")
     forms = cfg.score_forms

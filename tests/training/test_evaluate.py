@@ -792,3 +792,17 @@ def test_popularity_fusion_needs_a_tuned_model(world, tokenizer_dir, tmp_path):
     with pytest.raises(InputError, match="zero-shot reference"):
         evaluate(config(world, "random:t5-tiny", tmp_path / "x", tokenizer=tokenizer_dir,
                         methods=("instructrec+popularity",)))
+
+
+def test_candidates_100_draws_its_own_number_of_validation_lists(world, tiny_t5_dir, tmp_path):
+    """--valid-instances-100: lists of 100 cost ten times as much to score, so their count is set
+    apart from the other types' (default: the same)."""
+    run = dict(scenarios=("seq-rec", "candidates-100"), methods=("popularity",), valid_instances=6)
+    evaluate(config(world, tiny_t5_dir, tmp_path / "apart", valid_instances_100=3, **run))
+    lists = json.loads((tmp_path / "apart" / "instances.json").read_text())
+    assert (len(lists["main:P1+I0:valid"]), len(lists["main:P1+I0:sampled:valid"])) == (6, 3)
+    evaluate(config(world, tiny_t5_dir, tmp_path / "same", **run))
+    lists = json.loads((tmp_path / "same" / "instances.json").read_text())
+    assert (len(lists["main:P1+I0:valid"]), len(lists["main:P1+I0:sampled:valid"])) == (6, 6)
+    with pytest.raises(InputError, match="valid_instances_100: must be an integer >= 0"):
+        evaluate(config(world, tiny_t5_dir, tmp_path / "bad", valid_instances_100=-1, **run))
