@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     runnable = []
     for cell in cells:
         if settings[cell.key]["bf16"] and not native_bf16:
-            print(f"{cell.shape} {VARIANT_NAMES[cell.key]}: skipped, this CPU has no native bf16 matmul (auto picks fp32)")
+            print(f"{cell.shape} {VARIANT_NAMES[cell.key]}: skipped, this CPU has no native bf16 matmul "
+                  "(auto picks fp32)")
         else:
             runnable.append(cell)
     results = []

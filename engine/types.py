@@ -100,7 +100,8 @@ class RankedResult:
     tournament each score is the one from the candidate's last round, under that round's group
     instruction, so scores are descending only within candidates eliminated in the same round;
     the order of `ranked_ids` is the ranking. Under a "+priors:V" form the scores are the fused
-    values of engine/fusion.py (standardised within each list or group), not log-likelihoods. On error: `error` and `error_kind` set, lists empty."""
+    values of engine/fusion.py (standardised within each list or group), not log-likelihoods.
+    On error: `error` and `error_kind` set, lists empty."""
 
     request_id: str | None
     ranked_ids: list[str] = field(default_factory=list)
