@@ -48,8 +48,8 @@ found against a smaller shape with every change, or one recipe at two batch size
 Printed: rows/s and rows per CPU-second (both processes' threads counted), and each variant's
 rows/CPU-s as a ratio to the first variant measured for the same shape (`plain` unless
 `--variants` says otherwise; with `--cells`, to the first cell); with rounds, the medians and the
-spread of rows/s. Ratios, not
-absolute speeds, are what carry to another machine; the CPU and its flags head the report.
+spread of rows/s. Ratios, not absolute speeds, are what carry to another machine; the CPU and its
+flags head the report.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     runnable = []
     for cell in cells:
         if settings[cell.key]["bf16"] and not native_bf16:
-            print(f"{cell.shape} {VARIANT_NAMES[cell.key]}: skipped, this CPU has no native bf16 matmul "
+            print(f"{cell.shape} {cell.name}: skipped, this CPU has no native bf16 matmul "
                   "(auto picks fp32)")
         else:
             runnable.append(cell)
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run(compact_rows if "vocab_size" in flags else rows, cell.shape, batch_size=cell.batch_size,
                     steps=args.steps, warmup=args.warmup, threads=args.threads, **flags)
             base.setdefault(cell.group, r["rows_per_cpu_s"])
-            r.update(shape=cell.shape, variant=VARIANT_NAMES[cell.key], key=cell.key, batch_size=cell.batch_size,
+            r.update(shape=cell.shape, variant=cell.name, key=cell.key, batch_size=cell.batch_size,
                      round=round_index + 1, ratio=r["rows_per_cpu_s"] / base[cell.group])
             by_cell[cell].append(r)
             results.append(r)
