@@ -126,6 +126,50 @@ def compact_tokenizer(tokenizer, texts: Iterable[str]):
     return compact
 
 
+def with_item_tokens(tokenizer, titles: Iterable[str]):
+    """`tokenizer` plus one token per distinct title (`instructrec train --item-tokens`): an item the
+    model learns to name becomes one id, so naming it is a single softmax over the catalogue (the
+    output layer of a sequential recommender) and a history of ten titles is ten ids, not ~150 pieces.
+
+    Each title is an added token, matched in raw text before the pieces: whole words only
+    (`single_word`, so "Doom" is not found inside "Doomsday"), the spaces around it absorbed. A text
+    that holds a title (an instruction's history, a candidate) takes its token; every other text,
+    a new item's title included, is spelt in pieces as before. The tokenizer saved beside the weights
+    carries the tokens, so the engine, the export and the job read titles as the model was trained.
+    Returns a new tokenizer; `tokenizer` is left as it was."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    distinct = sorted({t for t in titles if t and t.strip()})
+    extended = copy.deepcopy(tokenizer)
+    before = len(extended)
+    extended.add_tokens([AddedToken(t, single_word=True, lstrip=True, rstrip=True, normalized=False)
+                         for t in distinct])
+    log.info("item tokens: %d titles, one token each (vocabulary %d -> %d tokens)", len(distinct), before,
+             len(extended))
+    return extended
+
+
+def without_added_titles(tokenizer):
+    """The pieces of a tokenizer `with_item_tokens` extended (its special tokens kept, the title
+    tokens dropped; ids unchanged, the titles' ids came last): a resumed --item-tokens run spells
+    titles with it."""
+    from transformers import AutoTokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token.get("special")]
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        (Path(folder) / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        config_path = Path(folder) / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["added_tokens_decoder"] = {key: value for key, value in config.get("added_tokens_decoder", {}).items()
+                                          if value.get("special")}
+        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
+        return AutoTokenizer.from_pretrained(folder)
+
+
 def _renumber_post_processor(processor: dict | None, new_id: dict[int, int]) -> None:
     """The template post-processor names </s> by id: give it the compact id."""
     if not processor:

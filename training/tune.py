@@ -50,13 +50,13 @@ from instructrec.engine.errors import InputError, InstructRecError
 from instructrec.engine.flops import T5Shape, training_flops
 from instructrec.engine.types import parse_score_form
 
-from .compact_vocab import catalogue_titles, compact_tokenizer, vocab_rows
+from .compact_vocab import catalogue_titles, compact_tokenizer, vocab_rows, with_item_tokens, without_added_titles
 from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
                         collate, collate_negatives, epoch_batches, head_rows_multiple, process_slots, read_split,
                         seeded_subset, per_template_subset, seqrec_instances, tokenize_rows,
-                        with_title_prior_rows)
+                        with_title_prior_rows, SPELLED_TEMPLATE, TITLE_PRIOR_TEMPLATE, spelled_picks, spelled_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
                          install_fused_activations, install_fused_norms, install_hidden_states_head,
@@ -260,13 +260,25 @@ class _Run:
         table = self.train_table
         self.train_rows = tokenize_rows(self.tokenizer, table.column("instruction").to_pylist(),
                                         table.column("target").to_pylist(), *lengths, "train")
+        spell = cfg.resolved_spell_rows()
+        if spell:
+            picks = spelled_picks(table.num_rows, spell, cfg.seed)
+            self.train_rows = spelled_rows(self.train_rows, picks, table.column("target").to_pylist(),
+                                           self.piece_tokenizer, cfg.max_target_length)
+            import pyarrow as pa
+
+            added = table.take(pa.array(picks)).set_column(
+                table.column_names.index("template"), "template", pa.array([SPELLED_TEMPLATE] * len(picks), pa.string()))
+            self.train_table = pa.concat_tables([table, added])
+            log.info("spelled rows: %d training rows again with the target title spelt in pieces (--spell-rows %g)",
+                     len(picks), spell)
         valid = self.valid_table.take(seeded_subset(self.valid_table.num_rows, cfg.eval_max_rows, cfg.seed))
         self.valid_rows = tokenize_rows(self.tokenizer, valid.column("instruction").to_pylist(),
                                         valid.column("target").to_pylist(), *lengths, "valid")
         self.instances = per_template_subset(self.instances, cfg.eval_max_instances, cfg.seed)
         ranked = Counter(x.template for x in self.instances)
         log.info("train: %d rows over %d templates; valid: %d rows for the loss, %d ranking instances%s",
-                 len(self.train_rows), len(table.column("template").unique()), len(self.valid_rows),
+                 len(self.train_rows), len(self.train_table.column("template").unique()), len(self.valid_rows),
                  len(self.instances), f" ({', '.join(f'{t} {n}' for t, n in sorted(ranked.items()))})" if ranked else "")
         self.negatives = None
         self.negative_lengths: dict[int, list[int]] = {}  # per step: row -> its negatives' decoded lengths
@@ -320,6 +332,15 @@ class _Run:
                              for title in titles or ())
             texts.append(self.catalogue_titles)
             compact = compact_tokenizer(self.tokenizer, itertools.chain.from_iterable(texts))
+        # The pieces alone: --spell-rows spells titles with them.
+        self.piece_tokenizer = compact
+        if self.cfg.item_tokens and self.resume_dir is None:
+            import pyarrow.compute as pc
+
+            own = pc.not_equal(self.train_table.column("template"), TITLE_PRIOR_TEMPLATE)
+            compact = with_item_tokens(compact, self.train_table.column("target").filter(own).to_pylist())
+        elif self.cfg.item_tokens:
+            self.piece_tokenizer = without_added_titles(compact)
         self.tokenizer = compact
         self.model_config.vocab_size = vocab_rows(compact)
         log.info("compact vocabulary: the model's embedding and LM head hold %d rows (%d tokens)",

@@ -37,6 +37,9 @@ _CURVE_FIELDS = ("model", "revision", "max_source_length", "max_target_length", 
                  "length_grouped", "seed")
 
 
+# --spell-rows with --item-tokens: a fifth of the rows again with the title spelt (as --prior-rows 0.2).
+DEFAULT_SPELL_ROWS = 0.2
+
 _REQUIRED = object()
 
 
@@ -83,6 +86,16 @@ class TrainConfig:
     vocab_catalog: Path | None = _flag(None, "with --compact-vocab, also keep the pieces of every item title "
                                        "in this folder from `instructrec data prepare` (the catalogue the "
                                        "model will rank, unseen items included)", IO, type=Path, metavar="DIR")
+    # A title the model learns to name as one token: naming an item becomes one softmax over the
+    # catalogue (a sequential recommender's output layer) and a history ten ids, not ~150 pieces;
+    # docs/results.md, "item tokens".
+    item_tokens: bool = _flag(False, "with --compact-vocab, give every training target's title one token "
+                              "of its own (matched as a whole in any text: histories, candidates); "
+                              "other titles, new items' included, are spelt in pieces", IO)
+    spell_rows: float | None = _flag(None, "with --item-tokens, add this fraction of the training rows again "
+                                     "with the target spelt in pieces, so titles without a token (new items) "
+                                     "are scored by a trained speller (default with --item-tokens: 0.2)",
+                                     IO, metavar="FRACTION")
     resume: bool = _flag(False, "continue from the newest checkpoint under OUT/checkpoints (any "
                          "number of processes, same global batch)", IO)
     stop_after: int | None = _flag(None, "save a checkpoint and stop after this many steps (split a run "
@@ -193,6 +206,12 @@ class TrainConfig:
 
         return SHAPE_MULTIPLE if precision == "bf16" and device_type == "cpu" else 1
 
+    def resolved_spell_rows(self) -> float:
+        """--spell-rows, or its default: 0.2 with --item-tokens, else 0."""
+        if self.spell_rows is not None:
+            return self.spell_rows
+        return DEFAULT_SPELL_ROWS if self.item_tokens else 0.0
+
     def curve_fields(self, global_batch_size: int) -> dict:
         values = {name: getattr(self, name) for name in _CURVE_FIELDS}
         values["lr"] = self.resolved_lr()
@@ -204,6 +223,8 @@ class TrainConfig:
             values["compact_vocab"] = True
         if self.prior_rows:  # only when set, as above
             values["prior_rows"] = self.prior_rows
+        if self.item_tokens:  # only when on, as above
+            values.update(item_tokens=True, spell_rows=self.resolved_spell_rows())
         if self.rank_negatives:  # only when on: checkpoints of plain-NLL runs predate these fields
             values.update(rank_negatives=self.rank_negatives, rank_weight=self.rank_weight,
                           rank_prefix_tokens=self.rank_prefix_tokens)
@@ -274,6 +295,16 @@ def validate_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not (0.0 <= value < 1.0):
             raise InputError(name, f"must lie in [0, 1), got {value!r}")
+    if cfg.item_tokens and not cfg.compact_vocab:
+        raise InputError("item_tokens", "adds tokens to the compact vocabulary", "add --compact-vocab, or drop --item-tokens")
+    if cfg.item_tokens and cfg.init_embeddings != "random":
+        raise InputError("item_tokens", f"a title token has no text vector for --init-embeddings {cfg.init_embeddings}",
+                         "drop one of --item-tokens and --init-embeddings")
+    if cfg.spell_rows is not None:
+        if not cfg.item_tokens:
+            raise InputError("spell_rows", "spells the titles --item-tokens gives a token", "add --item-tokens, or drop --spell-rows")
+        if not (math.isfinite(cfg.spell_rows) and 0.0 <= cfg.spell_rows <= 1.0):
+            raise InputError("spell_rows", f"must be a fraction of the training rows in [0, 1], got {cfg.spell_rows!r}")
     if cfg.vocab_catalog is not None and not cfg.compact_vocab:
         raise InputError("vocab_catalog", "only shapes a compact vocabulary", "add --compact-vocab, or drop --vocab-catalog")
     if cfg.lora_r and not cfg.lora_targets:

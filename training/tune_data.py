@@ -91,6 +91,32 @@ def with_title_prior_rows(table, fraction: float, seed: int):
     return pa.concat_tables([own, prior])
 
 
+# The template id of the rows `spelled_rows` adds.
+SPELLED_TEMPLATE = "title-spelled"
+
+
+def spelled_picks(n_rows: int, fraction: float, seed: int) -> np.ndarray:
+    """The rows --spell-rows adds again, round(fraction x rows) of them (none for 0), drawn with
+    replacement: a pure function of the seed."""
+    count = round(fraction * n_rows)
+    return np.random.default_rng([int(seed), 0x5350]).integers(0, n_rows, size=count)  # "SP"
+
+
+def spelled_rows(rows: "TokenizedRows", picks: np.ndarray, targets: list[str], piece_tokenizer,
+                 max_target_length: int) -> "TokenizedRows":
+    """`rows` plus, for each pick, that row's source again with its target spelt by `piece_tokenizer`
+    (the vocabulary before --item-tokens added the titles): the same sources, each title as the pieces
+    a new item's title is scored by."""
+    sources = [rows.source(int(i)) for i in picks]
+    tf, to = _tokenize_column(piece_tokenizer, [targets[int(i)] for i in picks], max_target_length,
+                              "spelled targets")
+    lengths = np.fromiter((len(x) for x in sources), dtype=np.int64, count=len(sources))
+    source_flat = np.concatenate([rows.source_flat, *sources]) if len(sources) else rows.source_flat
+    source_offsets = np.concatenate([rows.source_offsets, rows.source_offsets[-1] + np.cumsum(lengths)])
+    return TokenizedRows(source_flat, source_offsets, np.concatenate([rows.target_flat, tf]),
+                         np.concatenate([rows.target_offsets, rows.target_offsets[-1] + to[1:]]))
+
+
 @dataclass
 class TokenizedRows:
     """Sources and targets as flat int32 arrays with row offsets (row i: flat[off[i]:off[i+1]]).
