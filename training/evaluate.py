@@ -24,8 +24,8 @@ random-init model here). A scenario ranks with its type's templates that rank a 
 candidates listed in the instruction) and T2 (no list; each candidate's title scored as the
 answer). Each candidate's score is its title's log-likelihood (`sum`, the paper's) or that per
 title token (`mean`, the engine's length-normalised score). Each model method picks one template
-and score form among those (`score_forms`) by NDCG@5 on a seeded sample of that type's validation
-instances with the stored lists (the original's rule for templates). Hard negatives choose on
+and score form among those (`score_forms`) by NDCG@5 (the original's rule for templates; `select_by`
+names another metric) on a seeded sample of that type's validation instances with the stored lists. Hard negatives choose on
 validation instances whose lists are retrieved the same way (the two-tower's top 9): popularity
 is strong on those lists, so the form that wins on stored lists need not win there.
 Candidates-100 chooses on validation instances with 99 sampled negatives, as its test lists: a
@@ -123,6 +123,10 @@ class EvalConfig:
     # The candidate score forms each model method chooses between on validation (Reranker.rank's
     # `normalize`): "sum" (the title's log-likelihood) and "mean" (per title token).
     score_forms: tuple[str, ...] = SCORE_FORMS
+    # The validation metric that chooses each model method's template and form and the hybrid's
+    # popularity weight (one of METRIC_KEYS): NDCG@5 is the original's rule; HR@1 chooses for the
+    # first position, which a reranker's top slot is judged on.
+    select_by: str = SELECTION_METRIC
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,8 +526,8 @@ class Evaluation:
             valid_counts = baseline_scores(domain, "popularity", scenario, valid)
             by_weight = {str(w): _metrics(ranks_of(with_popularity(valid_scores, valid_counts, w), valid))
                          for w in POPULARITY_WEIGHTS}
-            # Highest validation NDCG@5; max keeps the first of a tie: the smallest weight.
-            weight = max(POPULARITY_WEIGHTS, key=lambda w: by_weight[str(w)][SELECTION_METRIC])
+            # Highest validation --select-by metric; max keeps the first of a tie: the smallest weight.
+            weight = max(POPULARITY_WEIGHTS, key=lambda w: by_weight[str(w)][self.cfg.select_by])
             scores = with_popularity(scores, baseline_scores(domain, "popularity", scenario, test), weight)
             # The batch job's --normalize serving this hybrid, with candidate_priors = log(1 + the
             # item's training interactions) (docs/evaluation.md).
@@ -534,7 +538,8 @@ class Evaluation:
 
     def _choice(self, model: str, key: str, templates: list[str]) -> tuple[tuple[str, str], dict]:
         """((template, score form), validation metrics of every choice) for `model` on the instruction
-        type `key`: the highest validation NDCG@5; with a single choice, that one (no metrics)."""
+        type `key`: the highest validation --select-by metric (default NDCG@5); with a single choice,
+        that one (no metrics)."""
         choices = [(template, form) for template in templates for form in self.cfg.score_forms]
         if len(choices) == 1:
             return choices[0], {}
@@ -547,7 +552,7 @@ class Evaluation:
                     selection[f"{template} {form}"] = dict(_metrics(ranks_of(scores, self._valid_cache[key])),
                                                            errors=errors)
             # max keeps the first of a tie: the first template id, then form.
-            best = max(choices, key=lambda choice: selection[" ".join(choice)][SELECTION_METRIC])
+            best = max(choices, key=lambda choice: selection[" ".join(choice)][self.cfg.select_by])
             self._chosen[model, key] = (best, selection)
         return self._chosen[model, key]
 
@@ -574,6 +579,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(name, f"must be an integer >= 0, got {value!r}")
+    if cfg.select_by not in METRIC_KEYS:
+        raise InputError("select_by", f"unknown metric {cfg.select_by!r}", f"use one of: {', '.join(METRIC_KEYS)}")
     forms = cfg.score_forms
     if isinstance(forms, str) or not forms or len(set(forms)) < len(forms):
         raise InputError("score_forms", f"must be one or more distinct of {', '.join(SCORE_FORMS)} or calibrated:W, "

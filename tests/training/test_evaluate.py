@@ -616,6 +616,35 @@ def test_templates_and_score_forms_are_chosen_between_on_validation(world, t2_in
     assert len({json.dumps(reference[c], sort_keys=True) for c in choices}) > 2
 
 
+@pytest.mark.parametrize("metric", ["hr@1", "ndcg@3"])
+def test_select_by_chooses_form_and_popularity_weight_by_that_validation_metric(world, t2_instructions, tiny_t5_dir,
+                                                                                 tmp_path, metric):
+    """--select-by: the template, the form and the hybrid's weight are the first of the highest
+    recorded validation `metric`, in the order the choices are listed (templates, then forms;
+    weights ascending)."""
+    from instructrec.training.evaluate import POPULARITY_WEIGHTS
+
+    results = evaluate(config(world, tiny_t5_dir, tmp_path / "run", instructions=t2_instructions,
+                              scenarios=("seq-rec",), methods=("instructrec", "instructrec+popularity"),
+                              valid_instances=8, select_by=metric))
+    assert results["config"]["select_by"] == metric
+    methods = results["scenarios"]["seq-rec"]["methods"]
+    model, fused = methods["instructrec"], methods["instructrec+popularity"]
+    choices = [(t, f) for t in ("seq-rec-01", "seq-rec-02") for f in ("sum", "mean", "calibrated")]
+    by_choice = model["valid_by_choice"]
+    best = max(by_choice[" ".join(c)][metric] for c in choices)
+    assert (model["template"], model["normalize"]) == next(c for c in choices if by_choice[" ".join(c)][metric] == best)
+    by_weight = fused["valid_by_popularity_weight"]
+    best = max(by_weight[str(w)][metric] for w in POPULARITY_WEIGHTS)
+    assert fused["popularity_weight"] == next(w for w in POPULARITY_WEIGHTS if by_weight[str(w)][metric] == best)
+
+
+def test_an_unknown_select_by_metric_is_refused(world, tiny_t5_dir, tmp_path):
+    with pytest.raises(InputError, match="hr@1") as excinfo:
+        evaluate(config(world, tiny_t5_dir, tmp_path / "run", scenarios=("seq-rec",), select_by="hr@10"))
+    assert excinfo.value.field == "select_by" and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("scenario, kind, size, methods, n_valid", [
     ("hard-negatives", "hard", 10, ("instructrec", "two-tower"), 8),
     ("candidates-100", "sampled", 100, ("instructrec",), 5),
