@@ -154,6 +154,16 @@ def results_markdown(results: dict) -> str:
         for method, value in entry.get("theirs", {}).items():
             label = "InstructRec (Flan-T5-XL 3B)" if method == "instructrec" else METHOD_LABELS.get(method, method)
             lines.append(f"| *theirs: {label}* | *{value:.4f}* | | | | | | | |")
+        # Runs merged with --add-to may have chosen by different metrics; entries written before
+        # the field existed name none.
+        chosen_by: dict[str, list[str]] = {}
+        for method, m in entry["methods"].items():
+            if m.get("selected_by"):
+                chosen_by.setdefault(m["selected_by"], []).append(METHOD_LABELS.get(method, method))
+        if chosen_by:
+            lines += ["", "Template, score form and popularity weight chosen "
+                      + "; ".join(f"by validation {metric.upper()}: {', '.join(labels)}"
+                                  for metric, labels in chosen_by.items()) + "."]
         for method, against in paired_differences(entry).items():
             lines += ["", f"Paired on the same {entry['n_test']} lists, HR@1 of {METHOD_LABELS.get(method, method)} "
                       "minus each baseline's, with its 95% interval: "

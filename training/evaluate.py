@@ -519,7 +519,7 @@ class Evaluation:
         key = self._selection_key(scenario, domain)
         (chosen, form), selection = self._choice(model, key, sorted(test[0].prompts))
         scores, errors = self._model_scores(model, scenario.name, test, chosen, form)
-        entry = dict(template=chosen, normalize=form, valid_by_choice=selection)
+        entry = dict(template=chosen, normalize=form, valid_by_choice=selection, selected_by=self.cfg.select_by)
         if method == FUSED_METHOD:
             valid = self._valid_cache[key]
             valid_scores, _ = self._model_scores(model, key, valid, chosen, form)

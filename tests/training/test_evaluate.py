@@ -629,6 +629,9 @@ def test_select_by_chooses_form_and_popularity_weight_by_that_validation_metric(
                               valid_instances=8, select_by=metric))
     assert results["config"]["select_by"] == metric
     methods = results["scenarios"]["seq-rec"]["methods"]
+    assert methods["instructrec"]["selected_by"] == methods["instructrec+popularity"]["selected_by"] == metric
+    assert (f"chosen by validation {metric.upper()}: InstructRec (ours, tuned), InstructRec + popularity prior"
+            in (tmp_path / "run" / "results.md").read_text())
     model, fused = methods["instructrec"], methods["instructrec+popularity"]
     choices = [(t, f) for t in ("seq-rec-01", "seq-rec-02") for f in ("sum", "mean", "calibrated")]
     by_choice = model["valid_by_choice"]
