@@ -273,6 +273,25 @@ def hf_log_likelihoods():
     return _hf_log_likelihoods
 
 
+def _onnx_and_torch_scores(model_dir: Path, export_dir: Path, instruction: str, titles: list[str]):
+    """Export `model_dir` to ONNX in `export_dir`; the titles' scores under onnxruntime and under the
+    torch backend in float32, as (onnx, torch)."""
+    pytest.importorskip("onnxruntime", reason="the export needs the `onnx` extra")
+    from instructrec.engine import Reranker
+    from instructrec.export import export_model
+
+    export_model(model_dir, export_dir)
+    onnx = Reranker.from_pretrained(str(export_dir), backend="onnx").score(instruction, titles)
+    return onnx, Reranker.from_pretrained(str(model_dir), backend="torch", dtype="float32").score(instruction, titles)
+
+
+@pytest.fixture(scope="session")
+def onnx_and_torch_scores():
+    """The function (model_dir, export_dir, instruction, titles) -> (onnxruntime scores of its
+    export, torch scores)."""
+    return _onnx_and_torch_scores
+
+
 def _weights_mtime(model_dir: Path) -> int:
     return max(p.stat().st_mtime_ns for p in model_dir.iterdir())
 

@@ -192,13 +192,6 @@ def test_a_catalogue_folder_without_items_is_refused(instructions, tmp_path, tok
     assert excinfo.value.field == "vocab_catalog" and not (tmp_path / "run").exists()
 
 
-def test_an_onnx_export_of_a_compact_model_scores_as_the_torch_model(compact_run, tmp_path):
-    pytest.importorskip("onnxruntime", reason="the export needs the `onnx` extra")
-    from instructrec.engine import Reranker
-    from instructrec.export import export_model
-
-    export_model(compact_run, tmp_path / "onnx")
-    candidates = TITLES[1:4] + [UNSEEN]
-    onnx = Reranker.from_pretrained(str(tmp_path / "onnx"), backend="onnx").score(TEXTS[2], candidates)
-    torch_scores = Reranker.from_pretrained(str(compact_run), backend="torch", dtype="float32").score(TEXTS[2], candidates)
+def test_an_onnx_export_of_a_compact_model_scores_as_the_torch_model(compact_run, tmp_path, onnx_and_torch_scores):
+    onnx, torch_scores = onnx_and_torch_scores(compact_run, tmp_path / "onnx", TEXTS[2], TITLES[1:4] + [UNSEEN])
     np.testing.assert_allclose(onnx, torch_scores, rtol=1e-4, atol=1e-4)

@@ -162,15 +162,8 @@ def test_the_engine_scores_an_item_token_model_as_hugging_face_does(item_run, hf
                                hf_log_likelihoods(item_run, instruction, candidates), rtol=1e-4, atol=1e-4)
 
 
-def test_an_onnx_export_scores_as_the_torch_model(item_run, tmp_path):
-    pytest.importorskip("onnxruntime", reason="the export needs the `onnx` extra")
-    from instructrec.engine import Reranker
-    from instructrec.export import export_model
-
-    export_model(item_run, tmp_path / "onnx")
-    candidates = TITLES[1:4] + [UNSEEN]
-    onnx = Reranker.from_pretrained(str(tmp_path / "onnx"), backend="onnx").score(TEXTS[2], candidates)
-    torch_scores = Reranker.from_pretrained(str(item_run), backend="torch", dtype="float32").score(TEXTS[2], candidates)
+def test_an_onnx_export_scores_as_the_torch_model(item_run, tmp_path, onnx_and_torch_scores):
+    onnx, torch_scores = onnx_and_torch_scores(item_run, tmp_path / "onnx", TEXTS[2], TITLES[1:4] + [UNSEEN])
     np.testing.assert_allclose(onnx, torch_scores, rtol=1e-4, atol=1e-4)
 
 
