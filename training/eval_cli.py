@@ -20,7 +20,7 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def register(subparsers) -> None:
-    from .eval_scenarios import METHODS, SCENARIOS
+    from .eval_scenarios import METHODS, METRIC_KEYS, SCENARIOS, SELECTION_METRIC
 
     p = subparsers.add_parser(
         "eval", help="evaluate the tuned model, the untuned model and the baselines per scenario",
@@ -70,10 +70,10 @@ def register(subparsers) -> None:
                         "(with the template): sum (the title's log-likelihood), mean (per title token), "
                         "calibrated (minus the title's log-likelihood under an empty instruction), calibrated:W "
                         "(minus W times it; a negative W adds it, e.g. calibrated:-0.5)")
-    p.add_argument("--select-by", default="ndcg@5", metavar="METRIC",
+    p.add_argument("--select-by", default=SELECTION_METRIC, metavar="METRIC",
                    help="the validation metric that chooses each model method's template and score form and "
-                        "instructrec+popularity's weight: hr@1, hr@3, hr@5, ndcg@3 or ndcg@5 (default: ndcg@5, "
-                        "the original's rule)")
+                        f"instructrec+popularity's weight: one of {', '.join(METRIC_KEYS)} (NDCG@5 is the "
+                        "original's rule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-to", type=Path, default=None, metavar="DIR",
                    help="a previous run's --out: rank exactly its instances and add this run's methods to its "
@@ -107,7 +107,8 @@ def run(args) -> int:
         valid_instances_100=args.valid_instances_100,
         baseline_valid=args.baseline_valid, baseline_max_epochs=args.baseline_max_epochs, tune=args.tune,
         dtype=args.dtype, seed=args.seed, threads=args.threads, add_to=args.add_to, revision=args.revision,
-        tokenizer=args.tokenizer, select_by=args.select_by, score_forms=tuple(f.strip() for f in args.score_forms.split(",") if f.strip()),
+        tokenizer=args.tokenizer, select_by=args.select_by,
+        score_forms=tuple(f.strip() for f in args.score_forms.split(",") if f.strip()),
         baseline_overrides=parse_baseline_settings(args.baseline_set))
     evaluate(cfg)
     print((args.out / "results.md").read_text())

@@ -25,9 +25,10 @@ candidates listed in the instruction) and T2 (no list; each candidate's title sc
 answer). Each candidate's score is its title's log-likelihood (`sum`, the paper's) or that per
 title token (`mean`, the engine's length-normalised score). Each model method picks one template
 and score form among those (`score_forms`) by NDCG@5 (the original's rule for templates; `select_by`
-names another metric) on a seeded sample of that type's validation instances with the stored lists. Hard negatives choose on
-validation instances whose lists are retrieved the same way (the two-tower's top 9): popularity
-is strong on those lists, so the form that wins on stored lists need not win there.
+names another metric) on a seeded sample of that type's validation instances with the stored
+lists. Hard negatives choose on validation instances whose lists are retrieved the same way (the
+two-tower's top 9): popularity is strong on those lists, so the form that wins on stored lists
+need not win there.
 Candidates-100 chooses on validation instances with 99 sampled negatives, as its test lists: a
 form that wins among 10 candidates need not win among 100 (the calibrated forms lift rare titles).
 `instructrec+popularity` is a hybrid reported beside the model: the tuned model's scores of its
