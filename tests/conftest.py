@@ -216,6 +216,18 @@ def small_t5_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return build_t5_checkpoint(tmp_path_factory.mktemp("flan-t5-small-shape"), tokenizer_dir, FLAN_T5_SMALL)
 
 
+def write_train_and_valid(directory: Path, rows: dict) -> Path:
+    """The same rows as train.parquet and valid.parquet in `directory` (created): the instruction
+    folder a test's training run reads, its validation split the training rows themselves."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        pq.write_table(pa.table(rows), directory / f"{split}.parquet")
+    return directory
+
+
 def require_shared_data(path: Path):
     if not path.exists():
         pytest.skip(f"{path} is absent: real-data test needs ../shared/data (see its README)")

@@ -18,6 +18,8 @@ from instructrec.engine.templates import REGISTRY
 from instructrec.training.compact_vocab import VOCAB_ROWS_MULTIPLE, compact_tokenizer, template_wording, vocab_rows
 from instructrec.training.tune import TrainConfig, train
 
+from ..conftest import write_train_and_valid
+
 TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8 Deluxe", "Portal 2 - PC", "Tetris Effect: Connected",
           "The Legend of Zelda: Breath of the Wild", "Forza Horizon 4 - Xbox One"]
 TEXTS = [f"Past purchases of this shopper, oldest to newest: {a}; {b}. Name the item they want next."
@@ -101,9 +103,7 @@ def test_a_tokenizer_without_a_unigram_model_is_refused():
 def instructions(tmp_path_factory):
     directory = tmp_path_factory.mktemp("instructions")
     rows = {"instruction": TEXTS[:5], "target": TITLES[1:6], "template": ["seq-rec-01"] * 5}
-    for split in ("train", "valid"):
-        pq.write_table(pa.table(rows), directory / f"{split}.parquet")
-    return directory
+    return write_train_and_valid(directory, rows)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,6 +16,8 @@ from instructrec.engine.errors import InputError
 from instructrec.engine.presets import shape_config
 from instructrec.training.embedding_init import piece_texts, project, warm_start_embeddings
 from instructrec.training.tune import TrainConfig, train
+
+from ..conftest import write_train_and_valid
 
 
 def test_piece_texts_drop_the_word_marker_and_special_tokens(tokenizer):
@@ -85,9 +86,7 @@ def instructions(tmp_path_factory):
     titles = ["Halo 3 - Xbox 360", "Mario Kart 8", "Portal 2 - PC", "Tetris Effect"]
     rows = {"instruction": [f"The shopper bought {titles[i - 1]}. What next?" for i in range(4)],
             "target": titles, "template": ["demo"] * 4}
-    for split in ("train", "valid"):
-        pq.write_table(pa.table(rows), directory / f"{split}.parquet")
-    return directory
+    return write_train_and_valid(directory, rows)
 
 
 def config(instructions, out, tokenizer_dir, **overrides) -> TrainConfig:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from instructrec.engine.errors import InputError
 from instructrec.training.compact_vocab import compact_tokenizer, vocab_rows, with_item_tokens, without_added_titles
 from instructrec.training.tune import TrainConfig, train
 from instructrec.training.tune_data import spelled_picks, spelled_rows, tokenize_rows
+
+from ..conftest import write_train_and_valid
 
 TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8 Deluxe", "Portal 2 - PC", "Doom", "Tetris Effect: Connected",
           "Forza Horizon 4 - Xbox One"]
@@ -111,9 +111,7 @@ def test_spelled_rows_repeat_the_source_with_the_title_in_pieces(pieces_only, ex
 def instructions(tmp_path_factory):
     directory = tmp_path_factory.mktemp("instructions")
     rows = {"instruction": TEXTS[:5], "target": TITLES[1:6], "template": ["seq-rec-01"] * 5}
-    for split in ("train", "valid"):
-        pq.write_table(pa.table(rows), directory / f"{split}.parquet")
-    return directory
+    return write_train_and_valid(directory, rows)
 
 
 def config(instructions, out, tokenizer_dir, **overrides) -> TrainConfig:

@@ -20,6 +20,8 @@ from instructrec.training.tune_data import NegativePool, TokenizedRows, collate_
 from instructrec.training.loss import token_log_likelihoods
 from instructrec.training.tune_model import install_hidden_states_head, ranked_sequence_losses
 
+from ..conftest import write_train_and_valid
+
 # Two templates, eight distinct titles: each shopper's next title follows from the one they bought.
 TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8", "Portal 2 - PC", "Tetris Effect", "Stardew Valley",
           "Forza Horizon 4", "Animal Crossing", "Dark Souls III"]
@@ -27,16 +29,11 @@ TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8", "Portal 2 - PC", "Tetris Effect",
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     directory = tmp_path_factory.mktemp("instructions")
     rows = {"instruction": [f"The shopper bought {TITLES[i - 1]}. What do they buy next?" for i in range(8)]
             + [f"Bought {TITLES[i - 2]}; find the next one" for i in range(8)],
             "target": TITLES * 2, "template": ["next"] * 8 + ["search"] * 8}
-    for split in ("train", "valid"):
-        pq.write_table(pa.table(rows), directory / f"{split}.parquet")
-    return directory
+    return write_train_and_valid(directory, rows)
 
 
 def config(dataset, out, tokenizer_dir, **overrides):

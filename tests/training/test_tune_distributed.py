@@ -15,12 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from instructrec.engine.errors import InputError
 from instructrec.training.tune import TrainConfig, train
+
+from ..conftest import write_train_and_valid
 
 GAMES = ["Halo 3", "Mario Kart 8", "The Last of Us", "FIFA 19", "Minecraft", "Zelda Breath of the Wild",
          "Forza Horizon 4", "Animal Crossing", "Gran Turismo Sport", "Red Dead Redemption 2", "Tetris Effect",
@@ -54,9 +54,7 @@ def generated_rows(n: int = 41) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("generated-instructions")
-    for split in ("train", "valid"):
-        pq.write_table(pa.table(generated_rows()), folder / f"{split}.parquet")
-    return folder
+    return write_train_and_valid(folder, generated_rows())
 
 
 def settings(dataset: Path, out: Path, tokenizer_dir: Path, **overrides) -> dict:

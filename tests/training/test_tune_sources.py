@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from instructrec.cli import main
 from instructrec.engine.errors import InputError
 from instructrec.training.tune import TrainConfig, train
 
-from ..conftest import TINY_HUB_COMMIT, TINY_HUB_ID
+from ..conftest import write_train_and_valid, TINY_HUB_COMMIT, TINY_HUB_ID
 
 TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8", "Portal 2 - PC", "Tetris Effect", "Stardew Valley", "Forza Horizon 4"]
 
@@ -26,9 +24,7 @@ def dataset(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("instructions")
     rows = {"instruction": [f"The shopper bought {t}. What next?" for t in TITLES], "target": TITLES[1:] + TITLES[:1],
             "template": ["demo"] * len(TITLES)}
-    for split in ("train", "valid"):
-        pq.write_table(pa.table(rows), folder / f"{split}.parquet")
-    return folder
+    return write_train_and_valid(folder, rows)
 
 
 def config(dataset: Path, out: Path, **overrides) -> TrainConfig:

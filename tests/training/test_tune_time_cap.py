@@ -8,25 +8,22 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from instructrec.engine.errors import InputError
 from instructrec.training.tune import TrainConfig, train
 from instructrec.training.tune_schedule import TimeBudget, lr_factor
 
+from ..conftest import write_train_and_valid
+
 TITLES = ["Halo 3 - Xbox 360", "Mario Kart 8", "Portal 2 - PC", "Tetris Effect", "Stardew Valley",
           "Forza Horizon 4", "Animal Crossing", "Dark Souls III"]
 
 
 def write_instructions(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     rows = {"instruction": [f"The shopper bought {TITLES[i - 1]}. What do they buy next?" for i in range(8)],
             "target": TITLES, "template": ["demo"] * 8}
-    for split in ("train", "valid"):
-        pq.write_table(pa.table(rows), directory / f"{split}.parquet")
-    return directory
+    return write_train_and_valid(directory, rows)
 
 
 def config(instructions: Path, out: Path, tokenizer_dir: Path, **overrides) -> TrainConfig:
