@@ -55,7 +55,7 @@ from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddin
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
                         collate, collate_negatives, epoch_batches, head_rows_multiple, process_slots, read_split,
-                        seeded_subset, per_template_subset, seqrec_instances, tokenize_rows,
+                        seeded_subset, per_template_subset, VALIDATION_SEED, seqrec_instances, tokenize_rows,
                         with_title_prior_rows, SPELLED_TEMPLATE, TITLE_PRIOR_TEMPLATE, spelled_picks, spelled_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
@@ -272,10 +272,12 @@ class _Run:
             self.train_table = pa.concat_tables([table, added])
             log.info("spelled rows: %d training rows again with the target title spelt in pieces (--spell-rows %g)",
                      len(picks), spell)
-        valid = self.valid_table.take(seeded_subset(self.valid_table.num_rows, cfg.eval_max_rows, cfg.seed))
+        # The validation subsets do not follow --seed: runs of other seeds are measured on the
+        # same rows and users, so their losses and HR@1 compare.
+        valid = self.valid_table.take(seeded_subset(self.valid_table.num_rows, cfg.eval_max_rows, VALIDATION_SEED))
         self.valid_rows = tokenize_rows(self.tokenizer, valid.column("instruction").to_pylist(),
                                         valid.column("target").to_pylist(), *lengths, "valid")
-        self.instances = per_template_subset(self.instances, cfg.eval_max_instances, cfg.seed)
+        self.instances = per_template_subset(self.instances, cfg.eval_max_instances, VALIDATION_SEED)
         ranked = Counter(x.template for x in self.instances)
         log.info("train: %d rows over %d templates; valid: %d rows for the loss, %d ranking instances%s",
                  len(self.train_rows), len(self.train_table.column("template").unique()), len(self.valid_rows),

@@ -313,6 +313,11 @@ def seqrec_instances(table, path: Path) -> list[SeqRecInstance]:
     return instances
 
 
+VALIDATION_SEED = 0
+"""The seed of the validation subsets (`--eval-max-rows`, `--eval-max-instances`): fixed, not the
+run's `--seed`, so that runs differing in seed are validated on the same rows."""
+
+
 def per_template_subset(instances: list[SeqRecInstance], limit: int, seed: int) -> list[SeqRecInstance]:
     """A seeded subset of at most `limit` instances of each template (all when limit is 0), by
     template id. The same seed picks the same positions in every template's rows, so templates

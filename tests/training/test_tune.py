@@ -151,6 +151,32 @@ def test_validation_ranks_listed_and_unlisted_templates_each_on_its_own(tmp_path
     assert "fused RMS norm: 12 norms" in logged  # 2 per encoder layer, 3 per decoder layer, 2 final
 
 
+def test_validation_measures_the_same_rows_and_users_whatever_the_seed(tmp_path, tokenizer_dir):
+    """--seed changes the initialisation and the data order, not what validation measures: runs of
+    two seeds take the same valid rows for the loss and the same users for HR@1, so their numbers
+    compare (they took seeded subsets of their own before)."""
+    from instructrec.training.tune import _Run
+
+    rows = [dict(r, instruction=f"Shopper {i}. {r['instruction']}") for i, r in enumerate(make_rows(n_users=40))]
+    data = write_dataset(tmp_path / "data", rows)
+    picked = {}
+    for seed in (0, 1):
+        run = _Run(config(data, tmp_path / f"seed{seed}", tokenizer_dir, seed=seed, rank_eval=True,
+                          eval_max_rows=5, eval_max_instances=5), clock=lambda: 0.0)
+        try:
+            run.start_accelerator()
+            run.check_inputs()
+            run.prepare_data()
+            picked[seed] = ([run.valid_rows.source_flat.tolist()], [x.instruction for x in run.instances])
+        finally:
+            run.release()
+    loss_rows, users = picked[0]
+    assert len(users) == 5 and len(set(users)) == 5
+    assert picked[1] == picked[0]
+    # A subset, not the first rows.
+    assert users != [r["instruction"] for r in rows[:5]]
+
+
 def test_resumed_run_reproduces_the_uninterrupted_loss_curve(dataset, tmp_path, tokenizer_dir):
     # Dropout on (RNG in play), Adafactor state, warm-up + linear decay, accumulation, and
     # batches of 3 over 8 rows so the interruption falls mid-epoch (after 4 of 3 per epoch).
