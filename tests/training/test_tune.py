@@ -167,10 +167,10 @@ def test_validation_measures_the_same_rows_and_users_whatever_the_seed(tmp_path,
             run.start_accelerator()
             run.check_inputs()
             run.prepare_data()
-            picked[seed] = ([run.valid_rows.source_flat.tolist()], [x.instruction for x in run.instances])
+            picked[seed] = (run.valid_rows.source_flat.tolist(), [x.instruction for x in run.instances])
         finally:
             run.release()
-    loss_rows, users = picked[0]
+    users = picked[0][1]
     assert len(users) == 5 and len(set(users)) == 5
     assert picked[1] == picked[0]
     # A subset, not the first rows.
