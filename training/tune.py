@@ -358,9 +358,10 @@ class _Run:
         from accelerate.utils import DistributedType
 
         model = build_model(cfg, self.source, self.model_config)
-        if cfg.init_embeddings == "minilm" and self.state is None:  # a resumed run loads its weights
+        if cfg.init_embeddings != "random" and self.state is None:  # a resumed run loads its weights
             used = np.unique(np.concatenate([self.train_rows.source_flat, self.train_rows.target_flat]))
-            warm_start_embeddings(model, self.tokenizer, used, minilm_encoder())
+            warm_start_embeddings(model, self.tokenizer, used, minilm_encoder(),
+                                  head=cfg.init_embeddings == "minilm")
         sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         # The head on real target tokens only (training/loss.py): 1.4x examples/s for t5-mini here.
         self.head = None if sharded else install_hidden_states_head(model)

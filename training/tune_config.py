@@ -21,7 +21,7 @@ OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Where a random model's token embeddings start (training/embedding_init.py).
-INIT_EMBEDDINGS = ("random", "minilm")
+INIT_EMBEDDINGS = ("random", "minilm", "minilm-input")
 # Trackers accelerate logs to (`--report-to`); each needs its own package installed.
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 # Defaults per optimiser. Adafactor 1e-3 constant is the T5 fine-tuning recipe (T5 paper, sec.
@@ -76,7 +76,8 @@ class TrainConfig:
     init_embeddings: str = _flag("random", "with a random:<shape> --model, start the token embeddings (and an "
                                  "untied LM head) of the pieces the training data uses from "
                                  "all-MiniLM-L6-v2 vectors of their text, projected to d_model (needs "
-                                 "the `text` extra)", IO, choices=INIT_EMBEDDINGS)
+                                 "the `text` extra); minilm-input: the input embedding only, the head "
+                                 "stays random", IO, choices=INIT_EMBEDDINGS)
     tokenizer: Path | None = _flag(None, "tokenizer folder (default: the model's folder)", IO, type=Path)
     compact_vocab: bool = _flag(False, "with a random:<shape> --model, give the model only the tokens its "
                                 "text can use (the pieces of the training and validation rows, of every "

@@ -77,6 +77,30 @@ def test_warm_start_writes_the_used_rows_of_the_embedding_and_the_untied_head(to
         assert torch.equal(model.lm_head.weight[others], before_head[others])
 
 
+def test_warm_start_of_the_input_only_leaves_an_untied_head_random(tokenizer):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = shape_config("t5-tiny")
+    config.pop("model_type")
+    config.update(tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(**config))
+    before_embedding = model.shared.weight.detach().clone()
+    before_head = model.lm_head.weight.detach().clone()
+    used = np.unique(tokenizer(["Halo 3 - Xbox 360"])["input_ids"][0])
+    rows, texts = piece_texts(tokenizer, used)
+
+    def encode(texts):
+        return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts], float)
+
+    report = warm_start_embeddings(model, tokenizer, used, encode, head=False)
+    assert report == {"pieces": len(rows), "head": False}
+    want = torch.as_tensor(project(encode(texts), model.config.d_model, std=1.0), dtype=torch.float32)
+    torch.testing.assert_close(model.shared.weight[rows], want)
+    assert not torch.equal(model.shared.weight[rows], before_embedding[rows])
+    assert torch.equal(model.lm_head.weight, before_head)
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
