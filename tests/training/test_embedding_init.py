@@ -166,3 +166,31 @@ def test_minilm_warm_start_trains_and_records_the_setting(instructions, tmp_path
     rows, _ = piece_texts(tokenizer, used)
     torch.testing.assert_close(trained.shared.weight[rows], fresh.shared.weight[rows], rtol=0, atol=1e-6)
     torch.testing.assert_close(trained.lm_head.weight[rows], fresh.lm_head.weight[rows], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting, head_warm", [("minilm", True), ("minilm-input", False)])
+def test_the_trainer_warm_starts_the_head_only_for_minilm(instructions, tmp_path, tokenizer_dir, tokenizer, monkeypatch,
+                                                         setting, head_warm):
+    """The trainer's wiring of the setting, whatever the encoder: a stand-in (letter counts) replaces
+    MiniLM so this runs without the optional extra; the encoder's own vectors are tested above."""
+    from transformers import T5ForConditionalGeneration
+
+    from instructrec.training import tune
+
+    def encode(texts):
+        return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts], float)
+
+    monkeypatch.setattr(tune, "require_encoder", lambda name: None)
+    monkeypatch.setattr(tune, "minilm_encoder", lambda: encode)
+    out = tmp_path / "run"
+    train(config(instructions, out, tokenizer_dir, max_steps=1, lr=1e-9, optimizer="adamw", init_embeddings=setting))
+    trained = T5ForConditionalGeneration.from_pretrained(out)
+    assert json.loads((out / "training_config.json").read_text())["init_embeddings"] == setting
+    table = pq.read_table(instructions / "train.parquet").to_pylist()
+    used = np.unique([i for row in table for text in (row["instruction"], row["target"])
+                      for i in tokenizer(text)["input_ids"]])
+    rows, texts = piece_texts(tokenizer, used)
+    want = torch.as_tensor(project(encode(texts), trained.config.d_model, std=1.0), dtype=torch.float32)
+    torch.testing.assert_close(trained.shared.weight[rows], want, rtol=0, atol=1e-6)
+    head_matches = torch.allclose(trained.lm_head.weight[rows], want, rtol=0, atol=1e-6)
+    assert head_matches == head_warm
