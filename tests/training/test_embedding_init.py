@@ -20,6 +20,21 @@ from instructrec.training.tune import TrainConfig, train
 from ..conftest import write_train_and_valid
 
 
+def letter_counts(texts):
+    """A stand-in sentence encoder (MiniLM's own test is in test_baselines_parts): letter counts."""
+    return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts], float)
+
+
+def tiny_t5(tied: bool):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = shape_config("t5-tiny")
+    config.pop("model_type")
+    config.update(tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(**config))
+
+
 def test_piece_texts_drop_the_word_marker_and_special_tokens(tokenizer):
     ids = tokenizer("Halo 3 Xbox", add_special_tokens=True)["input_ids"]  # ends with </s>
     extra = tokenizer.convert_tokens_to_ids("<extra_id_0>")
@@ -48,25 +63,16 @@ def test_projection_matches_an_independent_svd():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_warm_start_writes_the_used_rows_of_the_embedding_and_the_untied_head(tokenizer, tied):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = shape_config("t5-tiny")
-    config.pop("model_type")
-    config.update(tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(**config))
+    model = tiny_t5(tied)
     before_embedding = model.shared.weight.detach().clone()
     before_head = model.lm_head.weight.detach().clone()
     used = np.unique(tokenizer(["Halo 3 - Xbox 360", "Mario Kart 8 Deluxe"])["input_ids"][0]
                      + tokenizer(["Mario Kart 8 Deluxe"])["input_ids"][0])
     rows, texts = piece_texts(tokenizer, used)
 
-    def encode(texts):  # a stand-in encoder: letter counts (MiniLM's own test is in test_baselines_parts)
-        return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts], float)
-
-    report = warm_start_embeddings(model, tokenizer, used, encode)
+    report = warm_start_embeddings(model, tokenizer, used, letter_counts)
     assert report == {"pieces": len(rows), "head": not tied}
-    want = torch.as_tensor(project(encode(texts), model.config.d_model, std=1.0), dtype=torch.float32)
+    want = torch.as_tensor(project(letter_counts(texts), model.config.d_model, std=1.0), dtype=torch.float32)
     torch.testing.assert_close(model.shared.weight[rows], want)
     others = np.setdiff1d(np.arange(model.shared.weight.shape[0]), rows)
     assert torch.equal(model.shared.weight[others], before_embedding[others])
@@ -78,24 +84,15 @@ def test_warm_start_writes_the_used_rows_of_the_embedding_and_the_untied_head(to
 
 
 def test_warm_start_of_the_input_only_leaves_an_untied_head_random(tokenizer):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = shape_config("t5-tiny")
-    config.pop("model_type")
-    config.update(tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(**config))
+    model = tiny_t5(tied=False)
     before_embedding = model.shared.weight.detach().clone()
     before_head = model.lm_head.weight.detach().clone()
     used = np.unique(tokenizer(["Halo 3 - Xbox 360"])["input_ids"][0])
     rows, texts = piece_texts(tokenizer, used)
 
-    def encode(texts):
-        return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts], float)
-
-    report = warm_start_embeddings(model, tokenizer, used, encode, head=False)
+    report = warm_start_embeddings(model, tokenizer, used, letter_counts, head=False)
     assert report == {"pieces": len(rows), "head": False}
-    want = torch.as_tensor(project(encode(texts), model.config.d_model, std=1.0), dtype=torch.float32)
+    want = torch.as_tensor(project(letter_counts(texts), model.config.d_model, std=1.0), dtype=torch.float32)
     torch.testing.assert_close(model.shared.weight[rows], want)
     assert not torch.equal(model.shared.weight[rows], before_embedding[rows])
     assert torch.equal(model.lm_head.weight, before_head)
@@ -177,11 +174,8 @@ def test_the_trainer_warm_starts_the_head_only_for_minilm(instructions, tmp_path
 
     from instructrec.training import tune
 
-    def encode(texts):
-        return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts], float)
-
     monkeypatch.setattr(tune, "require_encoder", lambda name: None)
-    monkeypatch.setattr(tune, "minilm_encoder", lambda: encode)
+    monkeypatch.setattr(tune, "minilm_encoder", lambda: letter_counts)
     out = tmp_path / "run"
     train(config(instructions, out, tokenizer_dir, max_steps=1, lr=1e-9, optimizer="adamw", init_embeddings=setting))
     trained = T5ForConditionalGeneration.from_pretrained(out)
@@ -190,7 +184,7 @@ def test_the_trainer_warm_starts_the_head_only_for_minilm(instructions, tmp_path
     used = np.unique([i for row in table for text in (row["instruction"], row["target"])
                       for i in tokenizer(text)["input_ids"]])
     rows, texts = piece_texts(tokenizer, used)
-    want = torch.as_tensor(project(encode(texts), trained.config.d_model, std=1.0), dtype=torch.float32)
+    want = torch.as_tensor(project(letter_counts(texts), trained.config.d_model, std=1.0), dtype=torch.float32)
     torch.testing.assert_close(trained.shared.weight[rows], want, rtol=0, atol=1e-6)
     head_matches = torch.allclose(trained.lm_head.weight[rows], want, rtol=0, atol=1e-6)
     assert head_matches == head_warm
