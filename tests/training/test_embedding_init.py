@@ -61,8 +61,9 @@ def test_projection_matches_an_independent_svd():
     assert np.all(wide[:, 12:] == 0) and wide.std() == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_warm_start_writes_the_used_rows_of_the_embedding_and_the_untied_head(tokenizer, tied):
+@pytest.mark.parametrize("tied, head", [(False, True), (True, True), (False, False)])
+def test_warm_start_writes_the_used_rows_of_the_embedding_and_the_untied_head(tokenizer, tied, head):
+    """head=False (`minilm-input`) leaves an untied head as it was."""
     model = tiny_t5(tied)
     before_embedding = model.shared.weight.detach().clone()
     before_head = model.lm_head.weight.detach().clone()
@@ -70,32 +71,20 @@ def test_warm_start_writes_the_used_rows_of_the_embedding_and_the_untied_head(to
                      + tokenizer(["Mario Kart 8 Deluxe"])["input_ids"][0])
     rows, texts = piece_texts(tokenizer, used)
 
-    report = warm_start_embeddings(model, tokenizer, used, letter_counts)
-    assert report == {"pieces": len(rows), "head": not tied}
+    report = warm_start_embeddings(model, tokenizer, used, letter_counts, head=head)
+    assert report == {"pieces": len(rows), "head": head and not tied}
     want = torch.as_tensor(project(letter_counts(texts), model.config.d_model, std=1.0), dtype=torch.float32)
     torch.testing.assert_close(model.shared.weight[rows], want)
+    assert not torch.equal(model.shared.weight[rows], before_embedding[rows])
     others = np.setdiff1d(np.arange(model.shared.weight.shape[0]), rows)
     assert torch.equal(model.shared.weight[others], before_embedding[others])
     if tied:
         assert model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
-    else:
+    elif head:
         torch.testing.assert_close(model.lm_head.weight[rows], want)
         assert torch.equal(model.lm_head.weight[others], before_head[others])
-
-
-def test_warm_start_of_the_input_only_leaves_an_untied_head_random(tokenizer):
-    model = tiny_t5(tied=False)
-    before_embedding = model.shared.weight.detach().clone()
-    before_head = model.lm_head.weight.detach().clone()
-    used = np.unique(tokenizer(["Halo 3 - Xbox 360"])["input_ids"][0])
-    rows, texts = piece_texts(tokenizer, used)
-
-    report = warm_start_embeddings(model, tokenizer, used, letter_counts, head=False)
-    assert report == {"pieces": len(rows), "head": False}
-    want = torch.as_tensor(project(letter_counts(texts), model.config.d_model, std=1.0), dtype=torch.float32)
-    torch.testing.assert_close(model.shared.weight[rows], want)
-    assert not torch.equal(model.shared.weight[rows], before_embedding[rows])
-    assert torch.equal(model.lm_head.weight, before_head)
+    else:
+        assert torch.equal(model.lm_head.weight, before_head)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -108,6 +97,13 @@ def instructions(tmp_path_factory):
     rows = {"instruction": [f"The shopper bought {titles[i - 1]}. What next?" for i in range(4)],
             "target": titles, "template": ["demo"] * 4}
     return write_train_and_valid(directory, rows)
+
+
+def used_pieces(instructions, tokenizer) -> np.ndarray:
+    """Every token id of train.parquet's instructions and targets, read independently of the trainer."""
+    table = pq.read_table(instructions / "train.parquet").to_pylist()
+    return np.unique([i for row in table for text in (row["instruction"], row["target"])
+                      for i in tokenizer(text)["input_ids"]])
 
 
 def config(instructions, out, tokenizer_dir, **overrides) -> TrainConfig:
@@ -155,9 +151,7 @@ def test_minilm_warm_start_trains_and_records_the_setting(instructions, tmp_path
     assert json.loads((out / "training_config.json").read_text())["init_embeddings"] == "minilm"
     # Independently: the pieces of train.parquet, MiniLM vectors written into a fresh model. After
     # one AdamW step at 1e-9 the trained rows hold the same values (AdamW moves a weight by ~lr).
-    table = pq.read_table(instructions / "train.parquet").to_pylist()
-    used = np.unique([i for row in table for text in (row["instruction"], row["target"])
-                      for i in tokenizer(text)["input_ids"]])
+    used = used_pieces(instructions, tokenizer)
     settings = shape_config("t5-tiny")
     settings.pop("model_type")
     fresh = T5ForConditionalGeneration(T5Config(**settings))
@@ -182,9 +176,7 @@ def test_the_trainer_warm_starts_the_head_only_for_minilm(instructions, tmp_path
     train(config(instructions, out, tokenizer_dir, max_steps=1, lr=1e-9, optimizer="adamw", init_embeddings=setting))
     trained = T5ForConditionalGeneration.from_pretrained(out)
     assert json.loads((out / "training_config.json").read_text())["init_embeddings"] == setting
-    table = pq.read_table(instructions / "train.parquet").to_pylist()
-    used = np.unique([i for row in table for text in (row["instruction"], row["target"])
-                      for i in tokenizer(text)["input_ids"]])
+    used = used_pieces(instructions, tokenizer)
     rows, texts = piece_texts(tokenizer, used)
     want = torch.as_tensor(project(letter_counts(texts), trained.config.d_model, std=1.0), dtype=torch.float32)
     torch.testing.assert_close(trained.shared.weight[rows], want, rtol=0, atol=1e-6)
