@@ -48,6 +48,9 @@ class Unit:
     row_len: int = 0  # longest row, in tokens
     layout: RowLayout | None = None  # the rows as flat lists, set by pack
     scores: np.ndarray | None = None  # [n_candidates] float64 sums of token log-probs, once run
+    # An ensemble reranker's unit: every model's `scores`, in the reranker's model order (scores
+    # is then the first model's); None where one model scored it.
+    model_scores: list[np.ndarray] | None = None
 
     @property
     def n_decoder_tokens(self) -> int:

@@ -11,6 +11,14 @@ Work done per instruction (per tournament group): one encoder pass and one cross
 computation per decoder layer, shared by all its candidates; the candidates are packed into
 decoder rows (see model.py / packing.py); the LM head and log-softmax-gather run in token chunks
 through `instructrec.kernels.lm_head_log_softmax_gather`, so [tokens x vocab] never exists.
+
+Ensembles: a Reranker may hold several models that share one tokenizer (seeds of one recipe,
+`Reranker.from_pretrained([path_a, path_b])`). Each unit is then scored by every model, each
+model's scores are normalized under the score form with its own title priors, standardised within
+the list (a request, or one tournament group: engine/fusion.py's `standardised`) and summed with
+equal weights; "+priors:V" fuses the sum. Standardising first gives each model one vote whatever
+the spread of its log-likelihoods. The work grows with the models (the stats count every model's
+passes); the instruction is rendered and tokenized once.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch
 from .backend import Backend
 from .errors import BudgetExceededError, InputError
 from .formatting import MAX_CHARS_PER_TOKEN, lists_candidates, max_source_chars, render, sanitize_text
-from .fusion import fuse_priors
+from .fusion import fuse_priors, standardised
 from .loading import Loaded, load_from_model, load_pretrained
 from .packing import Unit
 from .runner import DEFAULT_READ_WINDOW, DEFAULT_ROW_TOKENS, DeviceRunner
@@ -98,7 +106,8 @@ class Reranker:
                  seed: int = 0, row_tokens: int = DEFAULT_ROW_TOKENS,
                  read_window: int = DEFAULT_READ_WINDOW, chunk_tokens: int | None = None,
                  compile_model: bool = False, exact_head: bool = False,
-                 title_prior_cache: int = DEFAULT_TITLE_PRIOR_CACHE):
+                 title_prior_cache: int = DEFAULT_TITLE_PRIOR_CACHE, ensemble: Sequence[Backend] = (),
+                 ensemble_sources: Sequence[ModelSource | None] | None = None):
         """`backend`: anything that answers engine/backend.py's Backend protocol (the torch model
         of `from_pretrained` / `from_model`, or an OnnxBackend). Most callers use the class
         methods, which also resolve the model source and load the tokenizer.
@@ -107,7 +116,9 @@ class Reranker:
         per batch (None: engine/runner.py's default_batch_tokens for the device). exact_head: fp32
         LM-head logits with bf16 weights on CPU (torch backend; see TorchBackend.head for its cost).
         title_prior_cache: title priors kept for normalize="calibrated" (least recently used go
-        first; the titles of one call are always kept until it returns)."""
+        first; the titles of one call are always kept until it returns). ensemble: the backends of
+        further models scored with `tokenizer` beside `backend` (see the module docstring), on the
+        same device; ensemble_sources: what each was loaded from (for `sources`)."""
         check_tournament_options(group_size, advance)
         for name, value in (("max_source_tokens", max_source_tokens), ("max_target_tokens", max_target_tokens),
                             ("batch_tokens", 1 if batch_tokens is None else batch_tokens),
@@ -121,14 +132,30 @@ class Reranker:
                              "leave device out, or load the model on that device")
         if not isinstance(compile_model, bool):
             raise InputError("compile_model", f"must be True or False, got {compile_model!r}")
+        backends = (backend, *ensemble)
+        ensemble_sources = [None] * len(ensemble) if ensemble_sources is None else list(ensemble_sources)
+        if len(ensemble_sources) != len(ensemble):
+            raise InputError("ensemble_sources", f"{len(ensemble_sources)} sources for {len(ensemble)} ensemble "
+                             "backends", "give one source per backend, or none")
+        for n, other in enumerate(ensemble, start=1):
+            if other.device != backend.device:
+                raise InputError(f"ensemble[{n - 1}]", f"a backend on {other.device} beside one on {backend.device}",
+                                 "load every model of an ensemble on one device")
+            if (other.cfg.eos_token_id, other.cfg.pad_token_id) != (backend.cfg.eos_token_id, backend.cfg.pad_token_id):
+                raise InputError(f"ensemble[{n - 1}]", "its </s> and padding ids differ from the first model's",
+                                 "ensemble models that share one tokenizer")
         if compile_model:
-            compile_backend = getattr(backend, "compile", None)  # the torch backend's torch.compile
-            if compile_backend is None:
-                raise InputError("compile_model", "only the torch backend can be compiled",
-                                 "drop compile_model, or load the checkpoint with backend='torch'")
-            compile_backend()
+            for b in backends:
+                compile_backend = getattr(b, "compile", None)  # the torch backend's torch.compile
+                if compile_backend is None:
+                    raise InputError("compile_model", "only the torch backend can be compiled",
+                                     "drop compile_model, or load the checkpoint with backend='torch'")
+            for b in backends:
+                b.compile()
         self.backend = backend
         self.source = source  # what the model was loaded from (None for from_model): its identity() for manifests
+        self.backends = backends  # the ensemble's models in scoring order; (backend,) for one model
+        self.sources = (source, *ensemble_sources)
         self.tokenizer = tokenizer
         # Every text the engine tokenizes is counted against its own budgets first, so transformers'
         # "Token indices sequence length is longer than the specified maximum" warning (about the
@@ -139,15 +166,16 @@ class Reranker:
         self.max_source_tokens = max_source_tokens
         self.max_target_tokens = max_target_tokens
         self.group_size, self.advance, self.seed = group_size, advance, seed
-        self._runner = DeviceRunner(backend, batch_tokens=batch_tokens, row_tokens=row_tokens,
-                                    read_window=read_window, chunk_tokens=chunk_tokens, exact_head=exact_head)
+        self._runners = [DeviceRunner(b, batch_tokens=batch_tokens, row_tokens=row_tokens, read_window=read_window,
+                                      chunk_tokens=chunk_tokens, exact_head=exact_head) for b in backends]
+        self._runner = self._runners[0]
         self.stats = EngineStats()
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
         # normalize="calibrated": log P(title | "") per title, keyed by its target ids, scored once
         # per engine while it stays among the `title_prior_cache` most recently used (a nightly
-        # job's catalogue titles repeat across requests).
+        # job's catalogue titles repeat across requests); [models] float64, one prior per model.
         self.title_prior_cache = title_prior_cache
-        self._title_priors: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._title_priors: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
         cfg = backend.cfg
         # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
         # zero-width or control-character title tokenizes to just ["▁", "</s>"]).
@@ -166,7 +194,9 @@ class Reranker:
         included), a Hugging Face Hub id (`google/flan-t5-base`, optionally at `revision`; through
         the Hugging Face cache), an `instructrec export` folder, `random:<shape>` (random weights,
         for speed and memory work only; needs `tokenizer=`), or a ModelSource from
-        `instructrec.engine.sources.resolve_model`. It is kept as `reranker.source`.
+        `instructrec.engine.sources.resolve_model`. It is kept as `reranker.source`. A list of
+        them loads an ensemble (module docstring): every model with these arguments, one tokenizer
+        vocabulary among them (InputError otherwise), kept as `reranker.sources`.
 
         backend: "auto" (torch for a checkpoint or random model, onnx for an export folder),
         "torch" or "onnx". dtype: "auto" (engine/capabilities.py: bf16 on CUDA and on CPUs where
@@ -179,9 +209,31 @@ class Reranker:
         verify_checksums (default True: sha256 of every graph before loading), allow_cpu_nodes
         (CUDA: load even if onnxruntime would run graph nodes on the CPU; default False raises
         DevicePlacementError listing them)."""
+        if isinstance(model, (list, tuple)):
+            return cls._from_ensemble(model, backend, device, dtype, revision, tokenizer, options)
         loaded = load_pretrained(model, backend, device, dtype, revision=revision, tokenizer=tokenizer,
                                  options=options)
         return cls._from_loaded(loaded)
+
+    @classmethod
+    def _from_ensemble(cls, models: Sequence[Any], backend: str, device: str, dtype: str, revision: str | None,
+                       tokenizer: Any, options: dict[str, Any]) -> "Reranker":
+        if not models:
+            raise InputError("model", "an empty list of models", "give one model, or a list of several")
+        if revision is not None and len(models) > 1:
+            raise InputError("revision", f"one revision given for {len(models)} models",
+                             "pin each Hub model with instructrec.engine.sources.resolve_model(id, revision=...)")
+        loaded = [load_pretrained(m, backend, device, dtype, revision=revision, tokenizer=tokenizer, options=options)
+                  for m in models]
+        first = loaded[0]
+        vocabulary = first.tokenizer.get_vocab()
+        for n, other in enumerate(loaded[1:], start=1):
+            if other.tokenizer.get_vocab() != vocabulary:
+                raise InputError(f"model[{n}]", f"{_describe(other.source, models[n])} tokenizes with another "
+                                 f"vocabulary than {_describe(first.source, models[0])}",
+                                 "ensemble models trained with one tokenizer (and one --compact-vocab catalogue)")
+        return cls(first.backend, first.tokenizer, source=first.source, ensemble=[x.backend for x in loaded[1:]],
+                   ensemble_sources=[x.source for x in loaded[1:]], **first.options)
 
     @classmethod
     def from_model(cls, hf_model: Any, tokenizer: Any, backend: str = "torch", device: str = "cpu",
@@ -510,16 +562,20 @@ class Reranker:
         return out
 
     def _normalized(self, p: _Prepared, u: Unit, form: ScoreForm) -> np.ndarray:
-        """The scores of unit `u` (candidates u.tag of request `p`) under `form`; a "+priors:V" form
-        fuses them with those candidates' priors, within this unit (a request, or one tournament
-        group: its winners are the best of the fused group)."""
+        """The scores of unit `u` (candidates u.tag of request `p`) under `form`; an ensemble's are
+        each model's, standardised within the unit and summed; a "+priors:V" form fuses them with
+        those candidates' priors, within this unit (a request, or one tournament group: its winners
+        are the best of the fused group)."""
+        per_model = [u.scores] if u.model_scores is None else u.model_scores
         if form.kind == "mean":
-            scores = u.scores / np.array([len(y) for y in u.targets], dtype=np.float64)
+            lengths = np.array([len(y) for y in u.targets], dtype=np.float64)
+            normalized = [raw / lengths for raw in per_model]
         elif form.kind == "calibrated":
-            priors = np.array([self._title_priors[y.tobytes()] for y in u.targets], dtype=np.float64)
-            scores = u.scores - form.prior_weight * priors
+            priors = np.stack([self._title_priors[y.tobytes()] for y in u.targets])  # [candidates, models]
+            normalized = [raw - form.prior_weight * priors[:, m] for m, raw in enumerate(per_model)]
         else:
-            scores = u.scores
+            normalized = per_model
+        scores = normalized[0] if len(normalized) == 1 else np.sum([standardised(s) for s in normalized], axis=0)
         if form.candidate_prior_weight > 0:
             assert p.priors is not None  # _check_priors refused the request otherwise
             return fuse_priors(scores, p.priors[u.tag], form.candidate_prior_weight)
@@ -544,17 +600,32 @@ class Reranker:
                      for a in range(0, len(missing), _PRIOR_UNIT_TITLES)]
             self._run_units(units)
             for unit in units:
-                priors.update((t.tobytes(), float(s)) for t, s in zip(unit.targets, unit.scores))
+                per_model = np.stack([unit.scores] if unit.model_scores is None else unit.model_scores, axis=1)
+                priors.update((t.tobytes(), row) for t, row in zip(unit.targets, per_model))
             self.stats.title_priors += len(missing)
         # This call's titles sit at the end; only older ones go, so its scores can still be read.
         for _ in range(len(priors) - max(self.title_prior_cache, len(by_key))):
             priors.popitem(last=False)
 
     def _run_units(self, units: list[Unit]) -> None:
-        """Fill unit.scores (sum of token log-probs per candidate) for every unit, on the device."""
+        """Fill unit.scores (sum of token log-probs per candidate) for every unit, on the device;
+        with an ensemble, every model's in unit.model_scores (unit.scores the first model's)."""
         t0 = time.perf_counter()
-        self._runner.run(units, self.stats)
+        if len(self._runners) == 1:
+            self._runner.run(units, self.stats)
+        else:
+            per_model = []
+            for runner in self._runners:
+                runner.run(units, self.stats)
+                per_model.append([u.scores for u in units])
+            for n, u in enumerate(units):
+                u.model_scores = [scores[n] for scores in per_model]
+                u.scores = u.model_scores[0]
         self.timings["model_s"] += time.perf_counter() - t0
+
+
+def _describe(source: ModelSource | None, given: Any) -> str:
+    return source.describe() if source is not None else repr(given)
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
