@@ -38,6 +38,10 @@ def register(subparsers) -> None:
                         "the zero-shot reference only, with --tokenizer); its identity (a Hub id's commit) is "
                         "recorded in metrics.json")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id --model")
+    p.add_argument("--ensemble", action="append", default=[], metavar="MODEL",
+                   help="repeatable: a further trained checkpoint (same tokenizer as --model, e.g. another seed "
+                        "of its recipe) whose scores the tuned methods sum with --model's, each standardised per "
+                        "list (docs/engine.md, ensembles)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer folder for a random:<shape> --model, which brings none")
     p.add_argument("--scenario", action="append", default=None, metavar="NAME",
@@ -107,7 +111,7 @@ def run(args) -> int:
         valid_instances_100=args.valid_instances_100,
         baseline_valid=args.baseline_valid, baseline_max_epochs=args.baseline_max_epochs, tune=args.tune,
         dtype=args.dtype, seed=args.seed, threads=args.threads, add_to=args.add_to, revision=args.revision,
-        tokenizer=args.tokenizer, select_by=args.select_by,
+        tokenizer=args.tokenizer, select_by=args.select_by, ensemble=tuple(args.ensemble),
         score_forms=tuple(f.strip() for f in args.score_forms.split(",") if f.strip()),
         baseline_overrides=parse_baseline_settings(args.baseline_set))
     evaluate(cfg)

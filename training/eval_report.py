@@ -128,6 +128,9 @@ def results_markdown(results: dict) -> str:
                          f"{model.get('steps')} steps x {training.get('batch_size')} rows "
                          f"({model.get('examples_seen')} examples), {training.get('optimizer')} lr {training.get('lr')}, "
                          f"{training.get('resolved_precision')}, {model.get('train_step_seconds')} s of steps")
+        for member in model.get("ensemble") or []:
+            lines.append(f"- its scores summed with {_model_label(member)}'s (each standardised per list; "
+                         f"{member.get('steps')} steps)")
     fits = {}
     for entry in results["scenarios"].values():
         for method, m in entry["methods"].items():

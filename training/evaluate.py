@@ -124,6 +124,10 @@ class EvalConfig:
     # The candidate score forms each model method chooses between on validation (Reranker.rank's
     # `normalize`): "sum" (the title's log-likelihood) and "mean" (per title token).
     score_forms: tuple[str, ...] = SCORE_FORMS
+    # Further trained checkpoints (folders or Hub ids, one tokenizer with `model`) whose scores the
+    # tuned methods sum with the model's, each standardised per list: an ensemble Reranker
+    # (engine/reranker.py), e.g. seeds of one recipe.
+    ensemble: tuple[str | Path, ...] = ()
     # The validation metric that chooses each model method's template and form and the hybrid's
     # popularity weight (one of METRIC_KEYS): NDCG@5 is the original's rule; HR@1 chooses for the
     # first position, which a reranker's top slot is judged on.
@@ -266,6 +270,30 @@ def resolve_eval_model(cfg: EvalConfig, methods: list[str]) -> ModelSource | Non
     return source
 
 
+def resolve_ensemble(cfg: EvalConfig, methods: list[str], source: ModelSource | None) -> list[ModelSource]:
+    """The further models of an ensemble (cfg.ensemble), each a trained checkpoint."""
+    if not cfg.ensemble:
+        return []
+    if not any(m in TUNED_METHODS for m in methods):
+        raise InputError("ensemble", f"given, but none of the methods {', '.join(methods)} ranks with the tuned model",
+                         f"add one of {', '.join(TUNED_METHODS)} to --methods, or drop --ensemble")
+    if source is None or source.is_random:
+        raise InputError("ensemble", "an ensemble sums trained models with --model, which is not one",
+                         "pass --model DIR written by `instructrec train`")
+    out = []
+    for n, model in enumerate(cfg.ensemble):
+        try:
+            member = resolve_model(model, allowed=(CHECKPOINT, RANDOM))
+        except (ModelLoadError, InputError) as exc:  # resolve_model names its argument "model"
+            raise InputError(f"ensemble[{n}]", f"{model} is not a checkpoint directory ({exc})",
+                             "pass a folder written by `instructrec train` (or a Hub id)") from exc
+        if member.is_random:
+            raise InputError(f"ensemble[{n}]", f"{member.spec} has random weights",
+                             "ensemble trained checkpoints only")
+        out.append(member)
+    return out
+
+
 def check_inputs(cfg: EvalConfig, scenarios: list[Scenario]) -> None:
     """Every folder and instruction type the scenarios need, checked at once from the instruction
     files' small columns, so a run that cannot finish says what is missing in its first seconds
@@ -318,22 +346,32 @@ def _rebuild_hint(folder: Path, missing: list[Scenario]) -> str:
 # The run
 
 
-def _training_targets(cfg: EvalConfig, source: ModelSource | None) -> tuple[set[str] | None, str | None]:
-    """Item ids that are a target of some training row of the model, and where they came from."""
+def _training_targets(cfg: EvalConfig, sources: Sequence[ModelSource | None]) -> tuple[set[str] | None, str | None]:
+    """Item ids that are a target of some training row of the models (an ensemble's: of any of
+    them), and where they came from (the train.parquet paths, comma-separated)."""
     import pyarrow.parquet as pq
 
-    folder = cfg.train_instructions
-    record = source.path / "training_config.json" if source is not None and source.path is not None else None
-    if folder is None and record is not None and record.is_file():
-        folder = Path(json.loads(record.read_text())["instructions"])
-    if folder is None:
+    folders: list[Path] = []
+    if cfg.train_instructions is not None:
+        folders.append(Path(cfg.train_instructions))
+    else:
+        for source in sources:
+            record = source.path / "training_config.json" if source is not None and source.path is not None else None
+            if record is not None and record.is_file():
+                folder = Path(json.loads(record.read_text())["instructions"])
+                if folder not in folders:
+                    folders.append(folder)
+    if not folders:
         return None, None
-    path = Path(folder) / "train.parquet"
-    if not path.is_file():
-        raise InputError("train_instructions", f"{path} does not exist",
-                         "pass --train-instructions DIR: the folder the model was trained on")
-    table = pq.read_table(path, columns=["target_item_id"])
-    return {i for i in table["target_item_id"].to_pylist() if i is not None}, str(path)
+    targets: set[str] = set()
+    for folder in folders:
+        path = folder / "train.parquet"
+        if not path.is_file():
+            raise InputError("train_instructions", f"{path} does not exist",
+                             "pass --train-instructions DIR: the folder the model was trained on")
+        table = pq.read_table(path, columns=["target_item_id"])
+        targets.update(i for i in table["target_item_id"].to_pylist() if i is not None)
+    return targets, ", ".join(str(f / "train.parquet") for f in folders)
 
 
 class Evaluation:
@@ -342,6 +380,7 @@ class Evaluation:
         self.scenarios = resolve_scenarios(cfg.scenarios)
         self.methods = resolve_methods(cfg.methods)
         self.source = resolve_eval_model(cfg, self.methods)
+        self.ensemble = resolve_ensemble(cfg, self.methods, self.source)
         check_inputs(cfg, self.scenarios)
         self.main = Domain("main", cfg.data, cfg.instructions, cfg)
         self.cross = Domain("cross", cfg.cross_data, cfg.cross_instructions, cfg) \
@@ -371,7 +410,8 @@ class Evaluation:
         method = "instructrec" if method in TUNED_METHODS else method  # the fused method shares its model
         if method not in self._rerankers:
             if method == "instructrec":
-                self._rerankers[method] = Reranker.from_pretrained(self.source.path, backend="torch",
+                models = [self.source, *self.ensemble] if self.ensemble else self.source.path
+                self._rerankers[method] = Reranker.from_pretrained(models, backend="torch",
                                                                    dtype=self.cfg.dtype, seed=self.cfg.seed)
             else:
                 model, tokenizer = build_untuned(self.source, self.cfg.tokenizer, self.cfg.seed)
@@ -448,7 +488,7 @@ class Evaluation:
         """Draw every scenario's lists first (written to `lists_path` at once, so a later --add-to
         run can start before this one ends), then rank them with every method."""
         cfg = self.cfg
-        seen_targets, seen_from = _training_targets(cfg, self.source)
+        seen_targets, seen_from = _training_targets(cfg, [self.source, *self.ensemble])
         self._seen_from = seen_from
         results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                          "product_search_unseen_check": seen_from, "scenarios": {}}
@@ -501,6 +541,8 @@ class Evaluation:
         if self.cross is not None:
             results["datasets"]["cross"] = dataset_stats(self.cross)
         results["model"] = model_info(self.source, cfg.tokenizer) if self.source is not None else None
+        if self.ensemble:
+            results["model"]["ensemble"] = [model_info(member) for member in self.ensemble]
         return results
 
     @staticmethod

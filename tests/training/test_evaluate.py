@@ -449,6 +449,50 @@ def test_model_source_mistakes_are_refused_before_the_data_loads(world, tmp_path
     assert caught.value.field == field and words in str(caught.value)
 
 
+# --------------------------------------------------------------------------------------------- ensembles
+
+
+def test_an_ensemble_ranks_by_each_models_standardised_scores_summed(world, tiny_t5_dir, tmp_path,
+                                                                      hf_log_likelihoods):
+    """--ensemble: the tuned column recomputed from both models' HF log-likelihoods, each
+    standardised by hand within the list, summed."""
+    from instructrec.training.metrics import pessimistic_rank, summarize_ranks
+
+    from ..conftest import TINY_T5, build_t5_checkpoint
+
+    second = build_t5_checkpoint(tmp_path / "seed-1", tiny_t5_dir, TINY_T5, seed=1)
+    out = tmp_path / "ensemble"
+    results = evaluate(config(world, tiny_t5_dir, out, ensemble=(second,), scenarios=("seq-rec",),
+                              methods=("instructrec",), score_forms=("sum",)))
+    entry = results["scenarios"]["seq-rec"]["methods"]["instructrec"]
+    lists = json.loads((out / "instances.json").read_text())["seq-rec:test"]
+    by_key = {i.key: i for i in load_instances(world / "instructions", "test", SCENARIOS["seq-rec"], {}, None)}
+    ranks = []
+    for key, _ in lists:
+        inst = by_key[key]
+        summed = 0
+        for model in (tiny_t5_dir, second):
+            scores = hf_log_likelihoods(model, inst.prompts[entry["template"]], inst.titles).astype(np.float64)
+            summed = summed + (scores - scores.mean()) / scores.std()
+        ranks.append(pessimistic_rank(summed, inst.positive))
+    reference = summarize_ranks(ranks)
+    for k in ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5"):
+        assert entry[k] == pytest.approx(reference[k], abs=1e-9), k
+    assert [m["path"] for m in results["model"]["ensemble"]] == [str(second)]
+    assert f"its scores summed with `{second}`'s" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (dict(ensemble=("random:t5-tiny",)), "ensemble[0]", "random weights"),
+    (dict(ensemble=("/no/such/model",)), "ensemble[0]", "not a checkpoint directory"),
+    (dict(ensemble=("/no/such/model",), methods=("popularity",)), "ensemble", "none of the methods"),
+])
+def test_ensemble_mistakes_name_the_field(world, tiny_t5_dir, tmp_path, overrides, field, words):
+    with pytest.raises(InputError) as caught:
+        evaluate(config(world, tiny_t5_dir, tmp_path / "x", scenarios=("seq-rec",), **overrides))
+    assert caught.value.field == field and words in str(caught.value)
+
+
 # --------------------------------------------------------------------------------------------- inputs checked first
 
 
