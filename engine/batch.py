@@ -72,12 +72,14 @@ def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, ou
             rows_per_part: int = DEFAULT_ROWS_PER_PART, chunk_rows: int = DEFAULT_CHUNK_ROWS,
             progress: bool = True, reranker_options: Mapping[str, Any] | None = None,
             revision: str | None = None, tokenizer: str | os.PathLike | None = None,
-            threads: int | None = None, normalize: str = "sum") -> dict[str, Any]:
+            threads: int | None = None, normalize: str = "sum",
+            ensemble: Sequence[str | os.PathLike | ModelSource] = ()) -> dict[str, Any]:
     """Rank every request of `input` (a Parquet file or folder) into the parts of `output`.
 
     `model`: a model folder (checkpoint or ONNX export), a Hub id (at `revision`), or
     `random:<shape>` (with `tokenizer`). `normalize`: the score candidates are ranked by, as in
-    `Reranker.rank` (sum, mean, calibrated or calibrated:W). The schema is checked and the model
+    `Reranker.rank` (sum, mean, calibrated or calibrated:W). `ensemble`: further models whose
+    scores are summed with `model`'s (engine/reranker.py, ensembles). The schema is checked and the model
     resolved before the output folder is touched; the model loads after the output folder is
     checked, and the manifest is written once it has loaded. Returns the summary (also
     `output/_summary.json`).
@@ -87,7 +89,7 @@ def run_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike, ou
     settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
                               group_size=group_size, threads=threads, extra=dict(reranker_options or {}),
                               normalize=normalize)
-    job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer)
+    job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer, ensemble=tuple(ensemble))
     return _run(job_model, job_input, output, resume=resume, rows_per_part=rows_per_part,
                 chunk_rows=chunk_rows, progress=progress)
 

@@ -36,6 +36,12 @@ def register(subparsers) -> None:
                              "_job.json, so --resume refuses a model that moved under the same id")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder for random:<shape> models, which carry none")
+    parser.add_argument("--ensemble", action="append", default=[], metavar="MODEL",
+                        help="repeatable: a further trained model (a folder or Hub id with the same tokenizer as "
+                             "--model, e.g. another seed of its recipe; an export with an export) whose scores are "
+                             "summed with --model's, each standardised per candidate list (docs/engine.md, "
+                             "ensembles): every model scores every candidate. Recorded in _job.json: --resume "
+                             "refuses other models")
     parser.add_argument("--input", required=True, help="requests: a Parquet file, or a folder of *.parquet (sorted by name)")
     parser.add_argument("--output", required=True, help="result folder (part-NNNNN.parquet, _job.json, _summary.json)")
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
@@ -76,7 +82,8 @@ def register(subparsers) -> None:
     ray.add_argument("--ray", action="store_true",
                      help="rank the parts on a pool of Ray Data actors (same parts, same output, same --resume)")
     ray.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
-    ray.add_argument("--actors", type=int, default=1, help="Reranker actors (each holds one model)")
+    ray.add_argument("--actors", type=int, default=1,
+                     help="Reranker actors (each holds the model, and every --ensemble model)")
     ray.add_argument("--gpus-per-actor", type=float, default=None,
                      help="GPUs reserved per actor; required with --device cuda (e.g. 1, or 0.5 for two per GPU)")
     ray.add_argument("--cpus-per-actor", type=float, default=1.0,
@@ -123,6 +130,7 @@ def _rerank(args: argparse.Namespace) -> int:
     engine_options = dict(backend=args.backend, device=args.device, dtype=args.dtype,
                           batch_tokens=args.batch_tokens, group_size=args.group_size, threads=args.threads,
                           revision=args.revision, tokenizer=args.tokenizer, resume=args.resume,
+                          ensemble=tuple(args.ensemble),
                           rows_per_part=args.rows_per_part, chunk_rows=args.chunk_rows, normalize=args.normalize,
                           reranker_options={k: True for k, on in (("compile_model", args.compile),
                                                                   ("exact_head", args.exact_head)) if on} or None)

@@ -10,6 +10,9 @@ actor). Shared by `engine.batch` and `engine.ray_job`: the one definition of the
   (`engine.capabilities.auto_dtype_name`), so the manifest records the precision that was used;
   `--resume` with `auto` continues in the precision of the run it resumes (the policy measures the
   machine, and a loaded machine must not switch a half-finished job to another precision).
+- `--ensemble` adds models whose scores are summed with `--model`'s (engine/reranker.py,
+  ensembles): each resolved alike (a folder or Hub id; an export with the onnx backend), recorded
+  in the manifest beside the model, and compared on `--resume` as the model is.
 """
 
 from __future__ import annotations
@@ -86,13 +89,31 @@ class JobModel:
     source: ModelSource
     settings: EngineSettings
     tokenizer: str | None = None  # a tokenizer folder, for random:<shape> models that carry none
+    ensemble: tuple[ModelSource, ...] = ()  # further models, scores summed with source's
 
     @classmethod
     def resolve(cls, model: str | os.PathLike | ModelSource, settings: EngineSettings, *,
-                revision: str | None = None, tokenizer: str | os.PathLike | None = None) -> "JobModel":
+                revision: str | None = None, tokenizer: str | os.PathLike | None = None,
+                ensemble: "tuple[str | os.PathLike | ModelSource, ...] | list" = ()) -> "JobModel":
         """Resolve `--model` (ModelSourceError, exit 2, when it names nothing loadable) and pick the
-        backend. Loads nothing: this runs before the job touches its output folder."""
+        backend; then each `--ensemble` model (trained weights, the same backend; a Hub id at its
+        main branch, `revision` being --model's). Loads nothing: this runs before the job touches
+        its output folder."""
         source = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
+        members = []
+        for n, member in enumerate(ensemble):
+            try:
+                resolved = member if isinstance(member, ModelSource) else resolve_model(member)
+            except InputError as exc:  # resolve_model names its argument "model"
+                raise InputError(f"ensemble[{n}]", exc.problem, exc.fix) from exc
+            if resolved.is_random or source.is_random:
+                raise InputError(f"ensemble[{n}]" if resolved.is_random else "model",
+                                 f"{(resolved if resolved.is_random else source).describe()} has random weights",
+                                 "ensemble trained models only")
+            if (resolved.kind == ONNX) != (source.kind == ONNX):
+                raise InputError(f"ensemble[{n}]", f"{resolved.describe()} and {source.describe()} need two "
+                                 "backends", "ensemble checkpoints with a checkpoint, ONNX exports with an export")
+            members.append(resolved)
         backend = settings.backend
         if backend == "auto":
             backend = "onnx" if source.kind == ONNX else "torch"
@@ -108,7 +129,8 @@ class JobModel:
             if not tokenizer_path.is_dir():
                 raise InputError("tokenizer", f"{tokenizer} is not a folder",
                                  "pass a folder with tokenizer.json or spiece.model (save_pretrained layout)")
-        return cls(source, replace(settings, backend=backend), str(tokenizer_path) if tokenizer_path else None)
+        return cls(source, replace(settings, backend=backend), str(tokenizer_path) if tokenizer_path else None,
+                   tuple(members))
 
     def settle_dtype(self, previous_options: Mapping[str, Any] | None = None) -> "JobModel":
         """Resolve dtype="auto" for the torch backend: the resumed run's precision when there is one,
@@ -138,11 +160,11 @@ class JobModel:
         """The source's identity (a Hub id's resolved commit, a folder's path) plus, for a local
         folder, its top-level files' sizes and mtimes: a model retrained into the same folder, or a
         Hub id whose ref moved, makes `--resume` refuse instead of mixing two models' scores."""
-        entry = dict(self.source.identity())
-        if self.source.path is not None and self.source.repo_id is None:
-            entry["files"] = _folder_fingerprint(self.source.path)
+        entry = _source_entry(self.source)
         if self.tokenizer is not None:
             entry["tokenizer"] = self.tokenizer
+        if self.ensemble:
+            entry["ensemble"] = [_source_entry(member) for member in self.ensemble]
         return entry
 
     def manifest_options(self) -> dict[str, Any]:
@@ -157,12 +179,24 @@ class JobModel:
             import torch
 
             torch.set_num_threads(settings.threads)
-        source = self.source
-        if source.repo_id is not None and (source.path is None or not source.path.exists()):
-            # Another node of a cluster: fetch the same commit into this node's Hugging Face cache.
-            source = resolve_model(source.repo_id, revision=source.commit or source.revision)
-        return Reranker.from_pretrained(source, backend=settings.backend, device=settings.device, dtype=settings.dtype,
-                                        tokenizer=self.tokenizer, **settings.reranker_kwargs())
+        sources = [_on_this_node(s) for s in (self.source, *self.ensemble)]
+        return Reranker.from_pretrained(sources if self.ensemble else sources[0], backend=settings.backend,
+                                        device=settings.device, dtype=settings.dtype, tokenizer=self.tokenizer,
+                                        **settings.reranker_kwargs())
+
+
+def _on_this_node(source: ModelSource) -> ModelSource:
+    if source.repo_id is not None and (source.path is None or not source.path.exists()):
+        # Another node of a cluster: fetch the same commit into this node's Hugging Face cache.
+        return resolve_model(source.repo_id, revision=source.commit or source.revision)
+    return source
+
+
+def _source_entry(source: ModelSource) -> dict[str, Any]:
+    entry = dict(source.identity())
+    if source.path is not None and source.repo_id is None:
+        entry["files"] = _folder_fingerprint(source.path)
+    return entry
 
 
 def _cuda_here() -> bool:
@@ -183,7 +217,22 @@ def model_differences(previous: Mapping[str, Any] | None, current: Mapping[str, 
 
     A Hub model is the same when it resolves to the same commit (however the revision was spelled,
     so `--revision <old commit>` finishes a job whose branch moved); a folder when its path and
-    files are unchanged; a random model when its shape is."""
+    files are unchanged; a random model when its shape is; an ensemble when each of its models is."""
+    why = _one_model_differences(previous, current)
+    if why is not None:
+        return why
+    before, now = list((previous or {}).get("ensemble") or []), list(current.get("ensemble") or [])
+    if len(before) != len(now):
+        return (f"the output was written with {len(before)} --ensemble model(s) beside the model, this run has "
+                f"{len(now)}")
+    for n, (a, b) in enumerate(zip(before, now)):
+        why = _one_model_differences(a, b)
+        if why is not None:
+            return f"--ensemble model {n + 1}: {why}"
+    return None
+
+
+def _one_model_differences(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str | None:
     previous = dict(previous or {})
     if previous.get("kind") != current.get("kind"):
         return f"the output was written with {_describe(previous)}, this run has {_describe(current)}"

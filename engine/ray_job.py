@@ -91,7 +91,8 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
                 cpus_per_actor: float = 1.0, max_restarts: int = DEFAULT_ACTOR_RESTARTS,
                 reranker_options: Mapping[str, Any] | None = None, revision: str | None = None,
                 tokenizer: str | os.PathLike | None = None, threads: int | None = None,
-                progress: bool = True, normalize: str = "sum") -> dict[str, Any]:
+                progress: bool = True, normalize: str = "sum",
+                ensemble: Sequence[str | os.PathLike | ModelSource] = ()) -> dict[str, Any]:
     """Run the job on Ray Data. Uses the Ray instance this process is connected to, or connects
     to `address`, or starts a local one (shut down at the end). Returns the summary.
 
@@ -108,7 +109,8 @@ def run_ray_job(model: str | os.PathLike | ModelSource, input: str | os.PathLike
     settings = EngineSettings(backend=backend, device=device, dtype=dtype, batch_tokens=batch_tokens,
                               group_size=group_size, threads=threads, extra=dict(reranker_options or {}),
                               normalize=normalize)
-    job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer)  # before any work
+    job_model = JobModel.resolve(model, settings, revision=revision, tokenizer=tokenizer,
+                                 ensemble=tuple(ensemble))  # before any work
     plan = PartPlan(job_input.rows, rows_per_part, chunk_rows)
     faults = FaultPlan.from_env()
     with OutputFolder.claim(output, resume=resume) as folder:

@@ -151,3 +151,65 @@ def test_an_export_folder_ranks_on_onnxruntime_without_backend_flag(tiny_t5_dir,
     assert onnx.column("ranked_ids").to_pylist() == torch.column("ranked_ids").to_pylist()
     for got, want in zip(onnx.column("scores").to_pylist(), torch.column("scores").to_pylist()):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # two runtimes, float32
+
+
+# ------------------------------------------------------------------------------------------ --ensemble
+
+
+def test_an_ensemble_job_ranks_by_each_models_standardised_scores_summed(tiny_t5_dir, tokenizer_dir, tmp_path):
+    """The ensemble's output recomputed from two one-model jobs' outputs: each request's scores
+    standardised by hand and summed per candidate id."""
+    import numpy as np
+
+    requests = write_requests(tmp_path / "requests.parquet")
+    second = build_t5_checkpoint(tmp_path / "seed-1", tokenizer_dir, TINY_T5, seed=1)
+    for name, models in (("a", [tiny_t5_dir]), ("b", [second]), ("ab", [tiny_t5_dir, "--ensemble", second])):
+        assert rerank("--model", *models, "--input", requests, "--output", tmp_path / name, "--rows-per-part", 4) == 0
+    alone = [pq.read_table(tmp_path / name).to_pylist() for name in ("a", "b")]
+    both = pq.read_table(tmp_path / "ab").to_pylist()
+    for row, a, b in zip(both, *alone):
+        expected = {}
+        for single in (a, b):
+            scores = np.array(single["scores"])
+            for cid, z in zip(single["ranked_ids"], (scores - scores.mean()) / scores.std()):
+                expected[cid] = expected.get(cid, 0.0) + z
+        assert row["error"] is None and dict(zip(row["ranked_ids"], row["scores"])) == pytest.approx(expected, abs=1e-9)
+        assert row["scores"] == sorted(row["scores"], reverse=True)  # (two-candidate lists often tie at 0)
+    manifest = json.loads((tmp_path / "ab" / "_job.json").read_text())["model"]
+    assert manifest["path"] == str(tiny_t5_dir) and [m["path"] for m in manifest["ensemble"]] == [str(second)]
+    assert "ensemble" not in json.loads((tmp_path / "a" / "_job.json").read_text())["model"]
+
+
+def test_resume_refuses_another_ensemble_and_finishes_with_the_same(tiny_t5_dir, tokenizer_dir, tmp_path, caplog):
+    requests = write_requests(tmp_path / "requests.parquet")
+    second = build_t5_checkpoint(tmp_path / "seed-1", tokenizer_dir, TINY_T5, seed=1)
+    third = build_t5_checkpoint(tmp_path / "seed-2", tokenizer_dir, TINY_T5, seed=2)
+    output = tmp_path / "out"
+    job = ["--model", tiny_t5_dir, "--input", requests, "--output", output, "--rows-per-part", 4]
+    assert rerank(*job, "--ensemble", second) == 0
+    reference = pq.read_table(output)
+    (output / "part-00002.parquet").unlink()
+    caplog.clear()
+    assert rerank(*job, "--resume") == 2
+    assert "written with 1 --ensemble model(s) beside the model, this run has 0" in caplog.text
+    caplog.clear()
+    assert rerank(*job, "--ensemble", third, "--resume") == 2
+    assert f"--ensemble model 1: the output was written with the model at {second}, this run has {third}" in caplog.text
+    assert not (output / "part-00002.parquet").exists()
+    assert rerank(*job, "--ensemble", second, "--resume") == 0
+    assert pq.read_table(output).equals(reference)
+
+
+@pytest.mark.parametrize("member, field, words", [
+    ("random:t5-tiny", "ensemble[0]", "random weights"),
+    ("instructrec-tests/not-cached", "ensemble[0]", "is not in the Hugging Face cache"),
+])
+def test_a_bad_ensemble_model_is_refused_before_the_output_folder(offline_hf_home, tiny_t5_dir, tmp_path, member,
+                                                                   field, words):
+    requests = write_requests(tmp_path / "requests.parquet")
+    settings = EngineSettings(dtype="float32")
+    with pytest.raises(InputError) as caught:
+        JobModel.resolve(tiny_t5_dir, settings, ensemble=(member,))
+    assert caught.value.field == field and words in str(caught.value)
+    assert rerank("--model", tiny_t5_dir, "--ensemble", member, "--input", requests, "--output", tmp_path / "out") == 2
+    assert not (tmp_path / "out").exists()
