@@ -180,9 +180,8 @@ class JobModel:
 
             torch.set_num_threads(settings.threads)
         sources = [_on_this_node(s) for s in (self.source, *self.ensemble)]
-        return Reranker.from_pretrained(sources if self.ensemble else sources[0], backend=settings.backend,
-                                        device=settings.device, dtype=settings.dtype, tokenizer=self.tokenizer,
-                                        **settings.reranker_kwargs())
+        return Reranker.from_pretrained(sources, backend=settings.backend, device=settings.device, dtype=settings.dtype,
+                                        tokenizer=self.tokenizer, **settings.reranker_kwargs())
 
 
 def _on_this_node(source: ModelSource) -> ModelSource:

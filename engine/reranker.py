@@ -173,9 +173,11 @@ class Reranker:
         self.timings = {"tokenize_s": 0.0, "model_s": 0.0}
         # normalize="calibrated": log P(title | "") per title, keyed by its target ids, scored once
         # per engine while it stays among the `title_prior_cache` most recently used (a nightly
-        # job's catalogue titles repeat across requests); [models] float64, one prior per model.
+        # job's catalogue titles repeat across requests). An ensemble's further models keep theirs
+        # under the same keys in plain dicts; this one's order decides what goes.
         self.title_prior_cache = title_prior_cache
-        self._title_priors: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._title_priors: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._ensemble_title_priors: list[dict[bytes, float]] = [{} for _ in ensemble]
         cfg = backend.cfg
         # Targets that carry no title text: </s>, padding and the bare word-start piece "▁" (a
         # zero-width or control-character title tokenizes to just ["▁", "</s>"]).
@@ -261,7 +263,8 @@ class Reranker:
         last bits depend on the batch it was scored in, hence on which titles were missing at the
         time; the batch job clears them at each part so that a part's scores depend on that part
         alone (bit-identical on --resume and on any Ray actor)."""
-        self._title_priors.clear()
+        for priors in (self._title_priors, *self._ensemble_title_priors):
+            priors.clear()
 
     # ---------------------------------------------------------------------------------- public
     def score(self, instruction: str, candidates: Sequence[str], normalize: str = "sum",
@@ -571,8 +574,9 @@ class Reranker:
             lengths = np.array([len(y) for y in u.targets], dtype=np.float64)
             normalized = [raw / lengths for raw in per_model]
         elif form.kind == "calibrated":
-            priors = np.stack([self._title_priors[y.tobytes()] for y in u.targets])  # [candidates, models]
-            normalized = [raw - form.prior_weight * priors[:, m] for m, raw in enumerate(per_model)]
+            keys = [y.tobytes() for y in u.targets]
+            normalized = [raw - form.prior_weight * np.array([priors[k] for k in keys], dtype=np.float64)
+                          for raw, priors in zip(per_model, (self._title_priors, *self._ensemble_title_priors))]
         else:
             normalized = per_model
         scores = normalized[0] if len(normalized) == 1 else np.sum([standardised(s) for s in normalized], axis=0)
@@ -600,24 +604,26 @@ class Reranker:
                      for a in range(0, len(missing), _PRIOR_UNIT_TITLES)]
             self._run_units(units)
             for unit in units:
-                per_model = np.stack([unit.scores] if unit.model_scores is None else unit.model_scores, axis=1)
-                priors.update((t.tobytes(), row) for t, row in zip(unit.targets, per_model))
+                keys = [t.tobytes() for t in unit.targets]
+                per_model = [unit.scores] if unit.model_scores is None else unit.model_scores
+                for cache, scores in zip((priors, *self._ensemble_title_priors), per_model):
+                    cache.update(zip(keys, map(float, scores)))
             self.stats.title_priors += len(missing)
         # This call's titles sit at the end; only older ones go, so its scores can still be read.
         for _ in range(len(priors) - max(self.title_prior_cache, len(by_key))):
-            priors.popitem(last=False)
+            key, _ = priors.popitem(last=False)
+            for other in self._ensemble_title_priors:
+                del other[key]
 
     def _run_units(self, units: list[Unit]) -> None:
         """Fill unit.scores (sum of token log-probs per candidate) for every unit, on the device;
         with an ensemble, every model's in unit.model_scores (unit.scores the first model's)."""
         t0 = time.perf_counter()
-        if len(self._runners) == 1:
-            self._runner.run(units, self.stats)
-        else:
-            per_model = []
-            for runner in self._runners:
-                runner.run(units, self.stats)
-                per_model.append([u.scores for u in units])
+        per_model = []
+        for runner in self._runners:
+            runner.run(units, self.stats)
+            per_model.append([u.scores for u in units])
+        if len(per_model) > 1:
             for n, u in enumerate(units):
                 u.model_scores = [scores[n] for scores in per_model]
                 u.scores = u.model_scores[0]

@@ -410,9 +410,8 @@ class Evaluation:
         method = "instructrec" if method in TUNED_METHODS else method  # the fused method shares its model
         if method not in self._rerankers:
             if method == "instructrec":
-                models = [self.source, *self.ensemble] if self.ensemble else self.source.path
-                self._rerankers[method] = Reranker.from_pretrained(models, backend="torch",
-                                                                   dtype=self.cfg.dtype, seed=self.cfg.seed)
+                self._rerankers[method] = Reranker.from_pretrained(
+                    [self.source, *self.ensemble], backend="torch", dtype=self.cfg.dtype, seed=self.cfg.seed)
             else:
                 model, tokenizer = build_untuned(self.source, self.cfg.tokenizer, self.cfg.seed)
                 self._rerankers[method] = Reranker.from_model(model, tokenizer, dtype=self.cfg.dtype,

@@ -114,3 +114,15 @@ def test_empty_list_and_one_revision_for_several_are_refused(tiny_t5_dir):
         Reranker.from_pretrained([])
     with pytest.raises(InputError, match="one revision given for 2 models"):
         Reranker.from_pretrained([tiny_t5_dir, tiny_t5_dir], revision="main")
+
+
+def test_a_capped_title_prior_cache_keeps_every_models_priors_in_step(tiny_t5_dir, second_t5_dir,
+                                                                      hf_log_likelihoods):
+    """Two calls over a cache of two titles: the second evicts the first call's titles from every
+    model's priors at once, and both calls still score as the reference."""
+    ensemble = Reranker.from_pretrained([tiny_t5_dir, second_t5_dir], dtype="float32", title_prior_cache=2)
+    for titles in (TITLES[:3], TITLES[2:]):
+        expected = reference([tiny_t5_dir, second_t5_dir], hf_log_likelihoods, "calibrated", titles)
+        assert ensemble.score(INSTRUCTION, titles, normalize="calibrated") == pytest.approx(expected, abs=2e-4)
+    assert len(ensemble._title_priors) == 3 and ensemble.stats.title_priors == 5
+    assert [set(other) for other in ensemble._ensemble_title_priors] == [set(ensemble._title_priors)]
