@@ -25,7 +25,7 @@ _LAYERS = (
     "instructrec.training.data.cli",  # data prepare | synth | stats
     "instructrec.training.instructions_cli",  # instructions templates | build
     "instructrec.training.tune_cli",  # train
-    "instructrec.training.eval_cli",  # eval | eval-train-set
+    "instructrec.training.eval_cli",  # eval | eval-train-set | mine-negatives
     "instructrec.export.cli",  # export
     "instructrec.engine.cli",  # rerank
     "instructrec.demo",  # demo

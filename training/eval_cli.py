@@ -1,6 +1,8 @@
 """`instructrec eval`: HR@1/3/5 and NDCG@3/5 per scenario and method (training/evaluate.py), and
 `instructrec eval-train-set`: the evaluated model's training folder (held-out instruction type
-removed, product-search evaluation items never a target). Heavy imports happen in the commands."""
+removed, product-search evaluation items never a target), and `instructrec mine-negatives`: that
+folder with each row's retrieved negatives (training/mine_negatives.py). Heavy imports happen in
+the commands."""
 
 from __future__ import annotations
 
@@ -97,6 +99,22 @@ def register(subparsers) -> None:
     h.add_argument("--out", type=Path, required=True)
     h.set_defaults(func=run_train_set)
 
+    m = subparsers.add_parser(
+        "mine-negatives", help="add retrieved negatives to a training folder (train --rank-negatives-from mined)",
+        description="Fit the two-tower retriever `instructrec eval` fits on --data's training sequences and store, "
+                    "for every training row with a history, the items it ranks highest for that history (never "
+                    "one the user interacted with) as column negative_ids of OUT/train.parquet; valid/test are "
+                    "linked. Writes OUT/negatives.json with the counts and the retriever's fit.")
+    m.add_argument("--instructions", type=Path, required=True,
+                   help="training folder (instructions build or eval-train-set)")
+    m.add_argument("--data", type=Path, required=True, help="the prepared directory it was built from")
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--per-row", type=int, default=20, help="negatives stored per row; training draws --rank-negatives "
+                   "of them per step (default: 20)")
+    m.add_argument("--max-epochs", type=int, default=6, help="the retriever's epoch cap (default: 6)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=run_mine_negatives)
+
 
 def run(args) -> int:
     from .evaluate import EvalConfig, evaluate
@@ -144,4 +162,12 @@ def run_train_set(args) -> int:
     from .eval_train_set import restrict_training_set
 
     print(json.dumps(restrict_training_set(args.instructions, args.data, args.out, args.hold_out), indent=2))
+    return 0
+
+
+def run_mine_negatives(args) -> int:
+    from .mine_negatives import mine_negatives
+
+    print(json.dumps(mine_negatives(args.instructions, args.data, args.out, per_row=args.per_row, seed=args.seed,
+                                    max_epochs=args.max_epochs), indent=2))
     return 0

@@ -54,7 +54,8 @@ from .compact_vocab import catalogue_titles, compact_tokenizer, vocab_rows, with
 from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
-                        collate, collate_negatives, epoch_batches, head_rows_multiple, process_slots, read_split,
+                        MINED_COLUMN, MinedNegativePool, collate, collate_negatives, epoch_batches,
+                        head_rows_multiple, process_slots, read_split,
                         seeded_subset, per_template_subset, VALIDATION_SEED, seqrec_instances, tokenize_rows,
                         with_title_prior_rows, SPELLED_TEMPLATE, TITLE_PRIOR_TEMPLATE, spelled_picks, spelled_rows)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
@@ -250,6 +251,7 @@ class _Run:
     def prepare_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         lengths = (cfg.max_source_length, cfg.max_target_length)
+        mined = self.read_mined() if cfg.rank_negatives and cfg.rank_negatives_from == "mined" else None
         if cfg.prior_rows:
             before = self.train_table.num_rows
             self.train_table = with_title_prior_rows(self.train_table, cfg.prior_rows, cfg.seed)
@@ -307,6 +309,8 @@ class _Run:
             log.info("ranking term: each row's target against %d others of its template (%d to %d distinct per "
                      "template), weight %g, score %s", cfg.rank_negatives, min(sizes.values()), max(sizes.values()),
                      cfg.rank_weight, cfg.rank_score)
+            if cfg.rank_negatives_from == "mined":
+                self.negatives = self.mined_pool(mined, self.negatives)
         self.global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
         steps_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
         self.planned_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -315,6 +319,30 @@ class _Run:
         if self.state is not None and cfg.stop_after is not None and cfg.stop_after <= self.state["step"]:
             raise InputError("stop_after", f"the checkpoint is already at step {self.state['step']}",
                              f"pass a --stop-after above {self.state['step']}, or drop it to finish the run")
+
+    def read_mined(self) -> tuple[list, list, list]:
+        """--rank-negatives-from mined: train.parquet's templates, target item ids and retrieved
+        negatives (MINED_COLUMN), read before --prior-rows or --spell-rows append rows (which have
+        none and draw from the template pool)."""
+        table = self.train_table
+        missing = [c for c in (MINED_COLUMN, "target_item_id") if c not in table.column_names]
+        if missing:
+            raise InputError("rank_negatives_from", f"{self.cfg.instructions / 'train.parquet'} has no column(s) "
+                             f"{', '.join(missing)}: no mined negatives",
+                             "run `instructrec mine-negatives --instructions DIR --data PREPARED --out NEW` and "
+                             "train on NEW, or use --rank-negatives-from template")
+        return tuple(table.column(c).to_pylist() for c in ("template", "target_item_id", MINED_COLUMN))
+
+    def mined_pool(self, mined: tuple[list, list, list], fallback: NegativePool) -> MinedNegativePool:
+        cfg = self.cfg
+        pool = MinedNegativePool(*mined, fallback)
+        full, some = pool.coverage(cfg.rank_negatives)
+        log.info("ranking term: mined negatives for %d of %d rows (%d with at least %d); the others, and the rest "
+                 "of a short row, drawn as above", some, self.train_table.num_rows, full, cfg.rank_negatives)
+        if not some:
+            raise InputError("rank_negatives_from", "no row's mined negatives is the target of a row of its template",
+                             "mine negatives from the prepared data these instructions were built from")
+        return pool
 
     def use_compact_vocabulary(self) -> None:
         """--compact-vocab: the tokenizer of the pieces this run's text uses (training/compact_vocab.py)

@@ -22,6 +22,8 @@ SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Where a random model's token embeddings start (training/embedding_init.py).
 INIT_EMBEDDINGS = ("random", "minilm", "minilm-input")
+# Where the ranking term draws its negatives (train --rank-negatives-from).
+NEGATIVE_SOURCES = ("template", "mined")
 # Trackers accelerate logs to (`--report-to`); each needs its own package installed.
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 # Defaults per optimiser. Adafactor 1e-3 constant is the T5 fine-tuning recipe (T5 paper, sec.
@@ -168,6 +170,13 @@ class TrainConfig:
                                 "NLL (one process only)", OPT, metavar="K")
     rank_weight: float = _flag(1.0, "weight of the ranking term per row, beside the NLL per target token",
                                OPT)
+    # Uniform negatives are mostly easy (another genre, another console); a reranker served by a
+    # retriever sees the retriever's look-alikes. Mined ones (`instructrec mine-negatives`) train that.
+    rank_negatives_from: str = _flag("template", "where the ranking term's negatives come from: template "
+                                     "(other targets of the row's template, uniformly) or mined (the items "
+                                     "`instructrec mine-negatives` retrieved for the row's history, as titles of "
+                                     "its template; rows with too few are filled uniformly)", OPT,
+                                     choices=NEGATIVE_SOURCES)
     # The LM head over 32128 tokens is most of a candidate's cost, and the history moves mostly a
     # title's first tokens: ranking by a prefix scores K negatives for a fraction of the price.
     rank_prefix_tokens: int = _flag(0, "rank the candidates by the log-likelihood of their first N tokens "
@@ -231,6 +240,8 @@ class TrainConfig:
                           rank_prefix_tokens=self.rank_prefix_tokens)
             if self.rank_score != "sum":  # only when set, as above
                 values["rank_score"] = self.rank_score
+            if self.rank_negatives_from != "template":  # only when set, as above
+                values["rank_negatives_from"] = self.rank_negatives_from
         return values
 
     def to_json(self) -> dict:
@@ -285,6 +296,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise InputError("rank_weight", f"must be a positive number, got {cfg.rank_weight!r}",
                          "or drop --rank-negatives for the plain NLL")
     parse_score_form(cfg.rank_score, field="rank_score")
+    if cfg.rank_negatives_from != "template" and not cfg.rank_negatives:
+        raise InputError("rank_negatives_from", f"{cfg.rank_negatives_from!r} feeds the ranking term, which is off",
+                         "add --rank-negatives K, or drop --rank-negatives-from")
     if cfg.rank_score != "sum" and not cfg.rank_negatives:
         raise InputError("rank_score", f"{cfg.rank_score!r} scores the ranking term, which is off",
                          "add --rank-negatives K, or drop --rank-score")
@@ -323,6 +337,9 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise InputError("precision", "fp16 is not supported: T5 activations overflow float16", "use bf16 or fp32")
     if cfg.precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision {cfg.precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    if cfg.rank_negatives_from not in NEGATIVE_SOURCES:
+        raise InputError("rank_negatives_from", f"unknown source {cfg.rank_negatives_from!r}",
+                         f"use one of: {', '.join(NEGATIVE_SOURCES)}")
     if cfg.init_embeddings not in INIT_EMBEDDINGS:
         raise InputError("init_embeddings", f"unknown initialisation {cfg.init_embeddings!r}",
                          f"use one of: {', '.join(INIT_EMBEDDINGS)}")

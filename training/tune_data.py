@@ -379,3 +379,47 @@ class NegativePool:
             picks = picks + (picks >= own)  # skip the row's own target
             out[i] = members[picks]
         return out
+
+
+# The column `instructrec mine-negatives` adds to train.parquet: each row's retrieved item ids.
+MINED_COLUMN = "negative_ids"
+
+
+class MinedNegativePool:
+    """Retrieved negatives for each row (`train --rank-negatives-from mined`): the items a retriever
+    ranked highest for the row's history (`instructrec mine-negatives`, column MINED_COLUMN), as
+    titles of the same template's rows, so the ranking term trains what a reranker behind that
+    retriever faces: telling the next item from the look-alikes it is served with. Each step draws
+    `count` of a row's mined negatives uniformly; a row with fewer (product search rows, which
+    have no history, or items never a target of the row's template) is filled from `fallback`'s
+    uniform draw. Draws are a pure function of (seed, step), as NegativePool's."""
+
+    def __init__(self, templates: list[str], target_item_ids: list[str | None], mined: list[list[str] | None],
+                 fallback: NegativePool):
+        self.fallback = fallback
+        first_row: dict[tuple[str, str], int] = {}  # (template, item id) -> the first row with that target
+        for row, (template, item) in enumerate(zip(templates, target_item_ids)):
+            if item is not None:
+                first_row.setdefault((template, item), row)
+        self.row_negatives: list[np.ndarray] = []
+        for row, items in enumerate(mined):
+            own = target_item_ids[row] if row < len(target_item_ids) else None
+            found = [first_row[(templates[row], item)] for item in (items or ())
+                     if item != own and (templates[row], item) in first_row]
+            self.row_negatives.append(np.asarray(list(dict.fromkeys(found)), dtype=np.int64))
+
+    def coverage(self, count: int) -> tuple[int, int]:
+        """(rows with at least `count` mined negatives usable as titles, rows with some)."""
+        sizes = np.array([len(n) for n in self.row_negatives])
+        return int((sizes >= count).sum()), int((sizes > 0).sum())
+
+    def draw(self, rows: np.ndarray, count: int, seed: int, step: int) -> np.ndarray:
+        """[len(rows), count] row indices whose targets serve as each row's negatives."""
+        rng = np.random.default_rng([int(seed), int(step), 0x4D4E])  # its own stream: "MN"
+        out = self.fallback.draw(rows, count, seed, step)
+        for i, row in enumerate(rows):
+            mined = self.row_negatives[row] if row < len(self.row_negatives) else ()
+            take = min(count, len(mined))
+            if take:
+                out[i, :take] = mined[rng.choice(len(mined), size=take, replace=False)]
+        return out

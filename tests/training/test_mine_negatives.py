@@ -1,0 +1,181 @@
+"""`instructrec mine-negatives` and `train --rank-negatives-from mined`: each row's negatives are
+the retriever's top items for its history (checked against the retriever's own candidate scores
+over the whole catalogue, the history rebuilt from interactions.parquet), never an item the user
+touched; the trainer's pool draws them as titles of the row's template and fills short rows
+uniformly; refusals name the field."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from instructrec.engine.errors import InputError
+from instructrec.training.mine_negatives import mine_negatives
+from instructrec.training.tune_data import MINED_COLUMN, MinedNegativePool, NegativePool
+
+PER_ROW = 5
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_torch_thread):
+    from instructrec.training.annotation import make_annotator
+    from instructrec.training.build import build_instructions
+    from instructrec.training.data import synth
+    from instructrec.training.data.pipeline import prepare
+
+    root = tmp_path_factory.mktemp("mine-world")
+    reviews, meta = synth(root / "raw", users=60, items=120, seed=5)
+    prepare(reviews, meta, root / "prepared", seed=0, k_core=2)
+    build_instructions(root / "prepared", root / "instructions", annotator=make_annotator("offline"),
+                       templates="seq-rec-01,pers-search-01,prod-search-01", per_user=3, seed=0)
+    report = mine_negatives(root / "instructions", root / "prepared", root / "mined", per_row=PER_ROW, max_epochs=2)
+    return root, report
+
+
+def user_sequences(prepared):
+    """user -> (training items in order, every item of any split), from interactions.parquet."""
+    rows = pq.read_table(prepared / "interactions.parquet").to_pylist()
+    train, every = {}, {}
+    for r in sorted(rows, key=lambda r: (r["user_id"], r["position"])):
+        every.setdefault(r["user_id"], set()).add(r["item_id"])
+        if r["split"] == "train":
+            train.setdefault(r["user_id"], []).append(r["item_id"])
+    return train, every
+
+
+def test_each_row_holds_the_retrievers_top_items_for_its_history_never_one_the_user_touched(world):
+    from instructrec.training.baselines import RankingRequest, TwoTowerRetriever, load_prepared
+    from instructrec.training.eval_domain import sample_labeled
+
+    root, report = world
+    rows = pq.read_table(root / "mined" / "train.parquet").to_pylist()
+    original = pq.read_table(root / "instructions" / "train.parquet")
+    assert len(rows) == original.num_rows and [r["instruction"] for r in rows] == original["instruction"].to_pylist()
+    train_seq, every = user_sequences(root / "prepared")
+    # The same retriever, fitted again with the same seed and data (deterministic on one thread).
+    prepared = load_prepared(root / "prepared")
+    retriever = TwoTowerRetriever(kind="user", seed=0, max_epochs=2)
+    retriever.fit(prepared.train, sample_labeled(prepared.valid, 3000, 0))
+    catalogue = list(prepared.train.items.item_ids)
+    checked = 0
+    for row in rows:
+        sequence = train_seq.get(row["user_id"], [])
+        if row["target_item_id"] not in sequence or sequence.index(row["target_item_id"]) == 0:
+            assert row[MINED_COLUMN] == []
+            continue
+        history = sequence[:sequence.index(row["target_item_id"])]
+        mined = row[MINED_COLUMN]
+        assert len(mined) == PER_ROW == len(set(mined))
+        assert not set(mined) & (every[row["user_id"]] | {row["target_item_id"]})
+        allowed = [i for i in catalogue if i not in every[row["user_id"]] and i not in history]
+        scores = retriever.score([RankingRequest(row["user_id"], tuple(history), tuple(allowed))])[0]
+        best = [allowed[j] for j in np.argsort(-scores, kind="stable")[:PER_ROW]]
+        assert mined == best
+        checked += 1
+    assert checked > 20
+    assert report["rows_with_negatives"] == checked and report["rows"] == len(rows)
+    written = json.loads((root / "mined" / "negatives.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    # product search rows have no user: no history, no negatives
+    assert all(r[MINED_COLUMN] == [] for r in rows if r["template"] == "prod-search-01")
+    assert (root / "mined" / "valid.parquet").resolve() == (root / "instructions" / "valid.parquet").resolve()
+
+
+@pytest.mark.parametrize("case, field", [("same-folder", "out"), ("per-row", "per_row"), ("missing", "instructions"),
+                                         ("other-data", "data"), ("mined-twice", "instructions")])
+def test_refusals_name_the_field_and_write_nothing(world, tmp_path, case, field):
+    from instructrec.training.data import synth
+    from instructrec.training.data.pipeline import prepare
+
+    root, _ = world
+    instructions, data, out, kwargs = root / "instructions", root / "prepared", tmp_path / "out", {}
+    if case == "same-folder":
+        out = instructions
+    elif case == "per-row":
+        kwargs["per_row"] = 0
+    elif case == "missing":
+        instructions = tmp_path / "nowhere"
+    elif case == "other-data":
+        reviews, meta = synth(tmp_path / "raw", users=30, items=60, seed=11)
+        data = tmp_path / "other"
+        prepare(reviews, meta, data, seed=0, k_core=2)
+    elif case == "mined-twice":
+        instructions = root / "mined"
+    with pytest.raises(InputError) as excinfo:
+        mine_negatives(instructions, data, out, max_epochs=1, **kwargs)
+    assert excinfo.value.field == field
+    assert not out.exists() or case == "same-folder"
+
+
+# --------------------------------------------------------------------------- the trainer's pool
+
+TEMPLATES = ["seq"] * 6 + ["search"] * 3
+TARGET_IDS = ["a", "b", "c", "d", "a", "e", "a", "b", "f"]
+TARGETS = ["A", "B", "C", "D", "A", "E", "A", "B", "F"]
+
+
+def test_mined_pool_draws_the_rows_own_negatives_as_rows_of_its_template():
+    mined = [["b", "c", "x"],  # x is no target anywhere: skipped
+             ["a", "f"],  # f is a target of "search" only: skipped, one usable
+             [], ["a", "b", "c", "e"], ["a", "b"],  # row 4's own target "a" is skipped
+             None, ["b", "f"], [], []]
+    pool = MinedNegativePool(TEMPLATES, TARGET_IDS, mined, NegativePool(TEMPLATES, TARGETS))
+    assert pool.coverage(2) == (3, 5)  # rows 0, 3 and 6 have two or more usable; rows 1 and 4 one
+    seen: dict[int, Counter] = {row: Counter() for row in range(9)}
+    for step in range(1, 201):
+        drawn = pool.draw(np.arange(9), 2, seed=0, step=step)
+        for row, picks in enumerate(drawn):
+            assert all(TEMPLATES[j] == TEMPLATES[row] for j in picks)
+            assert all(TARGETS[j] != TARGETS[row] for j in picks)
+            seen[row].update(TARGET_IDS[j] for j in picks)
+    assert set(seen[0]) == {"b", "c"}  # both each step: x skipped
+    assert set(seen[3]) == {"a", "b", "c", "e"}
+    assert seen[3]["a"] > 50 and seen[3]["e"] > 50  # a uniform pick of 2 of 4
+    # row 1: "a" every step, the second negative from the template pool (c, d or e, never b itself)
+    assert seen[1]["a"] >= 200 and set(seen[1]) - {"a"} <= {"c", "d", "e"} and len(set(seen[1])) > 2
+    assert seen[4]["b"] >= 200 and "a" not in seen[4]
+    assert set(seen[6]) == {"b", "f"}  # a "search" row: its mined items as "search" targets
+    # rows without mined negatives draw as the template pool does
+    np.testing.assert_array_equal(pool.draw(np.array([2, 7]), 2, seed=3, step=9),
+                                  NegativePool(TEMPLATES, TARGETS).draw(np.array([2, 7]), 2, seed=3, step=9))
+    rows = np.arange(9)
+    np.testing.assert_array_equal(pool.draw(rows, 2, seed=1, step=4), pool.draw(rows, 2, seed=1, step=4))
+
+
+def test_the_trainer_ranks_against_mined_negatives_and_refuses_a_folder_without_them(world, tmp_path, tokenizer_dir,
+                                                                                     caplog):
+    import logging
+
+    from instructrec.training.tune import TrainConfig, train
+
+    root, report = world
+    base = dict(model="random:t5-tiny", tokenizer=tokenizer_dir, precision="fp32", device="cpu", progress=False,
+                batch_size=8, max_steps=2, rank_eval=False, dropout=0.0, threads=1, rank_negatives=2)
+    with caplog.at_level(logging.INFO, logger="instructrec"):
+        result = train(TrainConfig(instructions=root / "mined", out=tmp_path / "run", rank_negatives_from="mined",
+                                   **base))
+    assert result.steps_done == 2
+    # The rows with a usable negative, counted here: a mined item that is another row's target
+    # under the same template, not the row's own.
+    table = pq.read_table(root / "mined" / "train.parquet").to_pylist()
+    targets = {(r["template"], r["target_item_id"]) for r in table}
+    usable = sum(1 for r in table if any((r["template"], i) in targets and i != r["target_item_id"]
+                                         for i in r[MINED_COLUMN]))
+    assert 0 < usable <= report["rows_with_negatives"]
+    assert any(f"mined negatives for {usable} of {len(table)} rows" in m for m in caplog.messages), caplog.messages
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["rank_loss"] < 1e3 for r in records if r["kind"] == "train")
+    saved = json.loads((tmp_path / "run" / "training_config.json").read_text())
+    assert saved["rank_negatives_from"] == "mined"
+    with pytest.raises(InputError) as excinfo:
+        train(TrainConfig(instructions=root / "instructions", out=tmp_path / "plain", rank_negatives_from="mined",
+                          **base))
+    assert excinfo.value.field == "rank_negatives_from" and not (tmp_path / "plain").exists()
+    with pytest.raises(InputError) as excinfo:
+        train(TrainConfig(instructions=root / "mined", out=tmp_path / "off", rank_negatives_from="mined",
+                          **dict(base, rank_negatives=0)))
+    assert excinfo.value.field == "rank_negatives_from"
