@@ -97,7 +97,8 @@ def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20,
         interacted.setdefault(labeled.request.user_id, set()).update((*labeled.request.history, labeled.target_item_id))
 
     retriever = TwoTowerRetriever(kind="user", seed=seed, max_epochs=max_epochs)
-    report = retriever.fit(prepared.train, sample_labeled(prepared.valid, valid_lists, seed))
+    valid = sample_labeled(prepared.valid, valid_lists, seed)
+    report = retriever.fit(prepared.train, valid)
     log.info("mine-negatives: two-tower fitted in %.1fs (best epoch %d, validation %s %.4f)",
              report.train_seconds, report.best_epoch, report.metric, report.best_valid)
 
@@ -127,7 +128,7 @@ def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20,
                "rows_without_history": table.num_rows - len(rows), "seed": seed,
                "instructions": str(instructions), "data": str(data),
                "retriever": {"kind": "two-tower (user)", "best_epoch": report.best_epoch, "metric": report.metric,
-                             "best_valid": report.best_valid, "max_epochs": max_epochs, "valid_lists": valid_lists,
+                             "best_valid": report.best_valid, "max_epochs": max_epochs, "valid_lists": len(valid),
                              "train_seconds": round(report.train_seconds, 1)},
                "seconds": round(time.perf_counter() - started, 1)}
     (out / "negatives.json").write_text(json.dumps(summary, indent=2) + "\n")

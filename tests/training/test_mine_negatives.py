@@ -78,6 +78,7 @@ def test_each_row_holds_the_retrievers_top_items_for_its_history_never_one_the_u
         checked += 1
     assert checked > 20
     assert report["rows_with_negatives"] == checked and report["rows"] == len(rows)
+    assert report["retriever"]["valid_lists"] == len(prepared.valid) < 3000  # what it early-stopped on
     written = json.loads((root / "mined" / "negatives.json").read_text())
     assert written == json.loads(json.dumps(report))
     # product search rows have no user: no history, no negatives
