@@ -81,8 +81,8 @@ def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20,
     started = time.perf_counter()
     prepared = load_prepared(data)
     catalog = prepared.train.items
-    histories = row_histories(table.column("user_id").to_pylist(), table.column("target_item_id").to_pylist(),
-                              prepared.train.sequences)
+    users, targets = table.column("user_id").to_pylist(), table.column("target_item_id").to_pylist()
+    histories = row_histories(users, targets, prepared.train.sequences)
     unknown = sum(1 for h in histories if h is not None for i in h if i not in catalog.index)
     if unknown or not any(h is not None for h in histories):
         why = f"{unknown} history items missing from its catalogue" if unknown else "no row's user and target are in it"
@@ -103,8 +103,6 @@ def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20,
              report.train_seconds, report.best_epoch, report.metric, report.best_valid)
 
     rows = [i for i, h in enumerate(histories) if h is not None]
-    users = table.column("user_id").to_pylist()
-    targets = table.column("target_item_id").to_pylist()
     exclude = [interacted.get(users[i], set()) | set(histories[i]) | {targets[i]} for i in rows]
     # Users whose interactions leave fewer than per_row items get no negatives rather than an error.
     roomy = [j for j, skip in enumerate(exclude) if len(catalog) - len(skip) >= per_row]
