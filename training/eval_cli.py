@@ -103,14 +103,18 @@ def register(subparsers) -> None:
         "mine-negatives", help="add retrieved negatives to a training folder (train --rank-negatives-from mined)",
         description="Fit the two-tower retriever `instructrec eval` fits on --data's training sequences and store, "
                     "for every training row with a history, the items it ranks highest for that history (never "
-                    "one the user interacted with) as column negative_ids of OUT/train.parquet; valid/test are "
-                    "linked. Writes OUT/negatives.json with the counts and the retriever's fit.")
+                    "one the user interacted with) as column negative_ids of OUT/train.parquet, with the retriever's "
+                    "scores (negative_scores, target_score: the soft targets of train --rank-distill); valid/test "
+                    "are linked. Writes OUT/negatives.json with the counts and the retriever's fit.")
     m.add_argument("--instructions", type=Path, required=True,
                    help="training folder (instructions build or eval-train-set)")
     m.add_argument("--data", type=Path, required=True, help="the prepared directory it was built from")
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--per-row", type=int, default=20, help="negatives stored per row; training draws --rank-negatives "
                    "of them per step (default: 20)")
+    m.add_argument("--random-per-row", type=int, default=0, help="uniformly drawn items stored after the retrieved "
+                   "ones, never one the user touched, so that training's draws mix easy and hard negatives "
+                   "(default: 0)")
     m.add_argument("--max-epochs", type=int, default=6, help="the retriever's epoch cap (default: 6)")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=run_mine_negatives)
@@ -169,5 +173,5 @@ def run_mine_negatives(args) -> int:
     from .mine_negatives import mine_negatives
 
     print(json.dumps(mine_negatives(args.instructions, args.data, args.out, per_row=args.per_row, seed=args.seed,
-                                    max_epochs=args.max_epochs), indent=2))
+                                    max_epochs=args.max_epochs, random_per_row=args.random_per_row), indent=2))
     return 0

@@ -7,7 +7,12 @@ default, which are mostly easy. This step fits the same two-tower retriever `ins
 fits (the user kind, on the prepared data's training sequences, early-stopped on its validation
 lists) and stores, for every training row with a history, the `per_row` items it ranks highest
 for that history, never an item the user interacted with (the row's target included): column
-`negative_ids` of OUT/train.parquet, read by `train --rank-negatives-from mined`.
+`negative_ids` of OUT/train.parquet, read by `train --rank-negatives-from mined`. With
+`random_per_row` M, M items drawn uniformly from the rest of the catalogue (same exclusions) follow
+the retrieved ones, so that the ranking term's draws mix look-alikes with the easy negatives of
+sequential recommendation lists. Every stored item carries the retriever's score for the history
+(`negative_scores`, cosine / temperature, the logits it was trained with), and the row's target its
+own (`target_score`): the soft targets of `train --rank-distill`.
 
 A row's history is the user's training sequence before the row's target (its first occurrence);
 rows without one (product search has no user, or the target opens the sequence) get an empty list.
@@ -22,7 +27,7 @@ from pathlib import Path
 
 from instructrec.engine.errors import InputError
 
-from .tune_data import MINED_COLUMN
+from .tune_data import MINED_COLUMN, MINED_SCORES_COLUMN, TARGET_SCORE_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +52,33 @@ def row_histories(user_ids: list, target_ids: list, sequences) -> list[list[str]
     return out
 
 
+def uniform_items(catalog_ids: list[str], exclude: set[str], count: int, rng) -> list[str]:
+    """`count` distinct items drawn uniformly from `catalog_ids` outside `exclude` (fewer only
+    where fewer remain)."""
+    chosen: dict[str, None] = {}
+    room = len(catalog_ids) - len(exclude)
+    count = min(count, max(room, 0))
+    while len(chosen) < count:
+        for index in rng.integers(0, len(catalog_ids), size=2 * (count - len(chosen))):
+            item = catalog_ids[index]
+            if item not in exclude and item not in chosen:
+                chosen[item] = None
+                if len(chosen) == count:
+                    break
+    return list(chosen)
+
+
 def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20, seed: int = 0,
-                   max_epochs: int = RETRIEVER_MAX_EPOCHS, valid_lists: int = RETRIEVER_VALID) -> dict:
-    """Write OUT/train.parquet (INSTRUCTIONS' train.parquet plus `negative_ids`), link its valid and
-    test splits, and write OUT/negatives.json (counts, the retriever's fit). Returns that report."""
+                   max_epochs: int = RETRIEVER_MAX_EPOCHS, valid_lists: int = RETRIEVER_VALID,
+                   random_per_row: int = 0) -> dict:
+    """Write OUT/train.parquet (INSTRUCTIONS' train.parquet plus `negative_ids`, `negative_scores`
+    and `target_score`), link its valid and test splits, and write OUT/negatives.json (counts, the
+    retriever's fit). Returns that report."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .baselines import TwoTowerRetriever, load_prepared
+    from .baselines import RankingRequest, TwoTowerRetriever, load_prepared
     from .baselines.two_tower import retrieve_hard_negatives
     from .eval_domain import sample_labeled
 
@@ -63,6 +87,9 @@ def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20,
         raise InputError("per_row", f"must be a positive number of negatives, got {per_row!r}", "e.g. 20")
     if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
         raise InputError("max_epochs", f"must be a positive number of epochs, got {max_epochs!r}", "e.g. 6")
+    if not isinstance(random_per_row, int) or isinstance(random_per_row, bool) or random_per_row < 0:
+        raise InputError("random_per_row", f"must be a number of uniform negatives >= 0, got {random_per_row!r}",
+                         "e.g. 20, or 0 for retrieved negatives only")
     source = instructions / "train.parquet"
     if not source.is_file():
         raise InputError("instructions", f"{source} does not exist",
@@ -107,22 +134,38 @@ def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20,
     # Users whose interactions leave fewer than per_row items get no negatives rather than an error.
     roomy = [j for j, skip in enumerate(exclude) if len(catalog) - len(skip) >= per_row]
     mined: list[list[str]] = [[] for _ in range(table.num_rows)]
+    mined_scores: list[list[float]] = [[] for _ in range(table.num_rows)]
+    target_scores: list[float | None] = [None] * table.num_rows
+    catalog_ids = sorted(catalog.index)
+    rng = np.random.default_rng([seed, 0x554E])  # the uniform draws' own stream: "UN"
     chunk = 8192
     for start in range(0, len(roomy), chunk):
         part = roomy[start:start + chunk]
         found = retrieve_hard_negatives(retriever, [histories[rows[j]] for j in part], [exclude[j] for j in part],
                                         k=per_row)
-        for j, negatives in zip(part, found):
+        if random_per_row:
+            found = [negatives + uniform_items(catalog_ids, exclude[j] | set(negatives), random_per_row, rng)
+                     for j, negatives in zip(part, found)]
+        # The retriever's logits for the stored items and the target, its target first in each list.
+        scored = retriever.score([RankingRequest("", tuple(histories[rows[j]]), (targets[rows[j]], *negatives))
+                                  for j, negatives in zip(part, found)])
+        for j, negatives, logits in zip(part, found, scored):
             mined[rows[j]] = negatives
+            target_scores[rows[j]] = float(logits[0])
+            mined_scores[rows[j]] = [float(x) for x in logits[1:len(negatives) + 1]]
         log.info("mine-negatives: %d of %d rows with a history", min(start + chunk, len(roomy)), len(rows))
 
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.append_column(MINED_COLUMN, pa.array(mined, pa.list_(pa.string()))), out / "train.parquet")
+    table = (table.append_column(MINED_COLUMN, pa.array(mined, pa.list_(pa.string())))
+             .append_column(MINED_SCORES_COLUMN, pa.array(mined_scores, pa.list_(pa.float64())))
+             .append_column(TARGET_SCORE_COLUMN, pa.array(target_scores, pa.float64())))
+    pq.write_table(table, out / "train.parquet")
     for name in ("valid.parquet", "test.parquet"):
         link, target = out / name, instructions / name
         if target.exists() and not link.exists():
             link.symlink_to(target.resolve())
     summary = {"rows": table.num_rows, "rows_with_negatives": sum(1 for m in mined if m), "per_row": per_row,
+               "random_per_row": random_per_row,
                "rows_without_history": table.num_rows - len(rows), "seed": seed,
                "instructions": str(instructions), "data": str(data),
                "retriever": {"kind": "two-tower (user)", "best_epoch": report.best_epoch, "metric": report.metric,

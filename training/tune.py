@@ -54,10 +54,11 @@ from .compact_vocab import catalogue_titles, compact_tokenizer, vocab_rows, with
 from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
-                        MINED_COLUMN, MinedNegativePool, collate, collate_negatives, epoch_batches,
+                        MINED_COLUMN, MINED_SCORES_COLUMN, TARGET_SCORE_COLUMN, MinedNegativePool, collate, collate_negatives, epoch_batches,
                         head_rows_multiple, process_slots, read_split,
                         seeded_subset, per_template_subset, VALIDATION_SEED, seqrec_instances, tokenize_rows,
-                        with_title_prior_rows, SPELLED_TEMPLATE, TITLE_PRIOR_TEMPLATE, spelled_picks, spelled_rows)
+                        with_title_prior_rows, SPELLED_TEMPLATE, TITLE_PRIOR_TEMPLATE, spelled_picks, spelled_rows,
+                        teacher_targets)
 from .tune_eval import engine_device, seqrec_validation, validation_loss, weights_for_engine
 from .tune_model import (build_model, build_optimizer, check_vocabulary, load_tokenizer, require_peft,
                          install_fused_activations, install_fused_norms, install_hidden_states_head,
@@ -320,10 +321,10 @@ class _Run:
             raise InputError("stop_after", f"the checkpoint is already at step {self.state['step']}",
                              f"pass a --stop-after above {self.state['step']}, or drop it to finish the run")
 
-    def read_mined(self) -> tuple[list, list, list]:
+    def read_mined(self) -> tuple[list, ...]:
         """--rank-negatives-from mined: train.parquet's templates, target item ids and retrieved
-        negatives (MINED_COLUMN), read before --prior-rows or --spell-rows append rows (which have
-        none and draw from the template pool)."""
+        negatives (MINED_COLUMN), with --rank-distill also the retriever's scores, read before
+        --prior-rows or --spell-rows append rows (which have none and draw from the template pool)."""
         table = self.train_table
         missing = [c for c in (MINED_COLUMN, "target_item_id") if c not in table.column_names]
         if missing:
@@ -331,17 +332,29 @@ class _Run:
                              f"{', '.join(missing)}: no mined negatives",
                              "run `instructrec mine-negatives --instructions DIR --data PREPARED --out NEW` and "
                              "train on NEW, or use --rank-negatives-from template")
-        return tuple(table.column(c).to_pylist() for c in ("template", "target_item_id", MINED_COLUMN))
+        columns = ["template", "target_item_id", MINED_COLUMN]
+        if self.cfg.rank_distill:
+            unscored = [c for c in (MINED_SCORES_COLUMN, TARGET_SCORE_COLUMN) if c not in table.column_names]
+            if unscored:
+                raise InputError("rank_distill", f"{self.cfg.instructions / 'train.parquet'} has no column(s) "
+                                 f"{', '.join(unscored)}: its negatives were mined without the retriever's scores",
+                                 "mine the folder again with this version's `instructrec mine-negatives`")
+            columns += [MINED_SCORES_COLUMN, TARGET_SCORE_COLUMN]
+        return tuple(table.column(c).to_pylist() for c in columns)
 
-    def mined_pool(self, mined: tuple[list, list, list], fallback: NegativePool) -> MinedNegativePool:
+    def mined_pool(self, mined: tuple[list, ...], fallback: NegativePool) -> MinedNegativePool:
         cfg = self.cfg
-        pool = MinedNegativePool(*mined, fallback)
+        pool = MinedNegativePool(*mined[:3], fallback, *mined[3:])
         full, some = pool.coverage(cfg.rank_negatives)
         log.info("ranking term: mined negatives for %d of %d rows (%d with at least %d); the others, and the rest "
                  "of a short row, drawn as above", some, self.train_table.num_rows, full, cfg.rank_negatives)
         if not some:
             raise InputError("rank_negatives_from", "no row's mined negatives is the target of a row of its template",
                              "mine negatives from the prepared data these instructions were built from")
+        if cfg.rank_distill:
+            log.info("ranking term: soft targets, the retriever's softmax at temperature %g, for rows whose %d "
+                     "negatives are all mined (%d rows); the others keep the one-hot target", cfg.rank_distill,
+                     cfg.rank_negatives, full)
         return pool
 
     def use_compact_vocabulary(self) -> None:
@@ -524,7 +537,14 @@ class _Run:
         for micro in process_slots(rows, cfg.grad_accum, acc.num_processes, acc.process_index):
             weight = 1.0 if len(micro) else 0.0  # an empty slot: a zero-weight row keeps collectives in step
             micro = micro if len(micro) else rows[:1]
-            negatives = self.negatives.draw(micro, cfg.rank_negatives, cfg.seed, step) if self.negatives else None
+            soft = None
+            if self.negatives is None:
+                negatives = None
+            elif cfg.rank_distill:
+                negatives, teacher = self.negatives.draw_scored(micro, cfg.rank_negatives, cfg.seed, step)
+                soft = torch.as_tensor(teacher_targets(teacher, cfg.rank_distill), device=acc.device)
+            else:
+                negatives = self.negatives.draw(micro, cfg.rank_negatives, cfg.seed, step)
             if negatives is not None and weight:
                 lengths = self.train_rows.target_lengths[negatives]
                 if cfg.rank_prefix_tokens:
@@ -542,7 +562,8 @@ class _Run:
                                                            cfg.rank_prefix_tokens)
                         nll, rank = ranked_sequence_losses(self.model, *batch, *negative_batch, head=self.head,
                                                            prefix_tokens=cfg.rank_prefix_tokens,
-                                                           score_form=self.rank_score_form, empty_ids=self.empty_ids)
+                                                           score_form=self.rank_score_form, empty_ids=self.empty_ids,
+                                                           soft_targets=soft)
                         objective = nll * (weight * scale) + rank * (weight * row_scale * cfg.rank_weight)
                         rank_sum += weight * rank.detach()
                 acc.backward(objective)

@@ -177,6 +177,14 @@ class TrainConfig:
                                      "`instructrec mine-negatives` retrieved for the row's history, as titles of "
                                      "its template; rows with too few are filled uniformly)", OPT,
                                      choices=NEGATIVE_SOURCES)
+    # A one-hot target says nothing about how the negatives compare with each other; the retriever
+    # that mined them scored them all for the history. Its softmax over [target, negatives] at a
+    # temperature is a soft target carrying that collaborative signal (knowledge distillation).
+    rank_distill: float = _flag(0.0, "with --rank-negatives-from mined: the ranking term's target is the "
+                                "retriever's softmax over the row's target and drawn negatives at this "
+                                "temperature (1: its own training logits) instead of the target alone; rows "
+                                "with a uniformly filled negative keep the one-hot target; 0: off", OPT,
+                                metavar="T")
     # The LM head over 32128 tokens is most of a candidate's cost, and the history moves mostly a
     # title's first tokens: ranking by a prefix scores K negatives for a fraction of the price.
     rank_prefix_tokens: int = _flag(0, "rank the candidates by the log-likelihood of their first N tokens "
@@ -242,6 +250,8 @@ class TrainConfig:
                 values["rank_score"] = self.rank_score
             if self.rank_negatives_from != "template":  # only when set, as above
                 values["rank_negatives_from"] = self.rank_negatives_from
+            if self.rank_distill:  # only when set, as above
+                values["rank_distill"] = self.rank_distill
         return values
 
     def to_json(self) -> dict:
@@ -299,6 +309,13 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.rank_negatives_from != "template" and not cfg.rank_negatives:
         raise InputError("rank_negatives_from", f"{cfg.rank_negatives_from!r} feeds the ranking term, which is off",
                          "add --rank-negatives K, or drop --rank-negatives-from")
+    if cfg.rank_distill:
+        if not (isinstance(cfg.rank_distill, (int, float)) and math.isfinite(cfg.rank_distill) and cfg.rank_distill > 0):
+            raise InputError("rank_distill", f"must be a positive temperature, got {cfg.rank_distill!r}",
+                             "e.g. 1 (the retriever's own logits), or 0 for the one-hot target")
+        if cfg.rank_negatives_from != "mined":
+            raise InputError("rank_distill", "distils the scores of mined negatives, and this run's come from "
+                             f"{cfg.rank_negatives_from!r}", "add --rank-negatives K --rank-negatives-from mined")
     if cfg.rank_score != "sum" and not cfg.rank_negatives:
         raise InputError("rank_score", f"{cfg.rank_score!r} scores the ranking term, which is off",
                          "add --rank-negatives K, or drop --rank-score")

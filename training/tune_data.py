@@ -383,6 +383,21 @@ class NegativePool:
 
 # The column `instructrec mine-negatives` adds to train.parquet: each row's retrieved item ids.
 MINED_COLUMN = "negative_ids"
+MINED_SCORES_COLUMN = "negative_scores"  # the retriever's logit of each mined item, aligned with MINED_COLUMN
+TARGET_SCORE_COLUMN = "target_score"  # the retriever's logit of the row's own target
+
+
+def teacher_targets(teacher: np.ndarray, temperature: float) -> np.ndarray:
+    """Soft targets [B, K + 1] from teacher logits [B, K + 1] (the target's first): each row's
+    softmax at `temperature` where every logit is known, else the one-hot target."""
+    known = np.isfinite(teacher).all(axis=1)
+    out = np.zeros_like(teacher, dtype=np.float64)
+    out[~known, 0] = 1.0
+    if known.any():
+        scaled = teacher[known] / temperature
+        scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        out[known] = scaled / scaled.sum(axis=1, keepdims=True)
+    return out
 
 
 class MinedNegativePool:
@@ -392,21 +407,35 @@ class MinedNegativePool:
     retriever faces: telling the next item from the look-alikes it is served with. Each step draws
     `count` of a row's mined negatives uniformly; a row with fewer (product search rows, which
     have no history, or items never a target of the row's template) is filled from `fallback`'s
-    uniform draw. Draws are a pure function of (seed, step), as NegativePool's."""
+    uniform draw. Draws are a pure function of (seed, step), as NegativePool's.
+
+    With the retriever's scores (`scores` aligned with `mined`, `target_scores` per row), draw_scored
+    also gives each drawn row its teacher logits [target, negatives...]: NaN where a negative came
+    from the fallback, whose items the retriever did not score."""
 
     def __init__(self, templates: list[str], target_item_ids: list[str | None], mined: list[list[str] | None],
-                 fallback: NegativePool):
+                 fallback: NegativePool, scores: list[list[float] | None] | None = None,
+                 target_scores: list[float | None] | None = None):
         self.fallback = fallback
         first_row: dict[tuple[str, str], int] = {}  # (template, item id) -> the first row with that target
         for row, (template, item) in enumerate(zip(templates, target_item_ids)):
             if item is not None:
                 first_row.setdefault((template, item), row)
         self.row_negatives: list[np.ndarray] = []
+        self.row_scores: list[np.ndarray] | None = [] if scores is not None else None
+        self.target_scores = (np.array([np.nan if t is None else t for t in target_scores], dtype=np.float64)
+                              if target_scores is not None else None)
         for row, items in enumerate(mined):
             own = target_item_ids[row] if row < len(target_item_ids) else None
-            found = [first_row[(templates[row], item)] for item in (items or ())
-                     if item != own and (templates[row], item) in first_row]
-            self.row_negatives.append(np.asarray(list(dict.fromkeys(found)), dtype=np.int64))
+            found: dict[int, float] = {}  # negative row -> its item's score, first occurrence kept
+            row_scores = (scores[row] or ()) if scores is not None else ()
+            for position, item in enumerate(items or ()):
+                if item != own and (templates[row], item) in first_row:
+                    found.setdefault(first_row[(templates[row], item)],
+                                     row_scores[position] if position < len(row_scores) else np.nan)
+            self.row_negatives.append(np.fromiter(found.keys(), dtype=np.int64, count=len(found)))
+            if self.row_scores is not None:
+                self.row_scores.append(np.fromiter(found.values(), dtype=np.float64, count=len(found)))
 
     def coverage(self, count: int) -> tuple[int, int]:
         """(rows with at least `count` mined negatives usable as titles, rows with some)."""
@@ -415,11 +444,21 @@ class MinedNegativePool:
 
     def draw(self, rows: np.ndarray, count: int, seed: int, step: int) -> np.ndarray:
         """[len(rows), count] row indices whose targets serve as each row's negatives."""
+        return self.draw_scored(rows, count, seed, step)[0]
+
+    def draw_scored(self, rows: np.ndarray, count: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """draw's indices and [len(rows), count + 1] teacher logits (the target's first; NaN where
+        unknown, all NaN without scores)."""
         rng = np.random.default_rng([int(seed), int(step), 0x4D4E])  # its own stream: "MN"
         out = self.fallback.draw(rows, count, seed, step)
+        teacher = np.full((len(rows), count + 1), np.nan)
         for i, row in enumerate(rows):
             mined = self.row_negatives[row] if row < len(self.row_negatives) else ()
             take = min(count, len(mined))
             if take:
-                out[i, :take] = mined[rng.choice(len(mined), size=take, replace=False)]
-        return out
+                picked = rng.choice(len(mined), size=take, replace=False)
+                out[i, :take] = mined[picked]
+                if self.row_scores is not None:
+                    teacher[i, 0] = self.target_scores[row]
+                    teacher[i, 1:take + 1] = self.row_scores[row][picked]
+        return out, teacher

@@ -294,7 +294,8 @@ def sequence_nll_sum(model, input_ids, attention_mask, decoder_input_ids, labels
 
 
 def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, labels, negative_decoder_ids,
-                           negative_labels, head=None, prefix_tokens: int = 0, score_form=None, empty_ids=None):
+                           negative_labels, head=None, prefix_tokens: int = 0, score_form=None, empty_ids=None,
+                           soft_targets=None):
     """The `--rank-negatives` objective's two sums over a batch of B rows: labels [B, T] are the rows'
     own targets, negative_labels [B x K, T'] their K negatives each, row-major (collate_negatives).
 
@@ -306,7 +307,9 @@ def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, 
     tokens scored, "calibrated" with weight W subtracts W times the same score of the candidate
     under the empty instruction `empty_ids` [1, L] (its prior, computed without gradient).
     Returns (summed token NLL of the own targets, summed softmax cross-entropy of each own target
-    among its row's K + 1 scores), 0-d fp32 tensors.
+    among its row's K + 1 scores), 0-d fp32 tensors. With `soft_targets` [B, K + 1] (each row a
+    distribution over [own target, negatives...], e.g. a teacher's) the cross-entropy is against
+    it instead of the own target alone.
     """
     import torch
     import torch.nn.functional as F
@@ -360,5 +363,7 @@ def ranked_sequence_losses(model, input_ids, attention_mask, decoder_input_ids, 
         own_score = own_score - score_form.prior_weight * own_prior
         negative_scores = negative_scores - score_form.prior_weight * negative_prior
     scores = torch.cat([own_score[:, None], negative_scores.view(rows, negatives)], dim=1)
+    if soft_targets is not None:
+        return -own_total.sum(), -(soft_targets.to(scores) * torch.log_softmax(scores, dim=1)).sum()
     target = torch.zeros(rows, dtype=torch.long, device=scores.device)
     return -own_total.sum(), F.cross_entropy(scores, target, reduction="sum")

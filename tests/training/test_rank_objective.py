@@ -63,15 +63,7 @@ def hf_token_log_likelihoods(model, ids, mask, target):
     return torch.log_softmax(logits[keep], dim=-1).gather(1, target[0, keep][:, None]).squeeze(1)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("hidden_states_head", [False, True])
-@pytest.mark.parametrize("prefix_tokens", [0, 2])
-@pytest.mark.parametrize("form", ["sum", "mean", "calibrated:0.5", "calibrated:-1"])
-def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_head, prefix_tokens, form):
-    reference = tiny_t5(tied, seed=3)
-    model = copy.deepcopy(reference)
-    head = install_hidden_states_head(model) if hidden_states_head else None
-    rows, negatives = 3, 3
+def random_case(rows: int, negatives: int):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 300, (rows, 10), generator=gen)
     mask = torch.ones_like(ids)
@@ -80,17 +72,14 @@ def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_
     own[1, 3:] = -100
     others = torch.randint(2, 300, (rows * negatives, 4), generator=gen)
     others[4, 1:] = -100
-    others[8, 3:] = -100
+    return ids, mask, own, others
 
-    empty = torch.tensor([[1]])  # the empty instruction: the tokenizer's "" is its EOS
-    score_form = parse_score_form(form)
-    nll, rank = ranked_sequence_losses(model, ids, mask, reference._shift_right(own), own,
-                                       reference._shift_right(others), others, head=head, prefix_tokens=prefix_tokens,
-                                       score_form=score_form, empty_ids=empty)
-    (nll + 0.7 * rank).backward()
 
-    # Reference: each candidate scored alone by Hugging Face's forward; a calibrated form's prior
-    # is the candidate under the empty instruction, a constant to the gradient.
+def hf_candidate_scores(reference, ids, mask, own, others, negatives, prefix_tokens, score_form, empty):
+    """[rows, 1 + negatives] scores of each row's own target and negatives, each scored alone by
+    Hugging Face's forward, and the own targets' summed NLL. A calibrated form's prior is the
+    candidate under the empty instruction, a constant to the gradient."""
+    rows = own.shape[0]
     cut = prefix_tokens or None
     want_nll = torch.zeros((), dtype=torch.float64)
     scores = torch.zeros(rows, 1 + negatives, dtype=torch.float64)
@@ -108,6 +97,31 @@ def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_
             scores[r, c] = score
             if c == 0:
                 want_nll = want_nll - token_lp.sum()
+    return scores, want_nll
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("hidden_states_head", [False, True])
+@pytest.mark.parametrize("prefix_tokens", [0, 2])
+@pytest.mark.parametrize("form", ["sum", "mean", "calibrated:0.5", "calibrated:-1"])
+def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_head, prefix_tokens, form):
+    reference = tiny_t5(tied, seed=3)
+    model = copy.deepcopy(reference)
+    head = install_hidden_states_head(model) if hidden_states_head else None
+    rows, negatives = 3, 3
+    ids, mask, own, others = random_case(rows, negatives)
+    others[8, 3:] = -100
+
+    empty = torch.tensor([[1]])  # the empty instruction: the tokenizer's "" is its EOS
+    score_form = parse_score_form(form)
+    nll, rank = ranked_sequence_losses(model, ids, mask, reference._shift_right(own), own,
+                                       reference._shift_right(others), others, head=head, prefix_tokens=prefix_tokens,
+                                       score_form=score_form, empty_ids=empty)
+    (nll + 0.7 * rank).backward()
+
+    # Reference: each candidate scored alone by Hugging Face's forward.
+    scores, want_nll = hf_candidate_scores(reference, ids, mask, own, others, negatives, prefix_tokens, score_form,
+                                           empty)
     want_rank = (torch.logsumexp(scores, dim=1) - scores[:, 0]).sum()
     (want_nll + 0.7 * want_rank).backward()
     torch.testing.assert_close(nll, want_nll, rtol=1e-10, atol=1e-10)
@@ -120,6 +134,45 @@ def test_ranking_losses_match_hugging_face_candidate_scores(tied, hidden_states_
     for name, p in model.named_parameters():
         want = grads[name].grad
         assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
+@pytest.mark.parametrize("form", ["sum", "calibrated:0.5"])
+def test_soft_targets_replace_the_one_hot_target_of_the_ranking_term(form):
+    """--rank-distill: the ranking term is the cross-entropy of each row's candidate scores against
+    a given distribution (a teacher's), -sum_c p_c log softmax(scores)_c, against Hugging Face."""
+    reference = tiny_t5(False, seed=5)
+    model = copy.deepcopy(reference)
+    rows, negatives = 3, 2
+    ids, mask, own, others = random_case(rows, negatives)
+    empty = torch.tensor([[1]])
+    soft = torch.tensor([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    nll, rank = ranked_sequence_losses(model, ids, mask, reference._shift_right(own), own,
+                                       reference._shift_right(others), others, score_form=parse_score_form(form),
+                                       empty_ids=empty, soft_targets=soft)
+    rank.backward()
+    scores, want_nll = hf_candidate_scores(reference, ids, mask, own, others, negatives, 0, parse_score_form(form),
+                                           empty)
+    want_rank = -(soft * torch.log_softmax(scores, dim=1)).sum()
+    want_rank.backward()
+    torch.testing.assert_close(nll, want_nll, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rank, want_rank, rtol=1e-10, atol=1e-10)
+    # not the one-hot term in disguise: the soft rows move it
+    assert float(want_rank) != pytest.approx(float((torch.logsumexp(scores, 1) - scores[:, 0]).sum()))
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        want = grads[name].grad
+        assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
+def test_teacher_targets_are_the_softmax_at_the_temperature_or_the_one_hot_target():
+    from instructrec.training.tune_data import teacher_targets
+
+    teacher = np.array([[0.0, np.log(3.0)], [2.0, np.nan], [np.log(2.0), 0.0]])
+    np.testing.assert_allclose(teacher_targets(teacher, 1.0), [[0.25, 0.75], [1.0, 0.0], [2 / 3, 1 / 3]])
+    # temperature 2 halves the logits: exp(log 3 / 2) = sqrt 3
+    np.testing.assert_allclose(teacher_targets(teacher[:1], 2.0), [[1 / (1 + 3 ** 0.5), 3 ** 0.5 / (1 + 3 ** 0.5)]])
+    big = np.array([[1000.0, 999.0]])  # no overflow
+    np.testing.assert_allclose(teacher_targets(big, 1.0), [[1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1))]])
 
 
 def test_chunked_token_log_likelihoods_equal_the_whole_log_softmax():
