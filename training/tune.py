@@ -352,8 +352,9 @@ class _Run:
             raise InputError("rank_negatives_from", "no row's mined negatives is the target of a row of its template",
                              "mine negatives from the prepared data these instructions were built from")
         if cfg.rank_distill:
-            log.info("ranking term: soft targets, the retriever's softmax at temperature %g, for rows whose %d "
-                     "negatives are all mined (%d rows); the others keep the one-hot target", cfg.rank_distill,
+            log.info("ranking term: soft targets, %g x the retriever's softmax at temperature %g + %g x the "
+                     "one-hot target, for rows whose %d negatives are all mined (%d rows); the others keep the "
+                     "one-hot target", cfg.rank_distill_share, cfg.rank_distill, 1 - cfg.rank_distill_share,
                      cfg.rank_negatives, full)
         return pool
 
@@ -542,7 +543,7 @@ class _Run:
                 negatives = None
             elif cfg.rank_distill:
                 negatives, teacher = self.negatives.draw_scored(micro, cfg.rank_negatives, cfg.seed, step)
-                soft = torch.as_tensor(teacher_targets(teacher, cfg.rank_distill), device=acc.device)
+                soft = torch.as_tensor(teacher_targets(teacher, cfg.rank_distill, cfg.rank_distill_share), device=acc.device)
             else:
                 negatives = self.negatives.draw(micro, cfg.rank_negatives, cfg.seed, step)
             if negatives is not None and weight:

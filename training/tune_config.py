@@ -185,6 +185,11 @@ class TrainConfig:
                                 "temperature (1: its own training logits) instead of the target alone; rows "
                                 "with a uniformly filled negative keep the one-hot target; 0: off", OPT,
                                 metavar="T")
+    # The retriever ranks its own look-alikes above a training row's target on average (it is a
+    # retriever, not an oracle): the one-hot target keeps (1 - share) of the mass, so at share <= 0.5
+    # the target stays the soft target's top candidate.
+    rank_distill_share: float = _flag(0.5, "with --rank-distill: the retriever's share of the soft target, "
+                                      "the rest on the row's own target (0 < S <= 1)", OPT, metavar="S")
     # The LM head over 32128 tokens is most of a candidate's cost, and the history moves mostly a
     # title's first tokens: ranking by a prefix scores K negatives for a fraction of the price.
     rank_prefix_tokens: int = _flag(0, "rank the candidates by the log-likelihood of their first N tokens "
@@ -251,7 +256,7 @@ class TrainConfig:
             if self.rank_negatives_from != "template":  # only when set, as above
                 values["rank_negatives_from"] = self.rank_negatives_from
             if self.rank_distill:  # only when set, as above
-                values["rank_distill"] = self.rank_distill
+                values.update(rank_distill=self.rank_distill, rank_distill_share=self.rank_distill_share)
         return values
 
     def to_json(self) -> dict:
@@ -313,6 +318,10 @@ def validate_config(cfg: TrainConfig) -> None:
         if not (isinstance(cfg.rank_distill, (int, float)) and math.isfinite(cfg.rank_distill) and cfg.rank_distill > 0):
             raise InputError("rank_distill", f"must be a positive temperature, got {cfg.rank_distill!r}",
                              "e.g. 1 (the retriever's own logits), or 0 for the one-hot target")
+        share = cfg.rank_distill_share
+        if not (isinstance(share, (int, float)) and math.isfinite(share) and 0 < share <= 1):
+            raise InputError("rank_distill_share", f"must be in (0, 1], got {share!r}",
+                             "e.g. 0.5: half the soft target the retriever's, half the row's own target")
         if cfg.rank_negatives_from != "mined":
             raise InputError("rank_distill", "distils the scores of mined negatives, and this run's come from "
                              f"{cfg.rank_negatives_from!r}", "add --rank-negatives K --rank-negatives-from mined")

@@ -387,16 +387,17 @@ MINED_SCORES_COLUMN = "negative_scores"  # the retriever's logit of each mined i
 TARGET_SCORE_COLUMN = "target_score"  # the retriever's logit of the row's own target
 
 
-def teacher_targets(teacher: np.ndarray, temperature: float) -> np.ndarray:
-    """Soft targets [B, K + 1] from teacher logits [B, K + 1] (the target's first): each row's
-    softmax at `temperature` where every logit is known, else the one-hot target."""
+def teacher_targets(teacher: np.ndarray, temperature: float, share: float = 1.0) -> np.ndarray:
+    """Soft targets [B, K + 1] from teacher logits [B, K + 1] (the target's first): where every
+    logit of a row is known, `share` x its softmax at `temperature` + (1 - share) x the one-hot
+    target; else the one-hot target."""
     known = np.isfinite(teacher).all(axis=1)
     out = np.zeros_like(teacher, dtype=np.float64)
-    out[~known, 0] = 1.0
+    out[:, 0] = 1.0
     if known.any():
         scaled = teacher[known] / temperature
         scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-        out[known] = scaled / scaled.sum(axis=1, keepdims=True)
+        out[known] = share * scaled / scaled.sum(axis=1, keepdims=True) + (1.0 - share) * out[known]
     return out
 
 

@@ -291,8 +291,10 @@ def test_the_trainer_distils_the_retrievers_scores_and_refuses_what_cannot(world
                              NegativePool(*(pq.read_table(root / "mined" / "train.parquet").column(c).to_pylist()
                                             for c in ("template", "target"))))
     full = pool.coverage(2)[0]
-    assert any(f"temperature 1, for rows whose 2 negatives are all mined ({full} rows)" in m for m in caplog.messages)
-    assert json.loads((tmp_path / "soft" / "training_config.json").read_text())["rank_distill"] == 1.0
+    assert any(f"0.5 x the retriever's softmax at temperature 1 + 0.5 x the one-hot target, for rows whose 2 "
+               f"negatives are all mined ({full} rows)" in m for m in caplog.messages), caplog.messages
+    saved = json.loads((tmp_path / "soft" / "training_config.json").read_text())
+    assert saved["rank_distill"] == 1.0 and saved["rank_distill_share"] == 0.5
     # refusals, before anything is written
     unscored = tmp_path / "unscored"
     unscored.mkdir()
@@ -300,8 +302,12 @@ def test_the_trainer_distils_the_retrievers_scores_and_refuses_what_cannot(world
     pq.write_table(table.drop_columns([MINED_SCORES_COLUMN, TARGET_SCORE_COLUMN]), unscored / "train.parquet")
     (unscored / "valid.parquet").symlink_to((root / "mined" / "valid.parquet").resolve())
     assert pc.sum(pc.list_value_length(table[MINED_SCORES_COLUMN])).as_py() > 0
-    for overrides in (dict(instructions=unscored), dict(rank_negatives_from="template"), dict(rank_distill=-1.0)):
+    for overrides, field in ((dict(instructions=unscored), "rank_distill"),
+                             (dict(rank_negatives_from="template"), "rank_distill"),
+                             (dict(rank_distill=-1.0), "rank_distill"),
+                             (dict(rank_distill_share=0.0), "rank_distill_share"),
+                             (dict(rank_distill_share=1.5), "rank_distill_share")):
         out = tmp_path / f"refused-{len(list(tmp_path.iterdir()))}"
         with pytest.raises(InputError) as excinfo:
             train(TrainConfig(out=out, **{**base, "rank_distill": 1.0, **overrides}))
-        assert excinfo.value.field == "rank_distill" and not out.exists()
+        assert excinfo.value.field == field and not out.exists()

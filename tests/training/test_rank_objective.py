@@ -173,6 +173,9 @@ def test_teacher_targets_are_the_softmax_at_the_temperature_or_the_one_hot_targe
     np.testing.assert_allclose(teacher_targets(teacher[:1], 2.0), [[1 / (1 + 3 ** 0.5), 3 ** 0.5 / (1 + 3 ** 0.5)]])
     big = np.array([[1000.0, 999.0]])  # no overflow
     np.testing.assert_allclose(teacher_targets(big, 1.0), [[1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1))]])
+    # share 0.5: half the teacher's softmax, half the one-hot target; a row with an unknown logit stays one-hot
+    np.testing.assert_allclose(teacher_targets(teacher, 1.0, share=0.5),
+                               [[0.625, 0.375], [1.0, 0.0], [5 / 6, 1 / 6]])
 
 
 def test_chunked_token_log_likelihoods_equal_the_whole_log_softmax():
