@@ -54,7 +54,8 @@ from .compact_vocab import catalogue_titles, compact_tokenizer, vocab_rows, with
 from .embedding_init import minilm_encoder, require_encoder, warm_start_embeddings
 from .tune_config import DEFAULT_LR, TrainConfig, validate_config  # noqa: F401  (the public API)
 from .tune_data import (SEQREC_COLUMNS, TRAIN_COLUMNS, BatchStream, NegativePool,  # noqa: F401
-                        MINED_COLUMN, MINED_SCORES_COLUMN, TARGET_SCORE_COLUMN, MinedNegativePool, collate, collate_negatives, epoch_batches,
+                        MINED_COLUMN, MINED_SCORES_COLUMN, TARGET_SCORE_COLUMN, MinedNegativePool, collate,
+                        collate_negatives, epoch_batches,
                         head_rows_multiple, process_slots, read_split,
                         seeded_subset, per_template_subset, VALIDATION_SEED, seqrec_instances, tokenize_rows,
                         with_title_prior_rows, SPELLED_TEMPLATE, TITLE_PRIOR_TEMPLATE, spelled_picks, spelled_rows,
@@ -543,7 +544,8 @@ class _Run:
                 negatives = None
             elif cfg.rank_distill:
                 negatives, teacher = self.negatives.draw_scored(micro, cfg.rank_negatives, cfg.seed, step)
-                soft = torch.as_tensor(teacher_targets(teacher, cfg.rank_distill, cfg.rank_distill_share), device=acc.device)
+                soft = torch.as_tensor(teacher_targets(teacher, cfg.rank_distill, cfg.rank_distill_share),
+                                       device=acc.device)
             else:
                 negatives = self.negatives.draw(micro, cfg.rank_negatives, cfg.seed, step)
             if negatives is not None and weight:

@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 INIT_EMBEDDINGS = ("random", "minilm", "minilm-input")
 # Where the ranking term draws its negatives (train --rank-negatives-from).
 NEGATIVE_SOURCES = ("template", "mined")
+DEFAULT_DISTILL_SHARE = 0.5  # --rank-distill-share: the highest share that keeps the target the soft target's top
 # Trackers accelerate logs to (`--report-to`); each needs its own package installed.
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 # Defaults per optimiser. Adafactor 1e-3 constant is the T5 fine-tuning recipe (T5 paper, sec.
@@ -188,7 +189,7 @@ class TrainConfig:
     # The retriever ranks its own look-alikes above a training row's target on average (it is a
     # retriever, not an oracle): the one-hot target keeps (1 - share) of the mass, so at share <= 0.5
     # the target stays the soft target's top candidate.
-    rank_distill_share: float = _flag(0.5, "with --rank-distill: the retriever's share of the soft target, "
+    rank_distill_share: float = _flag(DEFAULT_DISTILL_SHARE, "with --rank-distill: the retriever's share of the soft target, "
                                       "the rest on the row's own target (0 < S <= 1)", OPT, metavar="S")
     # The LM head over 32128 tokens is most of a candidate's cost, and the history moves mostly a
     # title's first tokens: ranking by a prefix scores K negatives for a fraction of the price.
@@ -315,7 +316,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise InputError("rank_negatives_from", f"{cfg.rank_negatives_from!r} feeds the ranking term, which is off",
                          "add --rank-negatives K, or drop --rank-negatives-from")
     if cfg.rank_distill:
-        if not (isinstance(cfg.rank_distill, (int, float)) and math.isfinite(cfg.rank_distill) and cfg.rank_distill > 0):
+        temperature = cfg.rank_distill
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise InputError("rank_distill", f"must be a positive temperature, got {cfg.rank_distill!r}",
                              "e.g. 1 (the retriever's own logits), or 0 for the one-hot target")
         share = cfg.rank_distill_share
@@ -325,6 +327,9 @@ def validate_config(cfg: TrainConfig) -> None:
         if cfg.rank_negatives_from != "mined":
             raise InputError("rank_distill", "distils the scores of mined negatives, and this run's come from "
                              f"{cfg.rank_negatives_from!r}", "add --rank-negatives K --rank-negatives-from mined")
+    elif cfg.rank_distill_share != DEFAULT_DISTILL_SHARE:
+        raise InputError("rank_distill_share", f"{cfg.rank_distill_share!r} shares the soft target of --rank-distill, "
+                         "which is off", "add --rank-distill T, or drop --rank-distill-share")
     if cfg.rank_score != "sum" and not cfg.rank_negatives:
         raise InputError("rank_score", f"{cfg.rank_score!r} scores the ranking term, which is off",
                          "add --rank-negatives K, or drop --rank-score")

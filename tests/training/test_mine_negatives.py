@@ -306,7 +306,8 @@ def test_the_trainer_distils_the_retrievers_scores_and_refuses_what_cannot(world
                              (dict(rank_negatives_from="template"), "rank_distill"),
                              (dict(rank_distill=-1.0), "rank_distill"),
                              (dict(rank_distill_share=0.0), "rank_distill_share"),
-                             (dict(rank_distill_share=1.5), "rank_distill_share")):
+                             (dict(rank_distill_share=1.5), "rank_distill_share"),
+                             (dict(rank_distill=0.0, rank_distill_share=0.3), "rank_distill_share")):
         out = tmp_path / f"refused-{len(list(tmp_path.iterdir()))}"
         with pytest.raises(InputError) as excinfo:
             train(TrainConfig(out=out, **{**base, "rank_distill": 1.0, **overrides}))
