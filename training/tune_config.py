@@ -189,8 +189,8 @@ class TrainConfig:
     # The retriever ranks its own look-alikes above a training row's target on average (it is a
     # retriever, not an oracle): the one-hot target keeps (1 - share) of the mass, so at share <= 0.5
     # the target stays the soft target's top candidate.
-    rank_distill_share: float = _flag(DEFAULT_DISTILL_SHARE, "with --rank-distill: the retriever's share of the soft target, "
-                                      "the rest on the row's own target (0 < S <= 1)", OPT, metavar="S")
+    rank_distill_share: float = _flag(DEFAULT_DISTILL_SHARE, "with --rank-distill: the retriever's share of the "
+                                      "soft target, the rest on the row's own target (0 < S <= 1)", OPT, metavar="S")
     # The LM head over 32128 tokens is most of a candidate's cost, and the history moves mostly a
     # title's first tokens: ranking by a prefix scores K negatives for a fraction of the price.
     rank_prefix_tokens: int = _flag(0, "rank the candidates by the log-likelihood of their first N tokens "
