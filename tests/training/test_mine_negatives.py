@@ -312,3 +312,16 @@ def test_the_trainer_distils_the_retrievers_scores_and_refuses_what_cannot(world
         with pytest.raises(InputError) as excinfo:
             train(TrainConfig(out=out, **{**base, "rank_distill": 1.0, **overrides}))
         assert excinfo.value.field == field and not out.exists()
+
+
+def test_resume_refuses_another_distillation_setting(world, tmp_path, tokenizer_dir):
+    from instructrec.training.tune import TrainConfig, train
+
+    root, _ = world
+    base = dict(model="random:t5-tiny", tokenizer=tokenizer_dir, precision="fp32", device="cpu", progress=False,
+                batch_size=8, max_steps=2, rank_eval=False, dropout=0.0, threads=1, rank_negatives=2,
+                rank_negatives_from="mined", instructions=root / "mined", out=tmp_path / "run", rank_distill=1.0)
+    train(TrainConfig(stop_after=1, **base))
+    for changed in (dict(rank_distill=2.0), dict(rank_distill_share=0.25)):
+        with pytest.raises(InputError, match=next(iter(changed))):
+            train(TrainConfig(resume=True, **{**base, **changed}))
