@@ -322,8 +322,8 @@ class _Run:
             raise InputError("stop_after", f"the checkpoint is already at step {self.state['step']}",
                              f"pass a --stop-after above {self.state['step']}, or drop it to finish the run")
 
-    def read_mined(self) -> tuple[list, ...]:
-        """--rank-negatives-from mined: train.parquet's templates, target item ids and retrieved
+    def read_mined(self) -> dict[str, list]:
+        """--rank-negatives-from mined: train.parquet's columns by name: templates, target item ids and retrieved
         negatives (MINED_COLUMN), with --rank-distill also the retriever's scores, read before
         --prior-rows or --spell-rows append rows (which have none and draw from the template pool)."""
         table = self.train_table
@@ -341,11 +341,12 @@ class _Run:
                                  f"{', '.join(unscored)}: its negatives were mined without the retriever's scores",
                                  "mine the folder again with this version's `instructrec mine-negatives`")
             columns += [MINED_SCORES_COLUMN, TARGET_SCORE_COLUMN]
-        return tuple(table.column(c).to_pylist() for c in columns)
+        return {c: table.column(c).to_pylist() for c in columns}
 
-    def mined_pool(self, mined: tuple[list, ...], fallback: NegativePool) -> MinedNegativePool:
+    def mined_pool(self, mined: dict[str, list], fallback: NegativePool) -> MinedNegativePool:
         cfg = self.cfg
-        pool = MinedNegativePool(*mined[:3], fallback, *mined[3:])
+        pool = MinedNegativePool(mined["template"], mined["target_item_id"], mined[MINED_COLUMN], fallback,
+                                 scores=mined.get(MINED_SCORES_COLUMN), target_scores=mined.get(TARGET_SCORE_COLUMN))
         full, some = pool.coverage(cfg.rank_negatives)
         log.info("ranking term: mined negatives for %d of %d rows (%d with at least %d); the others, and the rest "
                  "of a short row, drawn as above", some, self.train_table.num_rows, full, cfg.rank_negatives)
