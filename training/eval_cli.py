@@ -110,8 +110,9 @@ def register(subparsers) -> None:
                    help="training folder (instructions build or eval-train-set)")
     m.add_argument("--data", type=Path, required=True, help="the prepared directory it was built from")
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--per-row", type=int, default=20, help="negatives stored per row; training draws --rank-negatives "
-                   "of them per step (default: 20)")
+    m.add_argument("--per-row", type=int, default=20, help="retrieved negatives stored per row; training draws "
+                   "--rank-negatives of them per step; 0 with --random-per-row M: uniform items only, still "
+                   "scored by the retriever (default: 20)")
     m.add_argument("--random-per-row", type=int, default=0, help="uniformly drawn items stored after the retrieved "
                    "ones, never one the user touched, so that training's draws mix easy and hard negatives "
                    "(default: 0)")

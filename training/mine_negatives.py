@@ -10,7 +10,8 @@ for that history, never an item the user interacted with (the row's target inclu
 `negative_ids` of OUT/train.parquet, read by `train --rank-negatives-from mined`. With
 `random_per_row` M, M items drawn uniformly from the rest of the catalogue (same exclusions) follow
 the retrieved ones, so that the ranking term's draws mix look-alikes with the easy negatives of
-sequential recommendation lists. Every stored item carries the retriever's score for the history
+sequential recommendation lists; with `per_row` 0 they are the only ones (the retriever's
+preferences among easy items, without its look-alikes). Every stored item carries the retriever's score for the history
 (`negative_scores`, cosine / temperature, the logits it was trained with), and the row's target its
 own (`target_score`): the soft targets of `train --rank-distill`.
 
@@ -83,13 +84,16 @@ def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20,
     from .eval_domain import sample_labeled
 
     instructions, data, out = Path(instructions), Path(data), Path(out)
-    if not isinstance(per_row, int) or isinstance(per_row, bool) or per_row < 1:
-        raise InputError("per_row", f"must be a positive number of negatives, got {per_row!r}", "e.g. 20")
+    if not isinstance(per_row, int) or isinstance(per_row, bool) or per_row < 0:
+        raise InputError("per_row", f"must be a number of retrieved negatives >= 0, got {per_row!r}", "e.g. 20")
     if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
         raise InputError("max_epochs", f"must be a positive number of epochs, got {max_epochs!r}", "e.g. 6")
     if not isinstance(random_per_row, int) or isinstance(random_per_row, bool) or random_per_row < 0:
         raise InputError("random_per_row", f"must be a number of uniform negatives >= 0, got {random_per_row!r}",
                          "e.g. 20, or 0 for retrieved negatives only")
+    if per_row == 0 == random_per_row:
+        raise InputError("per_row", "0 retrieved and 0 uniform negatives per row would store nothing",
+                         "set --per-row (retrieved) or --random-per-row (uniform), or both")
     source = instructions / "train.parquet"
     if not source.is_file():
         raise InputError("instructions", f"{source} does not exist",
@@ -141,8 +145,9 @@ def mine_negatives(instructions: Path, data: Path, out: Path, per_row: int = 20,
     chunk = 8192
     for start in range(0, len(roomy), chunk):
         part = roomy[start:start + chunk]
-        found = retrieve_hard_negatives(retriever, [histories[rows[j]] for j in part], [exclude[j] for j in part],
-                                        k=per_row)
+        # per_row 0: uniform items only, still scored by the retriever (its preferences among easy items).
+        found = (retrieve_hard_negatives(retriever, [histories[rows[j]] for j in part], [exclude[j] for j in part],
+                                         k=per_row) if per_row else [[] for _ in part])
         if random_per_row:
             found = [negatives + uniform_items(catalog_ids, exclude[j] | set(negatives), random_per_row, rng)
                      for j, negatives in zip(part, found)]

@@ -144,7 +144,36 @@ def test_uniform_items_follow_the_retrieved_ones_scored_and_never_touched(world,
     assert len(drawn) > 30
 
 
+def test_per_row_zero_stores_uniform_items_only_with_the_retrievers_scores(world, refitted, tmp_path):
+    root, _ = world
+    retriever, _ = refitted
+    report = mine_negatives(root / "instructions", root / "prepared", tmp_path / "uniform", per_row=0,
+                            max_epochs=2, random_per_row=RANDOM_PER_ROW)
+    assert (report["per_row"], report["random_per_row"]) == (0, RANDOM_PER_ROW)
+    first = pq.read_table(root / "mined" / "train.parquet").to_pylist()
+    uniform_only = pq.read_table(tmp_path / "uniform" / "train.parquet").to_pylist()
+    train_seq, every = user_sequences(root / "prepared")
+    drawn, retrieved_too = Counter(), 0
+    for plain, row in zip(first, uniform_only, strict=True):
+        if not plain[MINED_COLUMN]:
+            assert row[MINED_COLUMN] == [] and row[TARGET_SCORE_COLUMN] is None
+            continue
+        items = row[MINED_COLUMN]
+        assert len(items) == RANDOM_PER_ROW == len(set(items))
+        assert not set(items) & every[row["user_id"]]
+        sequence = train_seq[row["user_id"]]
+        history = sequence[:sequence.index(row["target_item_id"])]
+        by_hand = logits_by_hand(retriever, history, [row["target_item_id"], *items])
+        np.testing.assert_allclose([row[TARGET_SCORE_COLUMN], *row[MINED_SCORES_COLUMN]], by_hand, atol=1e-5)
+        retrieved_too += bool(set(items) & set(plain[MINED_COLUMN]))
+        drawn.update(items)
+    # uniform, not the retriever's top: spread over the catalogue, and mostly none of a row's top 5
+    assert len(drawn) > 30
+    assert retrieved_too < report["rows_with_negatives"] / 2
+
+
 @pytest.mark.parametrize("case, field", [("same-folder", "out"), ("per-row", "per_row"), ("missing", "instructions"),
+                                         ("negative-per-row", "per_row"),
                                          ("other-data", "data"), ("mined-twice", "instructions"),
                                          ("random-per-row", "random_per_row")])
 def test_refusals_name_the_field_and_write_nothing(world, tmp_path, case, field):
@@ -157,6 +186,8 @@ def test_refusals_name_the_field_and_write_nothing(world, tmp_path, case, field)
         out = instructions
     elif case == "per-row":
         kwargs["per_row"] = 0
+    elif case == "negative-per-row":
+        kwargs.update(per_row=-1, random_per_row=4)
     elif case == "missing":
         instructions = tmp_path / "nowhere"
     elif case == "other-data":
