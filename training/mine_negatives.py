@@ -11,9 +11,9 @@ for that history, never an item the user interacted with (the row's target inclu
 `random_per_row` M, M items drawn uniformly from the rest of the catalogue (same exclusions) follow
 the retrieved ones, so that the ranking term's draws mix look-alikes with the easy negatives of
 sequential recommendation lists; with `per_row` 0 they are the only ones (the retriever's
-preferences among easy items, without its look-alikes). Every stored item carries the retriever's score for the history
-(`negative_scores`, cosine / temperature, the logits it was trained with), and the row's target its
-own (`target_score`): the soft targets of `train --rank-distill`.
+preferences among easy items, without its look-alikes). Every stored item carries the retriever's
+score for the history (`negative_scores`, cosine / temperature, the logits it was trained with),
+and the row's target its own (`target_score`): the soft targets of `train --rank-distill`.
 
 A row's history is the user's training sequence before the row's target (its first occurrence);
 rows without one (product search has no user, or the target opens the sequence) get an empty list.
