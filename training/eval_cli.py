@@ -80,6 +80,10 @@ def register(subparsers) -> None:
                    help="the validation metric that chooses each model method's template and score form and "
                         f"instructrec+popularity's weight: one of {', '.join(METRIC_KEYS)} (NDCG@5 is the "
                         "original's rule)")
+    p.add_argument("--combine-templates", action="store_true",
+                   help="also choose between sums of two or more of a scenario's templates (e.g. "
+                        "seq-rec-01+seq-rec-08: each template's scores standardised per list, then summed); "
+                        "a chosen sum scores each of its templates on test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-to", type=Path, default=None, metavar="DIR",
                    help="a previous run's --out: rank exactly its instances and add this run's methods to its "
@@ -135,6 +139,7 @@ def run(args) -> int:
         baseline_valid=args.baseline_valid, baseline_max_epochs=args.baseline_max_epochs, tune=args.tune,
         dtype=args.dtype, seed=args.seed, threads=args.threads, add_to=args.add_to, revision=args.revision,
         tokenizer=args.tokenizer, select_by=args.select_by, ensemble=tuple(args.ensemble),
+        combine_templates=args.combine_templates,
         score_forms=tuple(f.strip() for f in args.score_forms.split(",") if f.strip()),
         baseline_overrides=parse_baseline_settings(args.baseline_set))
     evaluate(cfg)

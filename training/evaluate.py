@@ -34,6 +34,9 @@ form that wins among 10 candidates need not win among 100 (the calibrated forms 
 `instructrec+popularity` is a hybrid reported beside the model: the tuned model's scores of its
 chosen template and form fused with the candidates' training popularity (`with_popularity`), the
 weight chosen on the same validation lists.
+With `combine_templates`, the choices also hold every sum of two or more of the scenario's
+templates ("seq-rec-01+seq-rec-08": each template's scores standardised within the list, then
+summed, as `--ensemble` sums models), listed after the single templates so that a tie keeps one.
 
 Runs can be split: a run writes every list it ranks to OUT/instances.json before ranking; another
 run with `add_to` ranks exactly those lists and merges its methods into that run's metrics (the
@@ -132,6 +135,11 @@ class EvalConfig:
     # popularity weight (one of METRIC_KEYS): NDCG@5 is the original's rule; HR@1 chooses for the
     # first position, which a reranker's top slot is judged on.
     select_by: str = SELECTION_METRIC
+    # Also choose between sums of two or more of a scenario's templates (each template's scores
+    # standardised within the list, as an ensemble's models are): one model read through several
+    # wordings of the same instruction. Validation costs nothing more (every template is scored
+    # there anyway); a chosen sum costs one scoring pass per summed template on test.
+    combine_templates: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +204,28 @@ def engine_scores_by_form(reranker, instances: Sequence[Instance], template: str
             log.warning("template %s, score %s: the engine rejected %d of %d requests; they count as misses",
                         template, form, errors, len(instances))
     return out
+
+
+TEMPLATE_SUM = "+"  # joins the templates of a summed choice: "seq-rec-01+seq-rec-08"
+
+
+def template_sums(templates: Sequence[str]) -> list[str]:
+    """Every sum of two or more of `templates` (combine_templates), smaller sums first, each in the
+    templates' order: a, b, c -> a+b, a+c, b+c, a+b+c."""
+    from itertools import combinations
+
+    for template in templates:
+        if TEMPLATE_SUM in template:
+            raise ValueError(f"template id {template!r} holds {TEMPLATE_SUM!r}, which joins summed templates")
+    return [TEMPLATE_SUM.join(group) for size in range(2, len(templates) + 1)
+            for group in combinations(templates, size)]
+
+
+def summed_standardised(per_template: Sequence[Sequence[np.ndarray | None]]) -> list[np.ndarray | None]:
+    """Each list's scores under several templates, each standardised within the list and summed;
+    None (a miss) where any template's request was rejected."""
+    return [None if any(row is None for row in rows) else sum(standardised(row) for row in rows)
+            for rows in zip(*per_template, strict=True)]
 
 
 def with_popularity(scores: Sequence[np.ndarray | None], counts: np.ndarray, weight: float) -> list[np.ndarray | None]:
@@ -582,6 +612,8 @@ class Evaluation:
         """((template, score form), validation metrics of every choice) for `model` on the instruction
         type `key`: the highest validation --select-by metric (default NDCG@5); with a single choice,
         that one (no metrics)."""
+        if self.cfg.combine_templates:
+            templates = [*templates, *template_sums(templates)]
         choices = [(template, form) for template in templates for form in self.cfg.score_forms]
         if len(choices) == 1:
             return choices[0], {}
@@ -604,6 +636,11 @@ class Evaluation:
         selection key's validation lists), kept. With `every_form`, the pass scores every --score-forms
         form at once (validation, where all are compared); else only `form` (a test list's choice:
         the calibrated forms cost a second decoding)."""
+        if (model, lists, template, form) not in self._scores and TEMPLATE_SUM in template:
+            parts = [self._model_scores(model, lists, instances, part, form, every_form)
+                     for part in template.split(TEMPLATE_SUM)]
+            summed = summed_standardised([scores for scores, _ in parts])
+            self._scores[model, lists, template, form] = (summed, sum(row is None for row in summed))
         if (model, lists, template, form) not in self._scores:
             forms = self.cfg.score_forms if every_form else (form,)
             by_form = engine_scores_by_form(self.reranker(model), instances, template, forms)

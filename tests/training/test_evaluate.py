@@ -663,6 +663,75 @@ def test_templates_and_score_forms_are_chosen_between_on_validation(world, t2_in
     assert len({json.dumps(reference[c], sort_keys=True) for c in choices}) > 2
 
 
+def hf_summed_ranks(model_dir, instances, templates, hf_log_likelihoods) -> list[int]:
+    """The target's rank in each instance when each template's calibrated Hugging Face scores (the
+    title's log-likelihood minus that under an empty instruction) are standardised by hand within
+    the list (population standard deviation) and summed."""
+    from instructrec.training.metrics import pessimistic_rank
+
+    ranks = []
+    for inst in instances:
+        summed = 0
+        for template in templates:
+            scores = (hf_log_likelihoods(model_dir, inst.prompts[template], inst.titles)
+                      - hf_log_likelihoods(model_dir, "", inst.titles)).astype(np.float64)
+            summed = summed + (scores - scores.mean()) / scores.std()
+        ranks.append(pessimistic_rank(summed, inst.positive))
+    return ranks
+
+
+def test_template_sums_by_hand():
+    from instructrec.training.evaluate import summed_standardised, template_sums
+
+    assert template_sums(["a", "b", "c"]) == ["a+b", "a+c", "b+c", "a+b+c"]
+    assert template_sums(["a"]) == []
+    with pytest.raises(ValueError, match="joins"):
+        template_sums(["a+b", "c"])
+    first, second = np.array([1.0, 2.0, 3.0]), np.array([10.0, 10.0, 40.0])
+    # (x - mean) / std by hand: [-1.2247, 0, 1.2247] and [-0.7071, -0.7071, 1.4142]
+    summed = summed_standardised([[first, first], [second, None]])
+    assert summed[0] == pytest.approx([-1.9318, -0.7071, 2.6389], abs=1e-4)
+    assert summed[1] is None  # a list one template could not score is a miss
+
+
+@pytest.mark.parametrize("metric", ["ndcg@5", "hr@1"])
+def test_combine_templates_chooses_between_single_templates_and_their_standardised_sum(
+        world, t2_instructions, tiny_t5_dir, tmp_path, hf_log_likelihoods, metric):
+    """--combine-templates: the choices are each template and their sum; the sum's validation
+    metrics are those of both templates' Hugging Face log-likelihoods standardised by hand and
+    summed, the choice is the first highest, and the test metrics are the chosen one's ranking
+    recomputed the same way. The calibrated form: a random model's summed log-likelihood is the
+    titles' own prior whatever the wording, so both templates (and their sum) would rank alike."""
+    from instructrec.training.metrics import summarize_ranks
+
+    out = tmp_path / "run"
+    results = evaluate(config(world, tiny_t5_dir, out, instructions=t2_instructions, scenarios=("seq-rec",),
+                              methods=("instructrec",), valid_instances=10, score_forms=("calibrated",),
+                              combine_templates=True, select_by=metric))
+    method = results["scenarios"]["seq-rec"]["methods"]["instructrec"]
+    lists = json.loads((out / "instances.json").read_text())
+    valid_key = next(k for k in lists if k.endswith(":valid"))
+    valid = {i.key: i for i in load_instances(t2_instructions, "valid", SCENARIOS["seq-rec"], {}, None)}
+    picked = [valid[key] for key, _ in lists[valid_key]]
+    choices = ["seq-rec-01", "seq-rec-02", "seq-rec-01+seq-rec-02"]
+    ranks = {c: hf_summed_ranks(tiny_t5_dir, picked, c.split("+"), hf_log_likelihoods) for c in choices}
+    reference = {c: summarize_ranks(ranks[c]) for c in choices}
+    assert sorted(method["valid_by_choice"]) == sorted(f"{c} calibrated" for c in choices)
+    for c in choices:
+        for k in ("hr@1", "ndcg@5"):
+            assert method["valid_by_choice"][f"{c} calibrated"][k] == pytest.approx(reference[c][k], abs=1e-9), (c, k)
+    best = max(reference[c][metric] for c in choices)
+    assert method["template"] == next(c for c in choices if reference[c][metric] == best)
+    test = {i.key: i for i in load_instances(t2_instructions, "test", SCENARIOS["seq-rec"], {}, None)}
+    ranked = [test[key] for key, _ in lists["seq-rec:test"]]
+    expected = summarize_ranks(hf_summed_ranks(tiny_t5_dir, ranked, method["template"].split("+"),
+                                               hf_log_likelihoods))
+    for k in ("hr@1", "ndcg@5"):
+        assert method[k] == pytest.approx(expected[k], abs=1e-9), k
+    # The sum ranks targets differently from either template alone (else nothing is tested).
+    assert ranks["seq-rec-01+seq-rec-02"] not in (ranks["seq-rec-01"], ranks["seq-rec-02"])
+
+
 @pytest.mark.parametrize("metric", ["hr@1", "ndcg@3"])
 def test_select_by_chooses_form_and_popularity_weight_by_that_validation_metric(world, t2_instructions, tiny_t5_dir,
                                                                                  tmp_path, metric):
