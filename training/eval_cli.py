@@ -82,7 +82,7 @@ def register(subparsers) -> None:
                         "original's rule)")
     p.add_argument("--combine-templates", action="store_true",
                    help="also choose between sums of two or more of a scenario's templates (e.g. "
-                        "seq-rec-01+seq-rec-08: each template's scores standardised per list, then summed); "
+                        "seq-rec-01+seq-rec-02: each template's scores standardised per list, then summed); "
                         "a chosen sum scores each of its templates on test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-to", type=Path, default=None, metavar="DIR",

@@ -35,7 +35,7 @@ form that wins among 10 candidates need not win among 100 (the calibrated forms 
 chosen template and form fused with the candidates' training popularity (`with_popularity`), the
 weight chosen on the same validation lists.
 With `combine_templates`, the choices also hold every sum of two or more of the scenario's
-templates ("seq-rec-01+seq-rec-08": each template's scores standardised within the list, then
+templates ("seq-rec-01+seq-rec-02": each template's scores standardised within the list, then
 summed, as `--ensemble` sums models), listed after the single templates so that a tie keeps one.
 
 Runs can be split: a run writes every list it ranks to OUT/instances.json before ranking; another
@@ -206,7 +206,7 @@ def engine_scores_by_form(reranker, instances: Sequence[Instance], template: str
     return out
 
 
-TEMPLATE_SUM = "+"  # joins the templates of a summed choice: "seq-rec-01+seq-rec-08"
+TEMPLATE_SUM = "+"  # joins the templates of a summed choice: "seq-rec-01+seq-rec-02"
 
 
 def template_sums(templates: Sequence[str]) -> list[str]:
